@@ -1,0 +1,60 @@
+"""Frozen architecture configs for the T5 encoder and the dual encoder.
+
+Every architecture hyper-parameter lives here, in two frozen dataclasses; gin files bind them
+(`gin/models/*.gin`, `gin/architectures/*.gin`). Library code never reads gin.
+"""
+
+import dataclasses
+from typing import Literal
+
+TowerSharing = Literal["sde", "ade", "ade_ste", "ade_fte", "ade_spl"]
+TOWER_SHARING_MODES: tuple[str, ...] = ("sde", "ade", "ade_ste", "ade_fte", "ade_spl")
+POOLING_MODES: tuple[str, ...] = ("mean", "first")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """A T5 encoder stack.
+
+  `feed_forward_proj` is "relu" for the original T5 and "gated-gelu" for T5 1.1 (and GTR).
+  Names follow Hugging Face's `T5Config` so that imported checkpoints map one to one.
+  """
+
+  vocab_size: int = 32128
+  d_model: int = 768
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_layers: int = 12
+  num_heads: int = 12
+  feed_forward_proj: Literal["relu", "gated-gelu"] = "gated-gelu"
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  dropout_rate: float = 0.1
+  layer_norm_epsilon: float = 1e-6
+  # dtype of activations; parameters are always float32.
+  dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DualEncoderConfig:
+  """A dual encoder: two T5 towers (shared per `tower_sharing`), pooling, projection, L2 norm.
+
+  tower_sharing (Dong et al. 2022):
+    sde:     one tower; every parameter shared.
+    ade:     two towers; nothing shared.
+    ade_ste: two towers sharing one token embedder.
+    ade_fte: two towers sharing one token embedder that is frozen (zero update, no optimizer state).
+    ade_spl: two towers sharing only the projection layer.
+  """
+
+  encoder: T5Config = T5Config()
+  tower_sharing: TowerSharing = "sde"
+  pooling: Literal["mean", "first"] = "mean"
+  projection_dim: int = 768
+  normalize: bool = True
+
+  def __post_init__(self):
+    if self.tower_sharing not in TOWER_SHARING_MODES:
+      raise ValueError(f"tower_sharing={self.tower_sharing!r}; expected one of {TOWER_SHARING_MODES}")
+    if self.pooling not in POOLING_MODES:
+      raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_MODES}")

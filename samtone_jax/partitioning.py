@@ -1,0 +1,122 @@
+"""Device mesh, logical-axis rules and sharded initialisation.
+
+The one place where logical axis names (used by the model on every parameter and key activation)
+are mapped to the physical mesh axes `data` and `model`. Everything that creates sharded arrays
+goes through `create_mesh`, `LOGICAL_AXIS_RULES` and `sharded_init`.
+"""
+
+from collections.abc import Callable, Sequence
+import contextlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+DATA_AXIS = "data"
+MODEL_AXIS = "model"
+MESH_AXES = (DATA_AXIS, MODEL_AXIS)
+
+# Logical axis name -> mesh axis (None: replicated). The model uses only these names.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", DATA_AXIS),
+    ("vocab", MODEL_AXIS),
+    ("heads", MODEL_AXIS),
+    ("mlp", MODEL_AXIS),
+    ("kv", None),
+    ("embed", None),
+    ("length", None),
+    ("relpos_buckets", None),
+    ("projection", None),
+    ("negatives", None),
+)
+
+
+def resolve_mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
+  """Fills a -1 entry of (data, model) so that data * model == num_devices.
+
+  Raises:
+    ValueError: if both are -1, or the sizes do not divide the device count.
+  """
+  if data == -1 and model == -1:
+    raise ValueError("At most one of the mesh sizes (data, model) may be -1.")
+  if data == -1:
+    if num_devices % model:
+      raise ValueError(f"model={model} does not divide the {num_devices} devices.")
+    data = num_devices // model
+  elif model == -1:
+    if num_devices % data:
+      raise ValueError(f"data={data} does not divide the {num_devices} devices.")
+    model = num_devices // data
+  if data * model != num_devices:
+    raise ValueError(f"Mesh (data={data}, model={model}) needs {data * model} devices; "
+                     f"{num_devices} are available.")
+  return data, model
+
+
+def create_mesh(data: int = -1, model: int = 1,
+                devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A `(data, model)` mesh over `devices` (default: all devices, every process).
+
+  Args:
+    data: size of the data-parallel axis, or -1 to fill.
+    model: size of the model-parallel axis, or -1 to fill.
+    devices: the devices; defaults to `jax.devices()`. Topology-aware ordering via mesh_utils so
+      that the `model` axis lies on neighbouring chips on TPU.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  data, model = resolve_mesh_shape(data, model, len(devices))
+  try:
+    device_array = mesh_utils.create_device_mesh((data, model), devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # Topologies mesh_utils has no layout for (e.g. odd AOT topologies) keep the given order.
+    device_array = np.asarray(devices).reshape(data, model)
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh,
+                        rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> Any:
+  """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
+
+
+def axis_rules(rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES):
+  """Context manager activating the rules for `nn.with_logical_constraint` inside the model."""
+  return nn.logical_axis_rules(list(rules))
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES):
+  """`with mesh_context(mesh):` activates both the mesh and the logical axis rules."""
+  with mesh, axis_rules(rules):
+    yield
+
+
+def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args,
+                 rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> tuple[Any, Any]:
+  """Initialises a pytree directly into its sharded layout; nothing unsharded is ever built.
+
+  `init_fn(*args)` returns variables whose leaves may be `nn.LogicallyPartitioned` (from
+  `nn.with_logical_partitioning`); it is shape-evaluated, its logical specs are mapped to mesh
+  shardings, and it is then run under `jax.jit(out_shardings=...)`.
+
+  Returns:
+    (variables, shardings): unboxed variables and a same-structured tree of NamedShardings.
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  logical_specs = nn.get_partition_spec(abstract)
+  shardings = logical_to_sharding(logical_specs, mesh, rules)
+  with mesh_context(mesh, rules):
+    variables = jax.jit(init_fn, out_shardings=shardings)(*args)
+  return nn.meta.unbox(variables), shardings
+
+
+def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Sharding of an input array of rank `ndim` whose leading axis is the batch."""
+  return NamedSharding(mesh, P(DATA_AXIS, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

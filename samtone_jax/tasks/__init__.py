@@ -1,0 +1,1 @@
+"""seqio tasks, mixtures, evaluation sets and the dual-encoder feature converter (data only)."""

@@ -1,0 +1,57 @@
+"""Retrieval evaluation sets: queries, a corpus and graded qrels, by name.
+
+Data modules (MS MARCO dev, MultiReQA test pools, BEIR directories, the demo) register a loader
+under a stable name; the evaluation code (`samtone_jax.evaluation`) asks for it with
+`get_eval_set(name)` and never reads files itself.
+"""
+
+from collections.abc import Callable
+import dataclasses
+
+import seqio
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSet:
+  """One retrieval evaluation set.
+
+  Attributes:
+    name: registry name, e.g. "msmarco_passage_dev_small".
+    queries: query id -> query text.
+    corpus: document id -> document text (title already joined to the body where the format has one).
+    qrels: query id -> {document id -> graded relevance (int, > 0 relevant)}.
+    vocabulary: the tokeniser used for both queries and documents.
+    query_length: token length queries are truncated/padded to.
+    document_length: token length documents are truncated/padded to.
+    protocol: "msmarco" (MRR@10, Recall@1000), "multireqa" (P@1, MRR), "beir" (nDCG@10, Recall@100).
+  """
+
+  name: str
+  queries: dict[str, str]
+  corpus: dict[str, str]
+  qrels: dict[str, dict[str, int]]
+  vocabulary: seqio.Vocabulary
+  query_length: int = 64
+  document_length: int = 256
+  protocol: str = "beir"
+
+
+_EVAL_SETS: dict[str, Callable[[], EvalSet]] = {}
+
+
+def register_eval_set(name: str, loader: Callable[[], EvalSet], *, overwrite: bool = False) -> None:
+  """Registers a loader (called lazily, so registering never touches the disk)."""
+  if name in _EVAL_SETS and not overwrite:
+    raise ValueError(f"Evaluation set {name!r} is already registered.")
+  _EVAL_SETS[name] = loader
+
+
+def get_eval_set(name: str) -> EvalSet:
+  """Loads the registered evaluation set `name`."""
+  if name not in _EVAL_SETS:
+    raise KeyError(f"Unknown evaluation set {name!r}; registered: {sorted(_EVAL_SETS)}")
+  return _EVAL_SETS[name]()
+
+
+def registered_eval_sets() -> list[str]:
+  return sorted(_EVAL_SETS)
