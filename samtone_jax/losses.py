@@ -1,0 +1,277 @@
+"""Contrastive losses for dual encoders: in-batch softmax with SamToNe same-tower negatives.
+
+This is the one loss of the project (Moiseev et al. 2023, "SamToNe: Improving Contrastive Loss for
+Dual Encoder Retrieval Models with Same Tower Negatives"). With queries `q_i`, documents `d_i`
+(row i of each is a positive pair), optional hard-negative documents `n_k` (every hard negative of
+the batch is a candidate for every query) and `s(x, y) = x . y / temperature`:
+
+  Query side (always), one softmax per query whose positive is `d_i`:
+
+    L_q = -1/B sum_i log  e^{s(q_i,d_i)} / ( sum_j e^{s(q_i,d_j)}            # in-batch documents
+                                            + sum_k e^{s(q_i,n_k)}            # hard negatives
+                                            + sum_{j!=i} e^{s(q_i,q_j)} )     # same tower (SamToNe)
+
+  Document side (when `bidirectional`), one softmax per document whose positive is `q_i`:
+
+    L_d = -1/B sum_i log  e^{s(d_i,q_i)} / ( sum_j e^{s(d_i,q_j)} + sum_{j!=i} e^{s(d_i,d_j)} )
+
+  The loss is `L_q + L_d` (plain sum). Hard negatives are never anchors and never appear in the
+  document side. Without `same_tower_negatives` the last sum of each denominator is dropped, which
+  gives the usual in-batch softmax loss of GTR / t5x_retrieval.
+
+Duplicates (MultiReQA has repeated questions and shared answers): with `query_ids` /
+`document_ids`, a candidate of the same tower-id as the anchor's own item is not a negative and is
+dropped from the denominator. In query i's row, `d_j` (j != i) is dropped if
+`document_ids[j] == document_ids[i]` and `q_j` (j != i) if `query_ids[j] == query_ids[i]`;
+symmetrically on the document side. The positive is never dropped, self pairs `q_i.q_i` and
+`d_i.d_i` always are. Hard negatives carry no id and are never dropped.
+
+Two views of one function, `contrastive_loss`:
+  * `axis_name=None`: the global view; inputs are the whole batch. Easy to read, and the reference
+    the sharded form is tested against.
+  * `axis_name="data"`: called inside `jax.shard_map` on the local shard of the batch. Each device
+    all-gathers the candidates and computes only its `[b_local, B]` (and `[b_local, B * N]`) logit
+    blocks, so no device ever holds a `[B, B]` buffer; loss, metrics and gradients equal the global
+    view. `sharded_contrastive_loss` is the wrapper the trainer calls with a mesh.
+
+Metrics are sums and counts (divided on the host): `loss_sum` (= loss * B), `num_examples` (B),
+`query_top1_correct` and, when bidirectional, `document_top1_correct`.
+"""
+
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from samtone_jax.partitioning import DATA_AXIS
+
+Array = jax.Array
+Metrics = dict[str, Array]
+
+
+def _similarities(anchors: Array, candidates: Array, temperature: Array) -> Array:
+  """Scaled dot products.
+
+  Args:
+    anchors: [b, d].
+    candidates: [n, d].
+    temperature: [] scalar.
+
+  Returns:
+    [b, n] float32 logits `anchors . candidates / temperature`.
+  """
+  # HIGHEST: at temperature 0.01 a bf16-pass matmul (TPU default) would put errors of ~0.1-1 nats on
+  # the logits; this matmul is tiny next to the encoders, so full precision is cheap.
+  dots = jnp.einsum("bd,nd->bn", anchors, candidates, precision=lax.Precision.HIGHEST,
+                    preferred_element_type=jnp.float32)
+  return dots / temperature
+
+
+def _anchor_side(anchors: Array, same_tower: Array, other_tower: Array,
+                 hard_negatives: Array | None, temperature: Array, *, anchor_rows: Array,
+                 anchor_same_ids: Array | None, anchor_other_ids: Array | None,
+                 same_ids: Array | None, other_ids: Array | None,
+                 same_tower_negatives: bool) -> tuple[Array, Array]:
+  """Per-anchor softmax losses of one side (queries or documents as anchors).
+
+  Args:
+    anchors: [b, d] this device's anchors (global rows `anchor_rows`).
+    same_tower: [B, d] all items of the anchors' tower (global batch).
+    other_tower: [B, d] all items of the other tower; row `anchor_rows[r]` is anchor r's positive.
+    hard_negatives: [M, d] extra candidates from the other tower, or None.
+    temperature: [] scalar.
+    anchor_rows: [b] int global row index of each anchor.
+    anchor_same_ids: [b] ids of the anchors in their own tower, or None (no id masking).
+    anchor_other_ids: [b] ids of the anchors' positives in the other tower, or None.
+    same_ids: [B] ids of `same_tower`, or None.
+    other_ids: [B] ids of `other_tower`, or None.
+    same_tower_negatives: whether `same_tower` items (other than the anchor) are candidates.
+
+  Returns:
+    (losses, top1_correct): [b] float32 `-log softmax(positive)` per anchor, and [b] bool whether
+    the positive has the highest logit of its row (ties count as correct).
+  """
+  columns = jnp.arange(other_tower.shape[0])
+  is_positive = anchor_rows[:, None] == columns[None, :]  # [b, B]
+
+  cross = _similarities(anchors, other_tower, temperature)  # [b, B]
+  if anchor_other_ids is not None:
+    cross_masked = (anchor_other_ids[:, None] == other_ids[None, :]) & ~is_positive
+    cross = jnp.where(cross_masked, -jnp.inf, cross)
+  # The positive's logit read from the same matrix as the denominator, so a row's top-1 check and
+  # its loss see bit-identical numbers (an elementwise q.d could round differently).
+  positive_logits = jnp.sum(jnp.where(is_positive, cross, 0.0), axis=1)  # [b]
+  blocks = [cross]
+
+  if hard_negatives is not None:
+    blocks.append(_similarities(anchors, hard_negatives, temperature))  # [b, M], never masked
+
+  if same_tower_negatives:
+    same = _similarities(anchors, same_tower, temperature)  # [b, B]
+    same_masked = is_positive  # the anchor itself (same row index)
+    if anchor_same_ids is not None:
+      same_masked = same_masked | (anchor_same_ids[:, None] == same_ids[None, :])
+    blocks.append(jnp.where(same_masked, -jnp.inf, same))
+
+  logits = jnp.concatenate(blocks, axis=1)  # [b, B + M + B]
+  # Masked entries are -inf: they add exp(-inf) = 0 to the sum and get zero gradient; every row has
+  # its finite positive, so the max inside logsumexp is finite and nothing turns into NaN.
+  losses = jax.nn.logsumexp(logits, axis=1) - positive_logits
+  top1_correct = positive_logits >= jnp.max(logits, axis=1)
+  return losses, top1_correct
+
+
+def contrastive_loss(query: Array, document: Array, negatives: Array | None = None, *,
+                     temperature: float | Array = 0.01, same_tower_negatives: bool = True,
+                     bidirectional: bool = False, query_ids: Array | None = None,
+                     document_ids: Array | None = None,
+                     axis_name: Hashable | None = None) -> tuple[Array, Metrics]:
+  """In-batch softmax contrastive loss with optional SamToNe same-tower negatives.
+
+  See the module docstring for the formula. Shapes below: `b` is the local batch (the whole batch
+  `B` when `axis_name` is None, `B / data-axis size` inside `shard_map`), `d` the embedding size,
+  `N` the hard negatives per query.
+
+  Args:
+    query: [b, d] query embeddings; row i pairs with `document[i]`.
+    document: [b, d] document embeddings.
+    negatives: [b, N, d] hard-negative documents, or None. Every hard negative of the (global)
+      batch is a candidate for every query; they are not anchors.
+    temperature: python float or [] array (may be a learned parameter; gradients flow to it).
+    same_tower_negatives: add the other queries (documents) to the query (document) side softmax.
+    bidirectional: also add the document-side loss `L_d`.
+    query_ids: [b] int ids; queries with equal ids are never each other's negatives. None: none.
+    document_ids: [b] int ids; documents with equal ids are never each other's negatives.
+    axis_name: None for the global view; inside `jax.shard_map`, the mesh axis the batch is sharded
+      over. Inputs are then the local shards, gathered in tiled order (device k holds global rows
+      `k * b .. (k + 1) * b - 1`).
+
+  Returns:
+    (loss, metrics): loss [] float32, the mean over the global batch of the per-example loss; the
+    metrics are [] float32 global sums: "loss_sum" (loss * B), "num_examples" (B),
+    "query_top1_correct" and, when bidirectional, "document_top1_correct". Inside `shard_map`
+    they are psum'd, i.e. identical on every device.
+
+  Raises:
+    ValueError: on inconsistent shapes or a non-positive python temperature.
+  """
+  _check_inputs(query, document, negatives, temperature, query_ids, document_ids)
+  compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
+  query = query.astype(compute_dtype)
+  document = document.astype(compute_dtype)
+  temperature = jnp.asarray(temperature, dtype=jnp.float32)
+  num_local = query.shape[0]
+
+  if axis_name is None:
+    gather = lambda x: x
+    first_row = 0
+  else:
+    gather = lambda x: lax.all_gather(x, axis_name, tiled=True)
+    first_row = lax.axis_index(axis_name) * num_local
+  anchor_rows = first_row + jnp.arange(num_local)
+
+  all_queries = gather(query)  # [B, d]
+  all_documents = gather(document)  # [B, d]
+  all_negatives = None
+  if negatives is not None:
+    all_negatives = gather(negatives.astype(compute_dtype))  # [B, N, d]
+    all_negatives = all_negatives.reshape(-1, all_negatives.shape[-1])  # [B * N, d]
+  all_query_ids = None if query_ids is None else gather(query_ids)  # [B]
+  all_document_ids = None if document_ids is None else gather(document_ids)  # [B]
+  global_batch = all_queries.shape[0]
+
+  query_losses, query_correct = _anchor_side(
+      query, all_queries, all_documents, all_negatives, temperature, anchor_rows=anchor_rows,
+      anchor_same_ids=query_ids, anchor_other_ids=document_ids, same_ids=all_query_ids,
+      other_ids=all_document_ids, same_tower_negatives=same_tower_negatives)
+  local_loss_sum = jnp.sum(query_losses)
+  metrics = {"query_top1_correct": jnp.sum(query_correct, dtype=jnp.float32)}
+  if bidirectional:
+    document_losses, document_correct = _anchor_side(
+        document, all_documents, all_queries, None, temperature, anchor_rows=anchor_rows,
+        anchor_same_ids=document_ids, anchor_other_ids=query_ids, same_ids=all_document_ids,
+        other_ids=all_query_ids, same_tower_negatives=same_tower_negatives)
+    local_loss_sum = local_loss_sum + jnp.sum(document_losses)
+    metrics["document_top1_correct"] = jnp.sum(document_correct, dtype=jnp.float32)
+  metrics["loss_sum"] = local_loss_sum.astype(jnp.float32)
+
+  if axis_name is not None:
+    metrics = lax.psum(metrics, axis_name)
+  metrics["num_examples"] = jnp.asarray(global_batch, jnp.float32)
+  loss = metrics["loss_sum"] / global_batch
+  return loss, metrics
+
+
+def sharded_contrastive_loss(mesh: Mesh, query: Array, document: Array,
+                             negatives: Array | None = None, *, data_axis: str = DATA_AXIS,
+                             temperature: float | Array = 0.01, query_ids: Array | None = None,
+                             document_ids: Array | None = None,
+                             **kwargs: Any) -> tuple[Array, Metrics]:
+  """`contrastive_loss` over a batch sharded along `data_axis` of `mesh`, via `jax.shard_map`.
+
+  The entry point the trainer uses. Works under `jax.jit` and is differentiable w.r.t. query,
+  document, negatives and temperature. Embeddings are taken as sharded `P(data_axis, None)` and
+  replicated over every other mesh axis (e.g. `model`), where the loss is simply recomputed. Each
+  device holds `[B / D_data, B]` logit blocks, never `[B, B]`.
+
+  Args:
+    mesh: the device mesh, e.g. from `partitioning.create_mesh` with axes (data, model).
+    query: [B, d] global query embeddings.
+    document: [B, d] global document embeddings.
+    negatives: [B, N, d] global hard negatives, or None.
+    data_axis: the mesh axis the batch is sharded over.
+    temperature: python float or [] array (replicated).
+    query_ids: [B] int ids, or None (sharded like the batch).
+    document_ids: [B] int ids, or None.
+    **kwargs: `same_tower_negatives`, `bidirectional`, as in `contrastive_loss`.
+
+  Returns:
+    (loss, metrics) as in `contrastive_loss`: global values, replicated on every device.
+
+  Raises:
+    ValueError: if B is not divisible by the size of `data_axis`, or on bad shapes.
+  """
+  if data_axis not in mesh.shape:
+    raise ValueError(f"losses.sharded_contrastive_loss: mesh has axes {tuple(mesh.shape)}, "
+                     f"no data_axis={data_axis!r}.")
+  num_shards = mesh.shape[data_axis]
+  if query.shape[0] % num_shards:
+    raise ValueError(f"losses.sharded_contrastive_loss: global batch {query.shape[0]} is not "
+                     f"divisible by the {num_shards} shards of mesh axis {data_axis!r}.")
+  arrays = {"query": query, "document": document, "temperature": jnp.asarray(temperature)}
+  specs = {"query": P(data_axis, None), "document": P(data_axis, None), "temperature": P()}
+  optional = {"negatives": (negatives, P(data_axis, None, None)),
+              "query_ids": (query_ids, P(data_axis)), "document_ids": (document_ids, P(data_axis))}
+  for name, (value, spec) in optional.items():
+    if value is not None:
+      arrays[name], specs[name] = value, spec
+
+  def local_loss(local: dict[str, Array]) -> tuple[Array, Metrics]:
+    local = dict(local)
+    query_shard, document_shard = local.pop("query"), local.pop("document")
+    return contrastive_loss(query_shard, document_shard, axis_name=data_axis, **local, **kwargs)
+
+  mapped = jax.shard_map(local_loss, mesh=mesh, in_specs=(specs,), out_specs=P())
+  return mapped(arrays)
+
+
+def _check_inputs(query: Array, document: Array, negatives: Array | None,
+                  temperature: float | Array, query_ids: Array | None,
+                  document_ids: Array | None) -> None:
+  """Raises ValueError naming the offending argument; shapes are static so this costs nothing."""
+  where = "losses.contrastive_loss"
+  if query.ndim != 2 or query.shape != document.shape:
+    raise ValueError(f"{where}: query {query.shape} and document {document.shape} must both be "
+                     "[b, d] with equal shapes.")
+  if negatives is not None and (negatives.ndim != 3 or negatives.shape[0] != query.shape[0]
+                                or negatives.shape[2] != query.shape[1]):
+    raise ValueError(f"{where}: negatives {negatives.shape} must be [b, N, d] = "
+                     f"[{query.shape[0]}, N, {query.shape[1]}].")
+  for name, ids in (("query_ids", query_ids), ("document_ids", document_ids)):
+    if ids is not None and ids.shape != query.shape[:1]:
+      raise ValueError(f"{where}: {name} {ids.shape} must be [b] = [{query.shape[0]}].")
+  if isinstance(temperature, (int, float)) and temperature <= 0:
+    raise ValueError(f"{where}: temperature must be > 0, got {temperature}.")
