@@ -33,6 +33,8 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   # dtype of activations; parameters are always float32.
   dtype: str = "float32"
+  # Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute).
+  remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,186 @@
+"""The dual encoder: T5 towers (shared per `tower_sharing`), pooling, projection, L2 norm.
+
+Parameter tree (top level of `params`). A shared part is ONE entry used by both towers and has a
+plain name; a per-tower part is prefixed `query_` / `document_`:
+
+  tower_sharing | token embedder(s)                         | encoder(s)                      | projection(s)
+  sde           | token_embedder                            | encoder                         | projection
+  ade           | query_token_embedder, document_token_embedder | query_encoder, document_encoder | query_projection, document_projection
+  ade_ste       | token_embedder                            | query_encoder, document_encoder | query_projection, document_projection
+  ade_fte       | token_embedder (frozen, see trainable_mask) | query_encoder, document_encoder | query_projection, document_projection
+  ade_spl       | query_token_embedder, document_token_embedder | query_encoder, document_encoder | projection
+
+  *token_embedder/embedding  [V, d]  ('vocab', 'embed')
+  *encoder/...               the `T5Encoder` tree without its embedder (see models/t5.py)
+  *projection/kernel         [d, P]  ('embed', 'projection'); no bias (GTR's Dense: bias=False,
+                                     identity activation)
+
+Embeddings: pooled hidden states (mean over tokens != 0, or the first token) are cast to
+float32, projected, and L2-normalised when `config.normalize` (x / max(|x|, 1e-12), as
+sentence-transformers' Normalize).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from samtone_jax.models.config import DualEncoderConfig
+from samtone_jax.models.t5 import PAD_ID, Dense, Embed, T5Encoder
+
+Array = jax.Array
+
+# Top-level names of the shared token embedder (modes that share it).
+TOKEN_EMBEDDER = "token_embedder"
+
+
+def pool(hidden: Array, tokens: Array, pooling: str) -> Array:
+  """Pools token states into one vector per sequence.
+
+  Args:
+    hidden: [b, l, d] encoder outputs.
+    tokens: int [b, l] token ids; 0 is padding.
+    pooling: "mean" (over non-padding tokens; an all-padding row gives zeros) or "first".
+
+  Returns:
+    float32 [b, d].
+  """
+  hidden = hidden.astype(jnp.float32)
+  if pooling == "first":
+    return hidden[:, 0, :]
+  if pooling == "mean":
+    mask = (tokens != PAD_ID).astype(jnp.float32)[..., None]
+    # The 1e-9 floor is sentence-transformers' clamp; it keeps all-padding rows finite.
+    return jnp.sum(hidden * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
+  raise ValueError(f"pooling={pooling!r}; expected 'mean' or 'first'.")
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+  """x / max(||x||_2, eps) along the last axis (torch.nn.functional.normalize)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+  return x / jnp.maximum(norm, eps)
+
+
+class DualEncoder(nn.Module):
+  """Query and document towers over a T5 encoder.
+
+  `init` creates every parameter of both towers (it runs `__call__` on queries and passages).
+  """
+
+  config: DualEncoderConfig
+
+  def setup(self):
+    cfg = self.config
+    enc = cfg.encoder
+    dtype = jnp.dtype(enc.dtype)
+    new_embedder = lambda: Embed(enc.vocab_size, enc.d_model, dtype)
+    new_projection = lambda: Dense(cfg.projection_dim, ("embed", "projection"),
+                                   nn.initializers.variance_scaling(1.0, "fan_in",
+                                                                    "truncated_normal"),
+                                   jnp.float32)
+    sharing = cfg.tower_sharing
+    # Attribute names are the parameter-tree names; see the module docstring.
+    if sharing == "sde":
+      self.token_embedder = new_embedder()
+      self.encoder = T5Encoder(enc, token_embedder=self.token_embedder)
+      self.projection = new_projection()
+      return
+    if sharing in ("ade_ste", "ade_fte"):
+      self.token_embedder = new_embedder()
+      query_embedder = document_embedder = self.token_embedder
+    else:
+      self.query_token_embedder = new_embedder()
+      self.document_token_embedder = new_embedder()
+      query_embedder, document_embedder = self.query_token_embedder, self.document_token_embedder
+    # ADE-FTE: the shared embedder is frozen; stopping its gradient also saves the scatter-add.
+    frozen = sharing == "ade_fte"
+    self.query_encoder = T5Encoder(enc, token_embedder=query_embedder,
+                                   stop_embedding_gradient=frozen)
+    self.document_encoder = T5Encoder(enc, token_embedder=document_embedder,
+                                      stop_embedding_gradient=frozen)
+    if sharing == "ade_spl":
+      self.projection = new_projection()
+    else:
+      self.query_projection = new_projection()
+      self.document_projection = new_projection()
+
+  def _tower(self, side: str) -> tuple[nn.Module, nn.Module]:
+    """(encoder, projection) of the 'query' or 'document' tower; shared ones are the same."""
+    sharing = self.config.tower_sharing
+    encoder = self.encoder if sharing == "sde" else getattr(self, f"{side}_encoder")
+    if sharing in ("sde", "ade_spl"):
+      return encoder, self.projection
+    return encoder, getattr(self, f"{side}_projection")
+
+  def _encode(self, side: str, tokens: Array, deterministic: bool) -> Array:
+    encoder, projection = self._tower(side)
+    hidden = encoder(tokens, deterministic=deterministic)
+    pooled = pool(hidden, tokens, self.config.pooling)
+    pooled = nn.with_logical_constraint(pooled, ("batch", "embed"))
+    embeddings = projection(pooled)
+    if self.config.normalize:
+      embeddings = l2_normalize(embeddings)
+    return nn.with_logical_constraint(embeddings, ("batch", "projection"))
+
+  def encode_queries(self, tokens: Array, deterministic: bool = True) -> Array:
+    """tokens: int32 [b, l] query token ids (0 = padding) -> float32 [b, projection_dim]."""
+    return self._encode("query", tokens, deterministic)
+
+  def encode_documents(self, tokens: Array, deterministic: bool = True) -> Array:
+    """tokens: int32 [b, l] document token ids (0 = padding) -> float32 [b, projection_dim]."""
+    return self._encode("document", tokens, deterministic)
+
+  def __call__(self, queries: Array, passages: Array, negatives: Array | None = None,
+               deterministic: bool = True) -> tuple[Array, Array, Array | None]:
+    """Embeds queries, their positive passages and (optionally) hard negatives.
+
+    Args:
+      queries: int32 [b, lq].
+      passages: int32 [b, lp] positive passages.
+      negatives: int32 [b, n, lp] hard negative passages, or None.
+      deterministic: disables dropout (needs a 'dropout' rng when False).
+
+    Returns:
+      (q [b, P], p [b, P], neg [b, n, P] or None), float32.
+    """
+    q = self.encode_queries(queries, deterministic)
+    p = self.encode_documents(passages, deterministic)
+    neg = None
+    if negatives is not None:
+      b, n, lp = negatives.shape
+      neg = self.encode_documents(negatives.reshape(b * n, lp), deterministic)
+      neg = neg.reshape(b, n, -1)
+      neg = nn.with_logical_constraint(neg, ("batch", "negatives", "projection"))
+    return q, p, neg
+
+
+def trainable_mask(config: DualEncoderConfig, params: Any) -> Any:
+  """Which parameters the optimizer may change: a tree like `params` of Python bools.
+
+  False only for the frozen shared token embedder of ADE-FTE. The model already stops gradients
+  into it, but a zero gradient is not a zero update (AdamW's decoupled weight decay, Adafactor's
+  ...), so the optimizer must skip it and hold no state for it. Use:
+
+    mask = trainable_mask(config, params)
+    labels = jax.tree.map(lambda m: "trainable" if m else "frozen", mask)
+    tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+  (`optax.masked(tx, mask)` alone is NOT enough: it passes masked gradients through unchanged.)
+
+  Args:
+    config: the dual encoder config.
+    params: the `params` collection (or a tree with the same top-level keys, e.g. abstract
+      shapes or the full variables dict {'params': ...}).
+
+  Returns:
+    A tree with the structure of `params` and bool leaves.
+  """
+  frozen = {TOKEN_EMBEDDER} if config.tower_sharing == "ade_fte" else set()
+  tree = params["params"] if "params" in params and len(params) == 1 else params
+
+  def mark(path, _):
+    return getattr(path[0], "key", None) not in frozen
+
+  mask = jax.tree_util.tree_map_with_path(mark, tree)
+  return {"params": mask} if tree is not params else mask

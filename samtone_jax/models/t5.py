@@ -1,0 +1,297 @@
+"""The T5 encoder stack in Flax Linen (original T5 and T5 1.1), with logical axis names.
+
+Numerically this is Hugging Face's `T5EncoderModel` / Mesh TensorFlow's encoder:
+  * RMS layer norm (no mean subtraction, no bias, scale only), computed in float32;
+  * self-attention without biases and without 1/sqrt(d_kv) scaling (T5 folds it into the init);
+  * one relative position bias table (bidirectional buckets), computed once and added in every
+    layer (in HF it lives in block 0; here it is the encoder-level `relpos_bias`, as in T5X);
+  * feed-forward "relu" (wi, wo; original T5) or "gated-gelu" (wi_0, wi_1, wo; T5 1.1 / GTR) with
+    gelu_new, the tanh approximation;
+  * dropout on the embeddings, attention weights, inside the MLP, on each residual branch and
+    after the final norm.
+
+Parameter tree of `T5Encoder` (T5X names; shapes for d = d_model, h = num_heads, k = d_kv,
+f = d_ff, V = vocab_size, NB = relative_attention_num_buckets), logical axes in brackets:
+  token_embedder/embedding            [V, d]          ('vocab', 'embed')   (absent if passed in)
+  relpos_bias/rel_embedding           [h, NB]         ('heads', 'relpos_buckets')
+  layers_{i}/pre_attention_layer_norm/scale  [d]      ('embed',)
+  layers_{i}/attention/{query,key,value}/kernel [d, h*k] ('embed', 'heads')
+  layers_{i}/attention/out/kernel     [h*k, d]        ('heads', 'embed')
+  layers_{i}/pre_mlp_layer_norm/scale [d]             ('embed',)
+  layers_{i}/mlp/{wi | wi_0, wi_1}/kernel [d, f]      ('embed', 'mlp')
+  layers_{i}/mlp/wo/kernel            [f, d]          ('mlp', 'embed')
+  encoder_norm/scale                  [d]             ('embed',)
+The joined `h*k` axis carries the logical name 'heads' (sharded over `model`), so kernels have the
+same shapes as T5X's and as HF's (transposed) and a model-axis size that divides num_heads splits
+whole heads.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samtone_jax.models.config import T5Config
+
+Array = jax.Array
+Initializer = nn.initializers.Initializer
+
+# Padding token id; positions holding it are masked out of attention and pooling.
+PAD_ID = 0
+
+
+def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
+                             max_distance: int) -> np.ndarray:
+  """T5's bidirectional relative-position buckets (Mesh TensorFlow / HF formula).
+
+  Half of the buckets are for keys after the query (relative_position > 0). Within each half,
+  distances below `num_buckets // 4` get their own bucket; larger distances share logarithmically
+  wider buckets up to `max_distance`, beyond which all fall in the last bucket.
+
+  Lengths are static, so this is numpy evaluated at trace time; the logarithm is taken in float32
+  like the reference implementations, so that boundary cases round the same way.
+
+  Args:
+    relative_position: int [q, k] memory_position - query_position.
+    num_buckets: total number of buckets (both directions).
+    max_distance: distances at or beyond this share the last bucket.
+
+  Returns:
+    int32 [q, k] bucket ids in [0, num_buckets).
+  """
+  relative_position = np.asarray(relative_position, dtype=np.int64)
+  half = num_buckets // 2
+  buckets = (relative_position > 0).astype(np.int64) * half
+  distance = np.abs(relative_position)
+  max_exact = half // 2
+  is_small = distance < max_exact
+  with np.errstate(divide="ignore"):  # log(0) for distance 0 is discarded by is_small.
+    scaled = (np.log(distance.astype(np.float32) / np.float32(max_exact))
+              / np.float32(math.log(max_distance / max_exact))
+              * np.float32(half - max_exact))
+  scaled = np.where(is_small, 0, scaled)  # Avoid casting -inf to int.
+  large = np.minimum(max_exact + scaled.astype(np.int64), half - 1)
+  buckets += np.where(is_small, distance, large)
+  return buckets.astype(np.int32)
+
+
+def _param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...],
+           names: tuple[str, ...]) -> Array:
+  """A float32 parameter carrying logical axis names."""
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+
+
+class Embed(nn.Module):
+  """Token embedding table [vocab, embed]; T5X's init (standard normal)."""
+
+  vocab_size: int
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array) -> Array:
+    """tokens: int [b, l] -> [b, l, embed] in `dtype`."""
+    embedding = _param(self, "embedding", nn.initializers.normal(stddev=1.0),
+                       (self.vocab_size, self.features), ("vocab", "embed"))
+    return jnp.take(embedding, tokens, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: x / sqrt(mean(x^2) + eps) * scale, in float32; no mean, no bias."""
+
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+    x = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return (x * jax.lax.rsqrt(variance + self.epsilon) * scale).astype(self.dtype)
+
+
+class Dense(nn.Module):
+  """A bias-free linear map with a float32 kernel [in, features] with logical axis names."""
+
+  features: int
+  kernel_axes: tuple[str, str]
+  kernel_init: Initializer = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
+                    self.kernel_axes)
+    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+
+class RelativePositionBias(nn.Module):
+  """The shared bidirectional relative position bias, one scalar per (head, bucket)."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, length: int) -> Array:
+    """Returns float32 [1, heads, length, length] (query position, key position)."""
+    rel_embedding = _param(
+        self, "rel_embedding", nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+        (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
+    positions = np.arange(length)
+    buckets = relative_position_bucket(positions[None, :] - positions[:, None],
+                                       self.num_buckets, self.max_distance)
+    # [h, NB] gathered at [q, k] -> [h, q, k].
+    values = jnp.take(rel_embedding, jnp.asarray(buckets), axis=1)
+    return values[None]
+
+
+class SelfAttention(nn.Module):
+  """T5 multi-head self-attention: no biases, no logit scaling, float32 softmax."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+    """Attends over `x`.
+
+    Args:
+      x: [b, l, d] normalised inputs.
+      bias: float32 [b or 1, h, l, l] position bias plus the padding mask (large negative).
+      deterministic: disables dropout.
+
+    Returns:
+      [b, l, d].
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    inner = cfg.num_heads * cfg.d_kv
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    # T5 does not divide logits by sqrt(d_kv); it folds that factor into the query init.
+    query_init = lambda *args: init(*args) / math.sqrt(cfg.d_kv)
+    b, l, _ = x.shape
+
+    def project(name, kernel_init):
+      y = Dense(inner, ("embed", "heads"), kernel_init, dtype, name=name)(x)
+      y = y.reshape(b, l, cfg.num_heads, cfg.d_kv)
+      return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
+
+    query = project("query", query_init)
+    key = project("key", init)
+    value = project("value", init)
+    logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits + bias, axis=-1)
+    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+    out = jnp.einsum("bhqs,bshk->bqhk", weights.astype(dtype), value)
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
+    out = out.reshape(b, l, inner)
+    return Dense(cfg.d_model, ("heads", "embed"), init, dtype, name="out")(out)
+
+
+class MLP(nn.Module):
+  """T5 feed-forward block: relu (wi, wo) or gated-gelu (wi_0, wi_1, wo)."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool) -> Array:
+    """x: [b, l, d] -> [b, l, d]."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    if cfg.feed_forward_proj == "relu":
+      hidden = jax.nn.relu(Dense(cfg.d_ff, ("embed", "mlp"), init, dtype, name="wi")(x))
+    elif cfg.feed_forward_proj == "gated-gelu":
+      gate = Dense(cfg.d_ff, ("embed", "mlp"), init, dtype, name="wi_0")(x)
+      linear = Dense(cfg.d_ff, ("embed", "mlp"), init, dtype, name="wi_1")(x)
+      # HF's "gelu_new" = the tanh approximation.
+      hidden = jax.nn.gelu(gate, approximate=True) * linear
+    else:
+      raise ValueError(f"T5Config.feed_forward_proj={cfg.feed_forward_proj!r}; expected "
+                       "'relu' or 'gated-gelu'.")
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+    return Dense(cfg.d_model, ("mlp", "embed"), init, dtype, name="wo")(hidden)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm transformer layer: x + attn(norm(x)); x + mlp(norm(x))."""
+
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+    """x: [b, l, d]; bias: float32 [b, h, l, l] -> [b, l, d]."""
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
+    y = SelfAttention(cfg, name="attention")(y, bias, deterministic)
+    x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
+    y = MLP(cfg, name="mlp")(y, deterministic)
+    x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class T5Encoder(nn.Module):
+  """The T5 encoder stack.
+
+  Attributes:
+    config: the architecture.
+    token_embedder: an `Embed` module to use (shared with another tower, bound elsewhere); when
+      None the encoder owns one under `token_embedder`.
+    stop_embedding_gradient: treat the embeddings as constants (a frozen embedder).
+  """
+
+  config: T5Config
+  token_embedder: nn.Module | None = None
+  stop_embedding_gradient: bool = False
+
+  @nn.compact
+  def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
+    """Encodes token ids.
+
+    Args:
+      tokens: int32 [b, l]; 0 is padding (masked out as attention keys).
+      deterministic: disables dropout (needs a 'dropout' rng when False).
+
+    Returns:
+      [b, l, d_model] hidden states in `config.dtype` (padded positions hold values that must be
+      ignored).
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    embedder = self.token_embedder
+    if embedder is None:
+      embedder = Embed(cfg.vocab_size, cfg.d_model, dtype, name="token_embedder")
+    tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
+    x = embedder(tokens).astype(dtype)
+    if self.stop_embedding_gradient:
+      x = jax.lax.stop_gradient(x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+
+    length = tokens.shape[1]
+    position_bias = RelativePositionBias(cfg.relative_attention_num_buckets,
+                                         cfg.relative_attention_max_distance, cfg.num_heads,
+                                         name="relpos_bias")(length)
+    # Padding keys get the most negative float32: exp underflows to exactly 0, as in HF.
+    key_mask = (tokens != PAD_ID)[:, None, None, :]
+    bias = position_bias + jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min)
+    bias = nn.with_logical_constraint(bias, ("batch", "heads", "length", None))
+
+    layer_cls = EncoderLayer
+    if cfg.remat:
+      # Recompute each layer's activations in the backward pass (argument 3 is `deterministic`;
+      # the module counts as argument 0).
+      layer_cls = nn.remat(EncoderLayer, static_argnums=(3,))
+    for i in range(cfg.num_layers):
+      x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
+
+    x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
