@@ -52,25 +52,29 @@ Array = jax.Array
 Metrics = dict[str, Array]
 
 
-def _similarities(anchors: Array, candidates: Array, temperature: Array) -> Array:
-  """Scaled dot products.
+# Masked logits get a large finite negative rather than -inf: exp() of it is exactly 0, and a block
+# whose row is entirely masked (e.g. every document in the batch shares one id) still has a finite
+# logsumexp, so neither the loss nor its gradient can become NaN.
+_MASKED_LOGIT = -1e30
+
+
+def _similarities(scaled_anchors: Array, candidates: Array) -> Array:
+  """Dot products of temperature-scaled anchors with candidates.
 
   Args:
-    anchors: [b, d].
+    scaled_anchors: [b, d] anchors already divided by the temperature.
     candidates: [n, d].
-    temperature: [] scalar.
 
   Returns:
-    [b, n] float32 logits `anchors . candidates / temperature`.
+    [b, n] float32 logits.
   """
   # HIGHEST: at temperature 0.01 a bf16-pass matmul (TPU default) would put errors of ~0.1-1 nats on
   # the logits; this matmul is tiny next to the encoders, so full precision is cheap.
-  dots = jnp.einsum("bd,nd->bn", anchors, candidates, precision=lax.Precision.HIGHEST,
+  return jnp.einsum("bd,nd->bn", scaled_anchors, candidates, precision=lax.Precision.HIGHEST,
                     preferred_element_type=jnp.float32)
-  return dots / temperature
 
 
-def _anchor_side(anchors: Array, same_tower: Array, other_tower: Array,
+def _anchor_side(anchors: Array, positives: Array, same_tower: Array, other_tower: Array,
                  hard_negatives: Array | None, temperature: Array, *, anchor_rows: Array,
                  anchor_same_ids: Array | None, anchor_other_ids: Array | None,
                  same_ids: Array | None, other_ids: Array | None,
@@ -79,8 +83,9 @@ def _anchor_side(anchors: Array, same_tower: Array, other_tower: Array,
 
   Args:
     anchors: [b, d] this device's anchors (global rows `anchor_rows`).
+    positives: [b, d] their positives (this device's rows of the other tower).
     same_tower: [B, d] all items of the anchors' tower (global batch).
-    other_tower: [B, d] all items of the other tower; row `anchor_rows[r]` is anchor r's positive.
+    other_tower: [B, d] all items of the other tower; row `anchor_rows[r]` is `positives[r]`.
     hard_negatives: [M, d] extra candidates from the other tower, or None.
     temperature: [] scalar.
     anchor_rows: [b] int global row index of each anchor.
@@ -92,36 +97,35 @@ def _anchor_side(anchors: Array, same_tower: Array, other_tower: Array,
 
   Returns:
     (losses, top1_correct): [b] float32 `-log softmax(positive)` per anchor, and [b] bool whether
-    the positive has the highest logit of its row (ties count as correct).
+    the positive scores at least as high as every other candidate of its row.
   """
+  # Scaling the [b, d] anchors instead of the [b, B] logits saves one [b, B] pass and buffer.
+  scaled = anchors / temperature
+  # The positive is a [b] elementwise product; in the [b, B] block it is masked out, so its
+  # gradient does not need a [b, B] scatter.
+  positive_logits = jnp.sum(scaled * positives, axis=1)  # [b]
   columns = jnp.arange(other_tower.shape[0])
-  is_positive = anchor_rows[:, None] == columns[None, :]  # [b, B]
+  is_anchor_row = anchor_rows[:, None] == columns[None, :]  # [b, B]
 
-  cross = _similarities(anchors, other_tower, temperature)  # [b, B]
+  cross_masked = is_anchor_row
   if anchor_other_ids is not None:
-    cross_masked = (anchor_other_ids[:, None] == other_ids[None, :]) & ~is_positive
-    cross = jnp.where(cross_masked, -jnp.inf, cross)
-  # The positive's logit read from the same matrix as the denominator, so a row's top-1 check and
-  # its loss see bit-identical numbers (an elementwise q.d could round differently).
-  positive_logits = jnp.sum(jnp.where(is_positive, cross, 0.0), axis=1)  # [b]
-  blocks = [cross]
-
+    cross_masked = cross_masked | (anchor_other_ids[:, None] == other_ids[None, :])
+  blocks = [jnp.where(cross_masked, _MASKED_LOGIT, _similarities(scaled, other_tower))]  # [b, B]
   if hard_negatives is not None:
-    blocks.append(_similarities(anchors, hard_negatives, temperature))  # [b, M], never masked
-
+    blocks.append(_similarities(scaled, hard_negatives))  # [b, M], never masked
   if same_tower_negatives:
-    same = _similarities(anchors, same_tower, temperature)  # [b, B]
-    same_masked = is_positive  # the anchor itself (same row index)
+    same_masked = is_anchor_row  # the anchor itself
     if anchor_same_ids is not None:
       same_masked = same_masked | (anchor_same_ids[:, None] == same_ids[None, :])
-    blocks.append(jnp.where(same_masked, -jnp.inf, same))
+    blocks.append(jnp.where(same_masked, _MASKED_LOGIT, _similarities(scaled, same_tower)))
 
-  logits = jnp.concatenate(blocks, axis=1)  # [b, B + M + B]
-  # Masked entries are -inf: they add exp(-inf) = 0 to the sum and get zero gradient; every row has
-  # its finite positive, so the max inside logsumexp is finite and nothing turns into NaN.
-  losses = jax.nn.logsumexp(logits, axis=1) - positive_logits
-  top1_correct = positive_logits >= jnp.max(logits, axis=1)
-  return losses, top1_correct
+  # The row's logsumexp over [positive | b, B | b, M | b, B] is combined from per-block ones rather
+  # than from a concatenated copy, which (with its cotangent) would double the largest buffers.
+  block_lse = [jax.nn.logsumexp(block, axis=1) for block in blocks]
+  losses = jax.nn.logsumexp(jnp.stack([positive_logits, *block_lse], axis=1), axis=1)
+  losses = losses - positive_logits
+  best_negative = jnp.max(jnp.stack([jnp.max(block, axis=1) for block in blocks], axis=1), axis=1)
+  return losses, positive_logits >= best_negative
 
 
 def contrastive_loss(query: Array, document: Array, negatives: Array | None = None, *,
@@ -184,14 +188,15 @@ def contrastive_loss(query: Array, document: Array, negatives: Array | None = No
   global_batch = all_queries.shape[0]
 
   query_losses, query_correct = _anchor_side(
-      query, all_queries, all_documents, all_negatives, temperature, anchor_rows=anchor_rows,
+      query, document, all_queries, all_documents, all_negatives, temperature,
+      anchor_rows=anchor_rows,
       anchor_same_ids=query_ids, anchor_other_ids=document_ids, same_ids=all_query_ids,
       other_ids=all_document_ids, same_tower_negatives=same_tower_negatives)
   local_loss_sum = jnp.sum(query_losses)
   metrics = {"query_top1_correct": jnp.sum(query_correct, dtype=jnp.float32)}
   if bidirectional:
     document_losses, document_correct = _anchor_side(
-        document, all_documents, all_queries, None, temperature, anchor_rows=anchor_rows,
+        document, query, all_documents, all_queries, None, temperature, anchor_rows=anchor_rows,
         anchor_same_ids=document_ids, anchor_other_ids=query_ids, same_ids=all_document_ids,
         other_ids=all_query_ids, same_tower_negatives=same_tower_negatives)
     local_loss_sum = local_loss_sum + jnp.sum(document_losses)
