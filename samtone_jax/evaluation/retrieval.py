@@ -1,0 +1,192 @@
+"""Retrieval evaluation protocols: encode an EvalSet, search exactly, score, write results.
+
+One entry point, `evaluate_eval_set`, for every protocol; the EvalSet's `protocol` picks the
+metrics and the default search depth:
+
+  msmarco    MS MARCO passage dev: mrr@10, recall@1000; depth 1000.
+  multireqa  one MultiReQA dataset over its own candidate pool: p@1, mrr; depth 1000 (a relevant
+             answer ranked below 1000 would add less than 1/1000 to a query's reciprocal rank;
+             pass k=len(corpus) for the exact value over the whole pool).
+  beir       one BEIR dataset: ndcg@10, recall@100; depth 100 (deeper results change neither).
+
+Metric values come from `metrics.evaluate_run` (trec_eval semantics, averaged over the qrels'
+queries). With `output_dir`, each evaluation writes `<name>.trec`, a TREC run file
+(`qid Q0 docid rank score tag`, lines in trec_eval's order: score descending, ties by doc id
+descending; scores written exactly, so trec_eval/pytrec_eval reading the file reproduce the
+numbers), and `<name>.json` with the metrics and the settings.
+
+Nothing is excluded by default. BEIR's own evaluation removes a document whose id equals the
+query id from that query's results (it matters for ArguAna and Quora, whose queries are also in
+the corpus): pass `ignore_identical_ids=True` to do the same.
+"""
+
+from collections.abc import Callable, Sequence
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+
+from samtone_jax.evaluation import encoding
+from samtone_jax.evaluation import metrics as metrics_lib
+from samtone_jax.evaluation import search
+from samtone_jax.tasks import eval_sets
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """Metrics reported for an evaluation set and the default number of results per query."""
+
+  metrics: tuple[str, ...]
+  k: int
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    "msmarco": Protocol(("mrr@10", "recall@1000"), 1000),
+    "multireqa": Protocol(("p@1", "mrr"), 1000),
+    "beir": Protocol(("ndcg@10", "recall@100"), 100),
+}
+
+
+def search_results_to_run(query_ids: Sequence[str], doc_ids: Sequence[str], scores: np.ndarray,
+                          indices: np.ndarray, *, k: int,
+                          ignore_identical_ids: bool = False) -> dict[str, dict[str, float]]:
+  """Turns search output into a run {query_id: {doc_id: score}} of at most k documents each.
+
+  Args:
+    query_ids: Q ids, in the order of the search's query rows.
+    doc_ids: N ids, in the order of the corpus rows.
+    scores: float [Q, k'] search scores; indices: int [Q, k'] corpus rows (-1: padding).
+    k: documents kept per query (after the exclusion below).
+    ignore_identical_ids: drop the document whose id equals the query id (BEIR convention).
+  """
+  run = {}
+  for row, query_id in enumerate(query_ids):
+    ranking = {}
+    for score, index in zip(scores[row].tolist(), indices[row].tolist()):
+      if index < 0 or len(ranking) == k:
+        break
+      doc_id = doc_ids[index]
+      if ignore_identical_ids and doc_id == query_id:
+        continue
+      ranking[doc_id] = score
+    run[query_id] = ranking
+  return run
+
+
+def write_trec_run(path: str, run: metrics_lib.Run, tag: str = "samtone_jax") -> None:
+  """Writes `run` as a TREC run file, each query's lines in trec_eval's order.
+
+  Scores are written with `repr` of the float, which reads back to the same value.
+  """
+  for name, value in (("tag", tag),):
+    if not value or any(c.isspace() for c in value):
+      raise ValueError(f"The run {name} {value!r} must be non-empty without whitespace.")
+  with open(path, "w") as f:
+    for query_id, ranking in run.items():
+      doc_ids = list(ranking)
+      for doc_id in (query_id, *doc_ids):
+        if not doc_id or any(c.isspace() for c in doc_id):
+          raise ValueError(f"Id {doc_id!r} (query {query_id!r}) has whitespace; the TREC run "
+                           f"format cannot hold it.")
+      scores = np.array(list(ranking.values()), dtype=np.float64)
+      for rank, i in enumerate(metrics_lib.trec_order(doc_ids, scores), start=1):
+        f.write(f"{query_id} Q0 {doc_ids[i]} {rank} {float(scores[i])!r} {tag}\n")
+
+
+def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
+                      encode_documents_fn: encoding.EncodeFn, *, output_dir: str | None = None,
+                      batch_size: int = 256, k: int | None = None,
+                      mesh: jax.sharding.Mesh | None = None,
+                      metrics: Sequence[str] | None = None,
+                      ignore_identical_ids: bool = False,
+                      embeddings_dir: str | None = None,
+                      chunk_size: int = search.DEFAULT_CHUNK_SIZE,
+                      run_tag: str = "samtone_jax") -> dict[str, float]:
+  """Encodes, searches and scores one evaluation set.
+
+  Args:
+    eval_set: queries, corpus, qrels, vocabulary, lengths and protocol.
+    encode_queries_fn, encode_documents_fn: tokens int32 [B, L] -> [B, P] (e.g. from
+      `encoding.dual_encoder_encode_fns`).
+    output_dir: where to write `<name>.trec` and `<name>.json`; None: write nothing.
+    batch_size: texts per encoder call.
+    k: results per query; default the protocol's depth.
+    mesh: encoding is data-parallel over its `data` axis and the search is sharded over all its
+      devices; None: one device.
+    metrics: metric names; default the protocol's.
+    ignore_identical_ids: drop a document whose id equals the query id from its results (BEIR
+      convention for ArguAna/Quora); off by default.
+    embeddings_dir: if given, corpus embeddings are streamed to `.npy` shards there and searched
+      shard by shard from disk (for corpora whose embeddings do not fit in memory).
+    chunk_size: corpus rows per device per search step.
+    run_tag: the last column of the run file.
+
+  Returns:
+    {metric name: value}, flat, e.g. {"mrr@10": 0.37, "recall@1000": 0.97}.
+  """
+  if eval_set.protocol not in PROTOCOLS:
+    raise ValueError(f"Evaluation set {eval_set.name!r} has protocol {eval_set.protocol!r}; "
+                     f"expected one of {sorted(PROTOCOLS)}.")
+  protocol = PROTOCOLS[eval_set.protocol]
+  metric_names = tuple(protocol.metrics if metrics is None else metrics)
+  k = protocol.k if k is None else k
+  missing = [q for q in eval_set.qrels if q not in eval_set.queries]
+  if missing:
+    raise ValueError(f"Evaluation set {eval_set.name!r}: {len(missing)} qrels queries have no "
+                     f"text, e.g. {missing[:3]}.")
+  if not eval_set.corpus:
+    raise ValueError(f"Evaluation set {eval_set.name!r} has an empty corpus.")
+  # Only judged queries count (metrics average over the qrels' queries).
+  query_ids = list(eval_set.qrels)
+  query_embeddings = encoding.encode_texts(
+      [eval_set.queries[q] for q in query_ids], encode_queries_fn, eval_set.vocabulary,
+      eval_set.query_length, batch_size=batch_size, mesh=mesh,
+      description=f"{eval_set.name} queries")
+  doc_ids = list(eval_set.corpus)
+  doc_texts = [eval_set.corpus[d] for d in doc_ids]
+  if embeddings_dir is None:
+    corpus = encoding.encode_texts(doc_texts, encode_documents_fn, eval_set.vocabulary,
+                                   eval_set.document_length, batch_size=batch_size, mesh=mesh,
+                                   description=f"{eval_set.name} corpus")
+  else:
+    encoding.encode_to_shards(doc_ids, doc_texts, encode_documents_fn, eval_set.vocabulary,
+                              eval_set.document_length, embeddings_dir, batch_size=batch_size,
+                              mesh=mesh, description=f"{eval_set.name} corpus")
+    doc_ids, corpus = encoding.load_embedding_shards(embeddings_dir)
+  search_k = min(k + (1 if ignore_identical_ids else 0), len(doc_ids))
+  scores, indices = search.exact_search(query_embeddings, corpus, search_k,
+                                        chunk_size=chunk_size, mesh=mesh)
+  run = search_results_to_run(query_ids, doc_ids, scores, indices, k=k,
+                              ignore_identical_ids=ignore_identical_ids)
+  results = metrics_lib.evaluate_run(eval_set.qrels, run, metric_names)
+  if output_dir is not None and jax.process_index() == 0:
+    os.makedirs(output_dir, exist_ok=True)
+    run_path = os.path.join(output_dir, f"{eval_set.name}.trec")
+    write_trec_run(run_path, run, run_tag)
+    with open(os.path.join(output_dir, f"{eval_set.name}.json"), "w") as f:
+      json.dump({"eval_set": eval_set.name, "protocol": eval_set.protocol, "metrics": results,
+                 "k": k, "num_queries": len(query_ids), "num_documents": len(doc_ids),
+                 "ignore_identical_ids": ignore_identical_ids, "run_file": run_path}, f, indent=2)
+  return results
+
+
+def evaluate_eval_sets(names: Sequence[str], encode_queries_fn: encoding.EncodeFn,
+                       encode_documents_fn: encoding.EncodeFn,
+                       get_eval_set: Callable[[str], eval_sets.EvalSet] = eval_sets.get_eval_set,
+                       **kwargs) -> dict[str, float]:
+  """Evaluates several registered sets; keys are "<name>/<metric>" (flat, for logging).
+
+  Args:
+    names: registry names (`samtone_jax.tasks.eval_sets`).
+    encode_queries_fn, encode_documents_fn: as for `evaluate_eval_set`.
+    get_eval_set: name -> EvalSet (the registry by default).
+    **kwargs: passed to `evaluate_eval_set` (output_dir, batch_size, k, mesh, ...).
+  """
+  results = {}
+  for name in names:
+    values = evaluate_eval_set(get_eval_set(name), encode_queries_fn, encode_documents_fn,
+                               **kwargs)
+    results.update({f"{name}/{metric}": value for metric, value in values.items()})
+  return results

@@ -1,0 +1,188 @@
+"""End to end: a BEIR-layout fixture, a tiny real DualEncoder, results checked with pytrec_eval."""
+
+import csv
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import pytrec_eval
+import seqio
+
+from samtone_jax import partitioning
+from samtone_jax.evaluation import encoding
+from samtone_jax.evaluation import retrieval
+from samtone_jax.models.config import DualEncoderConfig, T5Config
+from samtone_jax.models.dual_encoder import DualEncoder
+from samtone_jax.tasks import eval_sets
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+         "sigma tau upsilon phi chi psi omega").split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compile():
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", False)
+
+
+def write_beir_fixture(root, num_docs=37, num_queries=9, seed=0):
+  """A dataset in BEIR's exact layout: corpus.jsonl, queries.jsonl, qrels/test.tsv."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(root / "qrels")
+  with open(root / "corpus.jsonl", "w") as f:
+    for i in range(num_docs):
+      text = " ".join(rng.choice(WORDS, size=rng.integers(3, 30)))
+      f.write(json.dumps({"_id": f"doc{i}", "title": f"title {WORDS[i % 24]}", "text": text}) + "\n")
+  with open(root / "queries.jsonl", "w") as f:
+    for i in range(num_queries):
+      f.write(json.dumps({"_id": f"q{i}", "text": " ".join(rng.choice(WORDS, size=4))}) + "\n")
+    # A query id that is also a corpus id (ArguAna/Quora style) and appears in the qrels.
+    f.write(json.dumps({"_id": "doc3", "text": "alpha beta"}) + "\n")
+  with open(root / "qrels" / "test.tsv", "w") as f:
+    f.write("query-id\tcorpus-id\tscore\n")
+    for i in range(num_queries):
+      for d in rng.choice(num_docs, size=rng.integers(1, 4), replace=False):
+        f.write(f"q{i}\tdoc{d}\t{rng.integers(0, 3)}\n")
+    f.write("doc3\tdoc5\t1\n")
+
+
+def read_beir(root, vocabulary, name="fixture"):
+  """Builds the EvalSet from the files (the data layer has no BEIR loader yet)."""
+  corpus, queries, qrels = {}, {}, {}
+  with open(root / "corpus.jsonl") as f:
+    for line in f:
+      row = json.loads(line)
+      corpus[row["_id"]] = (row["title"] + " " + row["text"]).strip()
+  with open(root / "queries.jsonl") as f:
+    for line in f:
+      row = json.loads(line)
+      queries[row["_id"]] = row["text"]
+  with open(root / "qrels" / "test.tsv") as f:
+    for row in csv.DictReader(f, delimiter="\t"):
+      qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
+  return eval_sets.EvalSet(name=name, queries=queries, corpus=corpus, qrels=qrels,
+                           vocabulary=vocabulary, query_length=8, document_length=16,
+                           protocol="beir")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+  config = DualEncoderConfig(
+      encoder=T5Config(vocab_size=260, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                       dropout_rate=0.0),
+      tower_sharing="ade", projection_dim=8)
+  model = DualEncoder(config)
+  mesh = partitioning.create_mesh(4, 2)
+  tokens = jnp.ones((4, 8), jnp.int32)
+  params, _ = partitioning.sharded_init(lambda rng: model.init(rng, tokens, tokens),
+                                        mesh, jax.random.key(0))
+  return model, params["params"], mesh
+
+
+def test_tokenize_follows_t5_eos_convention():
+  vocabulary = seqio.ByteVocabulary()
+  tokens = encoding.tokenize(["ab", "abcdef", ""], vocabulary, 4)
+  a, b, c = (ord(ch) + 3 for ch in "abc")  # ByteVocabulary: byte + 3 special ids.
+  np.testing.assert_array_equal(tokens, [[a, b, 1, 0], [a, b, c, 1], [1, 0, 0, 0]])
+  assert tokens.dtype == np.int32
+
+
+def test_data_parallel_encoding_equals_plain_apply(tiny_model):
+  model, params, mesh = tiny_model
+  vocabulary = seqio.ByteVocabulary()
+  texts = [f"text number {i}" for i in range(11)]  # Not a multiple of the batch: padded.
+  query_fn, document_fn = encoding.dual_encoder_encode_fns(model, params, mesh)
+  ours = encoding.encode_texts(texts, document_fn, vocabulary, 12, batch_size=6, mesh=mesh)
+  host_params = jax.device_get(params)
+  expected = model.apply({"params": host_params}, encoding.tokenize(texts, vocabulary, 12),
+                         method=model.encode_documents)
+  np.testing.assert_allclose(ours, np.asarray(expected), rtol=1e-5, atol=1e-6)
+  queries = encoding.encode_texts(texts, query_fn, vocabulary, 12, batch_size=6, mesh=mesh)
+  assert not np.allclose(queries, ours)  # ADE: the towers differ.
+
+
+def _pytrec_means(qrels, run_path, measures):
+  with open(run_path) as f:
+    run = pytrec_eval.parse_run(f)
+  per_query = pytrec_eval.RelevanceEvaluator(qrels, set(measures)).evaluate(run)
+  return {m: sum(v[m] for v in per_query.values()) / len(qrels) for m in measures}, run
+
+
+def test_beir_end_to_end_run_file_scores_identically(tmp_path, tiny_model):
+  model, params, mesh = tiny_model
+  root = tmp_path / "beir_fixture"
+  write_beir_fixture(root)
+  eval_set = read_beir(root, seqio.ByteVocabulary())
+  query_fn, document_fn = encoding.dual_encoder_encode_fns(model, params, mesh)
+  output_dir = tmp_path / "results"
+  results = retrieval.evaluate_eval_set(eval_set, query_fn, document_fn, output_dir=str(output_dir),
+                                        batch_size=8, mesh=mesh, chunk_size=2, k=20)
+  assert set(results) == {"ndcg@10", "recall@100"}
+  with open(output_dir / "fixture.json") as f:
+    written = json.load(f)
+  assert written["metrics"] == results and written["num_queries"] == len(eval_set.qrels)
+  expected, run = _pytrec_means(eval_set.qrels, output_dir / "fixture.trec",
+                                ["ndcg_cut_10", "recall_100"])
+  assert set(run) == set(eval_set.qrels) and all(len(r) == 20 for r in run.values())
+  assert results["ndcg@10"] == pytest.approx(expected["ndcg_cut_10"], abs=1e-6)
+  assert results["recall@100"] == pytest.approx(expected["recall_100"], abs=1e-6)
+  # The run is the exact top 20 of the embeddings (brute force over all documents).
+  q = encoding.encode_texts([eval_set.queries["q0"]], query_fn, eval_set.vocabulary, 8, mesh=mesh)
+  docs = list(eval_set.corpus)
+  d = encoding.encode_texts([eval_set.corpus[i] for i in docs], document_fn, eval_set.vocabulary,
+                            16, mesh=mesh)
+  best = np.argsort(-(q @ d.T)[0], kind="stable")[:20]
+  assert set(run["q0"]) == {docs[i] for i in best}
+
+  # Same results when the corpus embeddings are streamed through shards on disk, and with BEIR's
+  # exclusion of the query's own id (doc3 is both a query and a document).
+  streamed = retrieval.evaluate_eval_set(
+      eval_set, query_fn, document_fn, output_dir=str(tmp_path / "streamed"), batch_size=8,
+      mesh=mesh, k=20, ignore_identical_ids=True, embeddings_dir=str(tmp_path / "embeddings"))
+  expected, run = _pytrec_means(eval_set.qrels, tmp_path / "streamed" / "fixture.trec",
+                                ["ndcg_cut_10", "recall_100"])
+  assert "doc3" not in run["doc3"] and len(run["doc3"]) == 20
+  assert streamed["ndcg@10"] == pytest.approx(expected["ndcg_cut_10"], abs=1e-6)
+  ids, shards = encoding.load_embedding_shards(str(tmp_path / "embeddings"))
+  assert ids == docs
+  np.testing.assert_allclose(np.concatenate(shards), d, rtol=1e-6, atol=1e-6)
+
+
+def test_msmarco_protocol_and_several_sets(tiny_model):
+  model, params, mesh = tiny_model
+  vocabulary = seqio.ByteVocabulary()
+  corpus = {f"p{i}": f"passage {WORDS[i]} {WORDS[(3 * i) % 24]}" for i in range(24)}
+  queries = {f"q{i}": WORDS[i] for i in range(6)}
+  qrels = {f"q{i}": {f"p{i}": 1} for i in range(6)}
+  sets = {
+      "tiny_msmarco": eval_sets.EvalSet("tiny_msmarco", queries, corpus, qrels, vocabulary, 8, 16,
+                                        "msmarco"),
+      "tiny_multireqa": eval_sets.EvalSet("tiny_multireqa", queries, corpus, qrels, vocabulary, 8,
+                                          16, "multireqa"),
+  }
+  query_fn, document_fn = encoding.dual_encoder_encode_fns(model, params, mesh)
+  results = retrieval.evaluate_eval_sets(list(sets), query_fn, document_fn,
+                                         get_eval_set=sets.__getitem__, mesh=mesh, batch_size=8)
+  assert set(results) == {"tiny_msmarco/mrr@10", "tiny_msmarco/recall@1000",
+                          "tiny_multireqa/p@1", "tiny_multireqa/mrr"}
+  # Every document is retrieved (k >= corpus size), so recall is 1 and the full MRR is the
+  # mean reciprocal rank of the relevant passage under brute force.
+  assert results["tiny_msmarco/recall@1000"] == 1.0
+  q = encoding.encode_texts(list(queries.values()), query_fn, vocabulary, 8, mesh=mesh)
+  d = encoding.encode_texts(list(corpus.values()), document_fn, vocabulary, 16, mesh=mesh)
+  scores = q @ d.T
+  ranks = [1 + np.sum(scores[i] > scores[i, i]) for i in range(6)]
+  assert results["tiny_multireqa/mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-6)
+
+
+def test_bad_eval_set_is_rejected(tiny_model):
+  model, params, mesh = tiny_model
+  vocabulary = seqio.ByteVocabulary()
+  bad = eval_sets.EvalSet("bad", {"q1": "x"}, {"d": "y"}, {"q2": {"d": 1}}, vocabulary, 4, 4)
+  query_fn, document_fn = encoding.dual_encoder_encode_fns(model, params, mesh)
+  with pytest.raises(ValueError, match="qrels queries have no text"):
+    retrieval.evaluate_eval_set(bad, query_fn, document_fn)
