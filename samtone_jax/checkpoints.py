@@ -1,0 +1,165 @@
+"""Checkpoints: orbax save / restore / resume of the train state, and initial parameters.
+
+Layout of a model directory:
+
+  MODEL_DIR/checkpoints/<step>/state   the TrainState (step, params, optimizer state), sharded
+  MODEL_DIR/checkpoints/<step>/meta    JSON: step, seed, examples seen, eval metrics
+
+Saves are atomic (orbax writes into a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoints intact); the last `keep` are kept, plus the best one
+by an eval metric when one is named. The input stream position is the step itself (the data
+pipeline is deterministic and resumable at a step), so restoring the state restores everything.
+
+`load_initial_params` starts a run from another run's checkpoint (parameters only, e.g.
+pre-training then MS MARCO fine-tuning) or from public T5 / GTR weights (via
+`samtone_jax.models.hf_import`).
+"""
+
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+PyTree = Any
+STATE_ITEM = "state"
+META_ITEM = "meta"
+
+
+def checkpoint_dir(model_dir: str) -> str:
+  return os.path.join(os.path.abspath(model_dir), "checkpoints")
+
+
+def create_manager(model_dir: str, *, keep: int = 3, best_metric: str | None = None,
+                   best_mode: str = "max", read_only: bool = False) -> ocp.CheckpointManager:
+  """An orbax CheckpointManager for `MODEL_DIR/checkpoints`.
+
+  Args:
+    model_dir: the run directory.
+    keep: keep the latest `keep` checkpoints.
+    best_metric: additionally keep the checkpoint with the best value of this eval metric (the
+      `metrics` passed to `save`); None: latest only.
+    best_mode: "max" or "min" for `best_metric`.
+    read_only: open an existing directory without creating or deleting anything.
+  """
+  policies = [checkpoint_managers.LatestN(n=keep)]
+  if best_metric is not None:
+    policies.append(checkpoint_managers.BestN(
+        get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
+        keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+      create=not read_only, read_only=read_only,
+      # Saves block until written: a checkpoint is complete before training continues, so that a
+      # preemption right after `save` cannot lose it. Our checkpoints are rare and small next to
+      # the step time of a real run.
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(checkpoint_dir(model_dir), options=options,
+                               item_names=(STATE_ITEM, META_ITEM))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: PyTree, meta: dict[str, Any],
+         metrics: dict[str, float] | None = None) -> str:
+  """Saves `state` (sharded jax.Arrays) and the JSON `meta` at `step`; returns its directory."""
+  manager.save(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
+               metrics=metrics, force=True)
+  manager.wait_until_finished()
+  return os.path.join(manager.directory, str(step))
+
+
+def latest_step(manager: ocp.CheckpointManager) -> int | None:
+  return manager.latest_step()
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: PyTree, step: int | None = None
+            ) -> tuple[PyTree, dict[str, Any]]:
+  """Restores the state (into the shardings carried by `abstract_state`'s ShapeDtypeStructs).
+
+  Returns:
+    (state, meta).
+  Raises:
+    FileNotFoundError: no checkpoint in the directory.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No checkpoint in {manager.directory}")
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardRestore(abstract_state), META_ITEM: ocp.args.JsonRestore()}))
+  return restored[STATE_ITEM], restored[META_ITEM]
+
+
+def _resolve_step_dir(path: str) -> str:
+  """A path to a run directory, its `checkpoints/` directory, or one `<step>` directory ->
+  the `<step>` directory (the latest when several)."""
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, STATE_ITEM)):
+    return path
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  if not steps:
+    raise FileNotFoundError(f"No samtone_jax checkpoint under {path!r} (expected "
+                            "MODEL_DIR, MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step>).")
+  return os.path.join(path, str(max(steps)))
+
+
+def is_samtone_checkpoint(path: str) -> bool:
+  try:
+    _resolve_step_dir(path)
+    return True
+  except FileNotFoundError:
+    return False
+
+
+def restore_params(path: str, abstract_params: PyTree) -> PyTree:
+  """Restores only `params` of a samtone_jax checkpoint (any optimizer), sharded like
+  `abstract_params` (a tree of ShapeDtypeStruct with shardings: {"model": ..., "loss": ...}).
+
+  Parameters of `abstract_params` missing from the checkpoint (e.g. a learned temperature that the
+  earlier stage did not have) raise an error naming them.
+  """
+  step_dir = _resolve_step_dir(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  item_dir = os.path.join(step_dir, STATE_ITEM)
+  stored = checkpointer.metadata(item_dir)
+  stored_tree = getattr(stored, "item_metadata", stored)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  stored_params = stored_tree["params"]
+  target = {"params": {k: v for k, v in abstract_params.items() if k in stored_params}}
+  missing = [k for k, v in abstract_params.items() if k not in stored_params and v]
+  if missing:
+    raise ValueError(f"Checkpoint {step_dir} has no params[{missing}]")
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
+  params = dict(restored["params"])
+  for k, v in abstract_params.items():
+    params.setdefault(k, v)  # empty subtrees (e.g. {} loss params)
+  logging.info("Initial params restored from %s", step_dir)
+  return params
+
+
+def load_initial_params(path: str, abstract_params: PyTree, model_config: Any) -> PyTree:
+  """Initial parameters from `path`: a samtone_jax checkpoint, or public T5 / GTR weights.
+
+  Args:
+    path: a samtone_jax run / checkpoint directory, or anything
+      `samtone_jax.models.hf_import` reads (a Hugging Face T5 / GTR directory or hub-layout
+      checkpoint).
+    abstract_params: {"model": ..., "loss": ...} ShapeDtypeStructs with shardings.
+    model_config: the DualEncoderConfig (for the HF import's name mapping).
+
+  Returns:
+    params placed with the shardings of `abstract_params`; non-model params ("loss") keep their
+    initial values only when the caller merges them (HF weights carry none).
+  """
+  if is_samtone_checkpoint(path):
+    return restore_params(path, abstract_params)
+  from samtone_jax.models import hf_import  # pylint: disable=g-import-not-at-top
+  model_params = hf_import.load_dual_encoder_params(path, model_config)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_params["model"])
+  model_params = jax.tree.map(lambda x, s: jax.device_put(x, s), model_params, shardings)
+  return {"model": model_params}

@@ -1,0 +1,149 @@
+r"""Entry point for training: flags in t5x's spelling -> gin -> `trainer.train()`.
+
+  python -m samtone_jax.main \
+    --gin_file=gin/experiments/demo_samtone.gin \
+    --gin.MODEL_DIR=\"/tmp/run\" --gin.TRAIN_STEPS=100 --gin.BATCH_SIZE=64
+
+Flags:
+  --gin_file          repeatable; parsed in order (later files override earlier ones). Relative
+                      paths are looked up in --gin_search_paths.
+  --gin.NAME=VALUE    a gin binding (t5x's shorthand for --gin_bindings='NAME = VALUE'), applied
+                      after the files; e.g. --gin.MODEL_DIR=\"/tmp/run\", --gin.BATCH_SIZE=64,
+                      --gin.train_step.LossConfig.same_tower_negatives=False.
+  --gin_search_paths  comma-separated directories for gin files and includes; the repository's
+                      gin/ directory is always searched.
+  --tfds_data_dir     where TFDS datasets live (overrides seqio's default).
+  plus samtone_jax.distributed's multi-host flags (--multiprocess_gpu, --coordinator_address,
+  --process_count, --process_index).
+
+The gin files bind `trainer.train` (see gin/runs/*.gin); the full config is written to
+MODEL_DIR/config.gin before training starts. A wrong binding or a missing file exits with status 1
+and gin's message on stderr; a non-finite loss exits with status 1 and the step.
+"""
+
+from collections.abc import Callable, Sequence
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+
+from samtone_jax import distributed
+
+# The repository's gin/ directory (next to the package in a source / editable install).
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+GIN_FILES = flags.DEFINE_multi_string(
+    "gin_file", [], "Gin config file(s), parsed in order; relative to --gin_search_paths.")
+GIN_BINDINGS = flags.DEFINE_multi_string(
+    "gin_bindings", [], "Individual gin bindings (also given as --gin.NAME=VALUE).")
+GIN_SEARCH_PATHS = flags.DEFINE_list(
+    "gin_search_paths", [GIN_DIR],
+    "Comma-separated directories searched for gin files and includes (the repository's gin/ "
+    "directory is always added).")
+TFDS_DATA_DIR = flags.DEFINE_string(
+    "tfds_data_dir", None, "TFDS data directory; overrides seqio's default when set.")
+
+
+def rewrite_gin_args(args: Sequence[str]) -> list[str]:
+  """Rewrites t5x's `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE`.
+
+  Raises:
+    app.UsageError: a `--gin.` flag without `=`.
+  """
+  rewritten = []
+  for arg in args:
+    if arg.startswith("--gin."):
+      if "=" not in arg:
+        raise app.UsageError(f"Gin bindings must look like --gin.NAME=VALUE; got {arg!r}")
+      name, value = arg[len("--gin."):].split("=", 1)
+      arg = f"--gin_bindings={name} = {value}"
+    rewritten.append(arg)
+  return rewritten
+
+
+def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
+              search_paths: Sequence[str] = ()) -> None:
+  """Parses gin files then bindings (later wins), searching `search_paths` and the repo's gin/."""
+  for path in list(search_paths) + [GIN_DIR]:
+    if path:
+      gin.add_config_file_search_path(os.path.abspath(path))
+  gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
+
+
+def gin_macro(name: str, default=None):
+  """The value of gin macro `name` (e.g. "MODEL_DIR"), or `default` when it is not bound."""
+  try:
+    return gin.query_parameter(f"%{name}")
+  except ValueError:
+    return default
+
+
+def write_config(model_dir: str) -> str:
+  """Writes the current gin config to MODEL_DIR/config.gin (process 0); returns the path."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(model_dir, "config.gin")
+  if jax.process_index() == 0:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(gin.config_str())
+  return path
+
+
+def setup_from_flags() -> None:
+  """Multi-host start-up, TFDS directory and gin parsing from the parsed absl flags.
+
+  Exits with status 1 and gin's message when a gin file or binding is wrong.
+  """
+  distributed.initialize_from_flags()
+  if TFDS_DATA_DIR.value:
+    import seqio  # pylint: disable=g-import-not-at-top
+    seqio.set_tfds_data_dir_override(TFDS_DATA_DIR.value)
+  try:
+    parse_gin(GIN_FILES.value, GIN_BINDINGS.value, GIN_SEARCH_PATHS.value)
+  except Exception as e:  # pylint: disable=broad-except
+    # gin raises ValueError / IOError / KeyError etc. with the file and line in the message.
+    print(f"Error in the gin configuration: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def call_configured(fn: Callable[..., object]) -> object:
+  """Calls `fn` with its gin bindings; a binding gin rejects at call time exits with status 1."""
+  try:
+    configured = gin.get_configurable(fn)
+  except ValueError as e:
+    print(f"Error in the gin configuration: {e}", file=sys.stderr)
+    sys.exit(1)
+  return configured()
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  setup_from_flags()
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  model_dir = gin_macro("MODEL_DIR")
+  if model_dir:
+    write_config(model_dir)
+  try:
+    call_configured(trainer.train)
+  except trainer.NonFiniteLossError as e:
+    logging.error("%s", e)
+    print(f"Training stopped: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run(main_fn: Callable[[Sequence[str]], None]) -> None:
+  """`app.run` with `--gin.NAME=VALUE` rewritten first."""
+  app.run(main_fn, flags_parser=lambda args: app.parse_flags_with_usage(rewrite_gin_args(args)))
+
+
+def console_main() -> None:
+  """The `samtone-train` console script."""
+  run(main)
+
+
+if __name__ == "__main__":
+  console_main()

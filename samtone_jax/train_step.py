@@ -1,0 +1,321 @@
+"""The pure training step of the dual encoder, its train state, and how both are built sharded.
+
+Nothing here touches the host: no logging, no files. `train_step(state, batch, rng)` is one
+optimizer step; `build(...)` returns everything the trainer (and the ahead-of-time compile check,
+`launch/aot_compile.py`) needs: the abstract train state with its shardings, the sharded
+initialiser, and the jitted step with in/out shardings and the state donated.
+
+The optimised parameter tree is `{"model": <DualEncoder params>, "loss": {...}}`, where "loss"
+holds `log_temperature` when the temperature is learned and is empty otherwise.
+"""
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+import optax
+
+from samtone_jax import losses
+from samtone_jax import optimizers
+from samtone_jax import partitioning
+from samtone_jax.models import config as model_config_lib
+from samtone_jax.models import dual_encoder
+from samtone_jax.tasks import features
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Which contrastive loss is trained (bound by `gin/losses/*.gin`).
+
+  Attributes:
+    temperature: softmax temperature (initial value when learned).
+    learn_temperature: train `log_temperature` with the other parameters.
+    same_tower_negatives: SamToNe: other queries are negatives of each query (and other documents
+      of each document when bidirectional). False: the plain in-batch softmax loss.
+    bidirectional: add the document-to-query loss.
+    use_hard_negatives: feed the batch's "negatives" feature to the loss as extra candidates.
+    mask_duplicates: pass the batch's query_ids / passage_ids so that repeated questions and shared
+      answers are never each other's negatives.
+  """
+
+  temperature: float = 0.01
+  learn_temperature: bool = False
+  same_tower_negatives: bool = True
+  bidirectional: bool = False
+  use_hard_negatives: bool = False
+  mask_duplicates: bool = True
+
+  def __post_init__(self):
+    if self.temperature <= 0:
+      raise ValueError(f"LossConfig.temperature={self.temperature} must be > 0")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint holds besides the config: step, parameters, optimizer state.
+
+  Attributes:
+    step: [] int32, the number of optimizer steps taken.
+    params: {"model": DualEncoder params, "loss": {"log_temperature": [] float32} or {}}.
+    opt_state: the optax state for `params`.
+  """
+
+  step: Array
+  params: PyTree
+  opt_state: PyTree
+
+
+def model_inputs(batch: dict[str, Array], loss_config: LossConfig
+                 ) -> tuple[Array, Array, Array | None]:
+  """(queries [B, Lq], passages [B, Lp], negatives [B, N, Lp] or None) from a batch."""
+  negatives = batch.get(features.NEGATIVES) if loss_config.use_hard_negatives else None
+  if loss_config.use_hard_negatives and negatives is None:
+    raise ValueError("LossConfig.use_hard_negatives=True but the batch has no "
+                     f"{features.NEGATIVES!r} feature; use a task with hard negatives.")
+  return batch[features.QUERIES], batch[features.PASSAGES], negatives
+
+
+def temperature_of(params: PyTree, loss_config: LossConfig) -> Array | float:
+  """The loss temperature: learned (exp of params["loss"]["log_temperature"]) or fixed."""
+  if loss_config.learn_temperature:
+    return jnp.exp(params["loss"]["log_temperature"])
+  return loss_config.temperature
+
+
+def loss_and_metrics(params: PyTree, batch: dict[str, Array], *, model: dual_encoder.DualEncoder,
+                     loss_config: LossConfig, mesh: Mesh | None, dropout_rng: Array | None = None
+                     ) -> tuple[Array, dict[str, Array]]:
+  """The mean contrastive loss of a global batch and its metric sums.
+
+  Args:
+    params: {"model": ..., "loss": ...}.
+    batch: global arrays, queries [B, Lq], passages [B, Lp], optionally negatives [B, N, Lp],
+      query_ids [B], passage_ids [B].
+    model: the DualEncoder.
+    loss_config: the loss.
+    mesh: the mesh the batch is sharded over; the loss runs under `shard_map` on its data axis.
+      None: the global-view loss (the reference the sharded step is tested against).
+    dropout_rng: key for dropout; None runs the model deterministically.
+
+  Returns:
+    (loss [], metrics): metrics as in `losses.contrastive_loss` (sums and counts).
+  """
+  queries, passages, negatives = model_inputs(batch, loss_config)
+  rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+  q, p, n = model.apply({"params": params["model"]}, queries, passages, negatives,
+                        deterministic=dropout_rng is None, rngs=rngs)
+  loss_kwargs = dict(temperature=temperature_of(params, loss_config),
+                     same_tower_negatives=loss_config.same_tower_negatives,
+                     bidirectional=loss_config.bidirectional)
+  if loss_config.mask_duplicates and features.QUERY_IDS in batch:
+    loss_kwargs.update(query_ids=batch[features.QUERY_IDS],
+                       document_ids=batch[features.PASSAGE_IDS])
+  if mesh is None:
+    return losses.contrastive_loss(q, p, n, **loss_kwargs)
+  return losses.sharded_contrastive_loss(mesh, q, p, n, **loss_kwargs)
+
+
+def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
+               model: dual_encoder.DualEncoder, loss_config: LossConfig,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, trainable: PyTree,
+               mesh: Mesh | None) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer step. Pure; the trainer jits it once (see `build`).
+
+  Args:
+    state: the train state (donated by the jitted form).
+    batch: global batch arrays (see `loss_and_metrics`).
+    rng: [2] uint32 base key; this step's dropout key is `fold_in(rng, state.step)`, so a resumed
+      run draws exactly the keys of an uninterrupted one.
+    model, loss_config, tx, schedule, trainable, mesh: bound by `build` with functools.partial.
+
+  Returns:
+    (new state, metrics): metrics are [] float32: "loss_sum", "num_examples",
+    "query_top1_correct" (and "document_top1_correct"), "grad_norm" (of the trainable
+    gradients), "learning_rate" (used by this step), "temperature".
+  """
+  dropout_rng = jax.random.fold_in(rng, state.step)
+
+  def loss_fn(params):
+    return loss_and_metrics(params, batch, model=model, loss_config=loss_config, mesh=mesh,
+                            dropout_rng=dropout_rng)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  trainable_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+  metrics = dict(metrics)
+  metrics["grad_norm"] = optax.global_norm(trainable_grads).astype(jnp.float32)
+  metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+  metrics["temperature"] = jnp.asarray(temperature_of(state.params, loss_config), jnp.float32)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def batch_spec(global_batch_size: int, task_feature_lengths: dict[str, int], *,
+               num_negatives: int = 0) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a global batch: queries/passages (+negatives) and the duplicate ids.
+
+  Args:
+    global_batch_size: B.
+    task_feature_lengths: {"queries": Lq, "passages": Lp}.
+    num_negatives: N hard negatives per query (0: no "negatives" feature).
+  """
+  lq, lp = task_feature_lengths[features.QUERIES], task_feature_lengths[features.PASSAGES]
+  spec = {features.QUERIES: jax.ShapeDtypeStruct((global_batch_size, lq), jnp.int32),
+          features.PASSAGES: jax.ShapeDtypeStruct((global_batch_size, lp), jnp.int32),
+          features.QUERY_IDS: jax.ShapeDtypeStruct((global_batch_size,), jnp.int32),
+          features.PASSAGE_IDS: jax.ShapeDtypeStruct((global_batch_size,), jnp.int32)}
+  if num_negatives:
+    spec[features.NEGATIVES] = jax.ShapeDtypeStruct((global_batch_size, num_negatives, lp),
+                                                    jnp.int32)
+  return spec
+
+
+class Built(NamedTuple):
+  """What `build` returns.
+
+  Attributes:
+    model: the DualEncoder module.
+    tx: the optax transformation; schedule: its learning-rate schedule.
+    trainable: pytree of bools over params (False: frozen).
+    abstract_state: TrainState of jax.ShapeDtypeStruct, each with its `.sharding`.
+    state_shardings: TrainState of NamedSharding.
+    batch_shardings: dict of NamedSharding, like `batch_spec`.
+    rng_sharding: NamedSharding of the [2] uint32 base key (replicated).
+    init_state: `init_state(rng [2] uint32) -> TrainState`, jitted with out_shardings (never
+      builds anything unsharded).
+    train_step: `train_step(state, batch, rng) -> (state, metrics)`, jitted with in/out
+      shardings, state donated. `train_step.lower(abstract_state, batch_spec, rng_spec)` lowers
+      it without running (the AOT compile check).
+  """
+
+  model: dual_encoder.DualEncoder
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  trainable: PyTree
+  abstract_state: TrainState
+  state_shardings: TrainState
+  batch_shardings: dict[str, NamedSharding]
+  rng_sharding: NamedSharding
+  init_state: Any
+  train_step: Any
+
+
+def _opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: PyTree,
+                         abstract_params: PyTree, param_shardings: PyTree,
+                         mesh: Mesh) -> PyTree:
+  """Shardings of the optimizer state: a leaf shaped like its parameter (Adam moments, unfactored
+  Adafactor moments) is sharded like it; factored/row/column moments and counters, which are
+  small, are replicated."""
+  replicated = NamedSharding(mesh, P())
+
+  def like_param(state_leaf, param_leaf, param_sharding):
+    if isinstance(state_leaf, optax.MaskedNode):
+      return state_leaf  # a frozen leaf under multi_transform: no array, nothing to shard
+    if getattr(state_leaf, "shape", None) == param_leaf.shape:
+      return param_sharding
+    return replicated
+
+  return optax.tree_map_params(tx, like_param, abstract_opt_state, abstract_params,
+                               param_shardings, transform_non_params=lambda _: replicated,
+                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossConfig,
+          optimizer_config: optimizers.OptimizerConfig, mesh: Mesh,
+          batch: dict[str, jax.ShapeDtypeStruct]) -> Built:
+  """Builds the model, optimizer, sharded state layout and the jitted step, running nothing.
+
+  Args:
+    model_config: the dual encoder.
+    loss_config: the loss.
+    optimizer_config: the optimizer and schedule.
+    mesh: a (data, model) mesh, real devices or an AOT topology.
+    batch: the global batch layout, from `batch_spec`.
+
+  Returns:
+    A `Built`. Only shapes are evaluated (`jax.eval_shape`); call `built.init_state(rng)` to
+    create the sharded state.
+  """
+  model = dual_encoder.DualEncoder(model_config)
+  dummy = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in batch.items()}
+  init_negatives = dummy.get(features.NEGATIVES) if loss_config.use_hard_negatives else None
+
+  def init_variables(rng):
+    return model.init({"params": rng, "dropout": rng}, dummy[features.QUERIES],
+                      dummy[features.PASSAGES], init_negatives)
+
+  with partitioning.mesh_context(mesh):
+    boxed = jax.eval_shape(init_variables, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  model_param_shardings = partitioning.logical_to_sharding(
+      nn.get_partition_spec(boxed), mesh)["params"]
+  abstract_model_params = nn.meta.unbox(boxed)["params"]
+  replicated = NamedSharding(mesh, P())
+  loss_params = ({"log_temperature": jax.ShapeDtypeStruct((), jnp.float32)}
+                 if loss_config.learn_temperature else {})
+  abstract_params = {"model": abstract_model_params, "loss": loss_params}
+  param_shardings = {"model": model_param_shardings,
+                     "loss": jax.tree.map(lambda _: replicated, loss_params)}
+
+  trainable = {"model": dual_encoder.trainable_mask(model_config, abstract_model_params),
+               "loss": jax.tree.map(lambda _: True, loss_params)}
+  tx, schedule = optimizers.make_optimizer(optimizer_config, trainable)
+  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = _opt_state_shardings(tx, abstract_opt_state, abstract_params, param_shardings,
+                                       mesh)
+  state_shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+  abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                              opt_state=abstract_opt_state)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      state_shardings)
+
+  def init_state(rng):
+    variables = nn.meta.unbox(init_variables(rng))
+    params = {"model": variables["params"],
+              "loss": ({"log_temperature": jnp.log(jnp.float32(loss_config.temperature))}
+                       if loss_config.learn_temperature else {})}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  def init_in_mesh(rng):
+    with partitioning.mesh_context(mesh):
+      return init_state(rng)
+
+  step_fn = functools.partial(train_step, model=model, loss_config=loss_config, tx=tx,
+                              schedule=schedule, trainable=trainable, mesh=mesh)
+
+  def step_in_mesh(state, batch_arrays, rng):
+    with partitioning.mesh_context(mesh):
+      return step_fn(state, batch_arrays, rng)
+
+  batch_shardings = {k: partitioning.data_sharding(mesh, len(v.shape)) for k, v in batch.items()}
+  jitted_init = jax.jit(init_in_mesh, in_shardings=replicated, out_shardings=state_shardings)
+  jitted_step = jax.jit(step_in_mesh, in_shardings=(state_shardings, batch_shardings, replicated),
+                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return Built(model=model, tx=tx, schedule=schedule, trainable=trainable,
+               abstract_state=abstract_state, state_shardings=state_shardings,
+               batch_shardings=batch_shardings, rng_sharding=replicated, init_state=jitted_init,
+               train_step=jitted_step)
+
+
+def rng_spec() -> jax.ShapeDtypeStruct:
+  """The base key's abstract value: [2] uint32 (`jax.random.PRNGKey(seed)`)."""
+  return jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
+def as_global_batch(local_batch: dict[str, np.ndarray], batch_shardings: dict[str, NamedSharding]
+                    ) -> dict[str, Array]:
+  """Assembles each host's numpy batch into global jax.Arrays sharded over the data axis.
+
+  Features absent from `batch_shardings` (not used by the step) are dropped.
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[k]))
+          for k, sharding in batch_shardings.items()}

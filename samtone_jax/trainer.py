@@ -1,0 +1,357 @@
+"""The training loop: input stream, jitted step, metrics, evaluation, checkpoints, preemption.
+
+`train(...)` is what `python -m samtone_jax.main` runs (gin binds its arguments from
+`gin/runs/*.gin` and `gin/experiments/*.gin`); it is a plain function that a notebook or a test can
+call directly. One run directory (`model_dir`) holds:
+
+  checkpoints/<step>/   orbax checkpoints (see checkpoints.py); a restart resumes from the latest
+  metrics.jsonl         one JSON object per log / eval event
+  train/, eval/         TensorBoard event files (clu metric_writers)
+  config.gin            the operative gin config (written by main.py)
+
+Resuming restores the step, the parameters and optimizer state; the dropout key of a step is
+`fold_in(PRNGKey(seed), step)` and the input stream restarts at the step (`start_step`), so a run
+that is killed and resumed ends with exactly the parameters of an uninterrupted run.
+
+SIGTERM (TPU preemption) makes the loop save a checkpoint after the current step and return. A
+non-finite loss raises `NonFiniteLossError` naming the step and the last good checkpoint; no
+checkpoint is ever written after a non-finite loss.
+"""
+
+from collections.abc import Iterator, Sequence
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+import jax
+import numpy as np
+import seqio
+
+from samtone_jax import checkpoints
+from samtone_jax import optimizers
+from samtone_jax import partitioning
+from samtone_jax import train_step as train_step_lib
+from samtone_jax.models import config as model_config_lib
+
+PyTree = Any
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training input.
+
+  Attributes:
+    mixture_or_task_name: a registered seqio task or mixture (MIXTURE_OR_TASK_NAME).
+    task_feature_lengths: {"queries": Lq, "passages": Lp} (TASK_FEATURE_LENGTHS).
+    batch_size: global batch size (BATCH_SIZE), summed over all hosts.
+    num_negatives: hard negatives per query in the task's batches (0: none).
+    split: the training split.
+    tasks_module: the module whose import registers the tasks.
+  """
+
+  mixture_or_task_name: str
+  task_feature_lengths: dict[str, int]
+  batch_size: int
+  num_negatives: int = 0
+  split: str = "train"
+  tasks_module: str = "samtone_jax.tasks.all"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Length of the run and how often it logs, evaluates and checkpoints.
+
+  Attributes:
+    train_steps: total optimizer steps (TRAIN_STEPS).
+    log_period: write training metrics every this many steps.
+    checkpoint_period: save every this many steps (and at the end).
+    keep_checkpoints: keep the latest this many.
+    eval_period: evaluate every this many steps (0: only at the end; needs eval_sets).
+    eval_sets: names of registered evaluation sets (EVAL_TASKS); empty: no evaluation.
+    best_metric: also keep the checkpoint with the best value of this eval metric, e.g.
+      "demo_manpages_test/mrr@10" (checkpoint_period should divide eval_period).
+    best_mode: "max" or "min".
+  """
+
+  train_steps: int
+  log_period: int = 100
+  checkpoint_period: int = 1000
+  keep_checkpoints: int = 3
+  eval_period: int = 0
+  eval_sets: Sequence[str] = ()
+  best_metric: str | None = None
+  best_mode: str = "max"
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What `train` returns: the final state, the last training and eval metrics."""
+
+  state: train_step_lib.TrainState
+  built: train_step_lib.Built
+  mesh: jax.sharding.Mesh
+  train_metrics: dict[str, float]
+  eval_metrics: dict[str, float]
+  preempted: bool = False
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM; the loop checkpoints and returns at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del frame
+      logging.warning("Signal %d received: checkpointing and stopping.", signum)
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def summarize_metrics(step_metrics: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Host-side division of summed metrics over a window of steps.
+
+  Returns:
+    loss (mean per example), accuracy (query top-1 in-batch), document_accuracy (when
+    bidirectional), grad_norm (mean over steps), learning_rate and temperature (last step).
+  """
+  total = {k: float(sum(float(m[k]) for m in step_metrics)) for k in step_metrics[0]}
+  examples = max(total["num_examples"], 1.0)
+  out = {"loss": total["loss_sum"] / examples,
+         "accuracy": total["query_top1_correct"] / examples,
+         "grad_norm": total["grad_norm"] / len(step_metrics),
+         "learning_rate": float(step_metrics[-1]["learning_rate"]),
+         "temperature": float(step_metrics[-1]["temperature"])}
+  if "document_top1_correct" in total:
+    out["document_accuracy"] = total["document_top1_correct"] / examples
+  return out
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _MetricsLog:
+  """TensorBoard (clu) + metrics.jsonl + stdout, written by process 0 only."""
+
+  def __init__(self, model_dir: str):
+    self.chief = jax.process_index() == 0
+    self.writers = {
+        "train": metric_writers.create_default_writer(
+            os.path.join(model_dir, "train"), just_logging=not self.chief, asynchronous=False),
+        "eval": metric_writers.create_default_writer(
+            os.path.join(model_dir, "eval"), just_logging=not self.chief, asynchronous=False)}
+    self.jsonl_path = os.path.join(model_dir, "metrics.jsonl")
+
+  def write(self, kind: str, step: int, metrics: dict[str, float]) -> None:
+    self.writers[kind].write_scalars(step, metrics)
+    self.writers[kind].flush()
+    if self.chief:
+      with open(self.jsonl_path, "a") as f:
+        f.write(json.dumps({"kind": kind, "step": step, **metrics}) + "\n")
+
+  def close(self):
+    for writer in self.writers.values():
+      writer.close()
+
+
+def input_iterator(data: DataConfig, seed: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+  """This host's slice of the deterministic training stream, starting at `start_step`."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  importlib.import_module(data.tasks_module)
+  from samtone_jax.tasks import pipeline  # pylint: disable=g-import-not-at-top
+  shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+  return pipeline.get_train_iterator(
+      data.mixture_or_task_name, dict(data.task_feature_lengths), data.batch_size, seed=seed,
+      start_step=start_step, shard_info=shard_info, split=data.split)
+
+
+def evaluate_params(model, params: PyTree, mesh, eval_sets: Sequence[str],
+                    output_dir: str | None = None) -> dict[str, float]:
+  """Retrieval metrics of the dual encoder `params["model"]` on each named evaluation set.
+
+  Returns:
+    {"<eval set>/<metric>": value}.
+  """
+  from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
+  from samtone_jax.evaluation import retrieval  # pylint: disable=g-import-not-at-top
+  from samtone_jax.tasks import eval_sets as eval_sets_lib  # pylint: disable=g-import-not-at-top
+  encode_queries, encode_documents = encoding.dual_encoder_encode_fns(model, params["model"], mesh)
+  results = {}
+  for name in eval_sets:
+    eval_set = eval_sets_lib.get_eval_set(name)
+    set_dir = None if output_dir is None else os.path.join(output_dir, name)
+    metrics = retrieval.evaluate_eval_set(eval_set, encode_queries, encode_documents,
+                                          output_dir=set_dir, mesh=mesh)
+    results.update({f"{name}/{k}": float(v) for k, v in metrics.items()})
+  return results
+
+
+def initial_state(built: train_step_lib.Built, seed: int, model_config,
+                  initial_checkpoint_path: str | None) -> train_step_lib.TrainState:
+  """A fresh sharded state; its params replaced by those of `initial_checkpoint_path` if given."""
+  state = built.init_state(jax.random.PRNGKey(seed))
+  if initial_checkpoint_path:
+    loaded = checkpoints.load_initial_params(initial_checkpoint_path,
+                                             built.abstract_state.params, model_config)
+    params = dict(state.params)
+    params.update(loaded)
+    # The optimizer state was initialised for the same shapes; only values change.
+    state = state.replace(params=params)
+  return state
+
+
+def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
+          loss: train_step_lib.LossConfig, optimizer: optimizers.OptimizerConfig,
+          data: DataConfig, loop: LoopConfig, seed: int = 0,
+          mesh_shape: tuple[int, int] = (-1, 1),
+          initial_checkpoint_path: str | None = None) -> TrainResult:
+  """Trains a dual encoder; resumes from `model_dir`'s latest checkpoint if there is one.
+
+  Args:
+    model_dir: run directory (MODEL_DIR).
+    model: the dual encoder architecture.
+    loss: the contrastive loss.
+    optimizer: optimizer and learning-rate schedule.
+    data: the training input.
+    loop: steps, logging, evaluation and checkpoint periods.
+    seed: parameter init, dropout and data order.
+    mesh_shape: (data, model) mesh sizes; -1 fills with the remaining devices.
+    initial_checkpoint_path: parameters to start from when `model_dir` has no checkpoint: a
+      samtone_jax checkpoint (params only) or public T5 / GTR weights (INITIAL_CHECKPOINT_PATH).
+
+  Returns:
+    A TrainResult.
+
+  Raises:
+    NonFiniteLossError: the loss became NaN/inf; the message names the step and the last good
+      checkpoint.
+  """
+  os.makedirs(model_dir, exist_ok=True)
+  mesh = partitioning.create_mesh(*mesh_shape)
+  spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
+                                   num_negatives=data.num_negatives)
+  built = train_step_lib.build(model, loss, optimizer, mesh, spec)
+  manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
+                                       best_metric=loop.best_metric, best_mode=loop.best_mode)
+  rng = jax.device_put(jax.random.PRNGKey(seed), built.rng_sharding)
+
+  last_saved = manager.latest_step()
+  if last_saved is not None:
+    state, meta = checkpoints.restore(manager, built.abstract_state)
+    logging.info("Resumed from %s at step %d", manager.directory, int(state.step))
+    print(f"Resuming from checkpoint step {last_saved} in {manager.directory}", flush=True)
+    if meta.get("seed", seed) != seed:
+      logging.warning("Checkpoint seed %s != configured seed %s", meta.get("seed"), seed)
+  else:
+    state = initial_state(built, seed, model, initial_checkpoint_path)
+  start_step = int(state.step)
+
+  log = _MetricsLog(model_dir)
+  batches = input_iterator(data, seed, start_step)
+  window: list[tuple[int, PyTree]] = []  # (step, device metrics) since the last flush
+  last_summary: dict[str, float] = {}
+  eval_metrics: dict[str, float] = {}
+  preempted = False
+  window_start = time.time()
+  run_start = time.time()
+
+  def save(step: int, metrics: dict[str, float] | None = None):
+    nonlocal last_saved
+    meta = {"step": step, "seed": seed, "examples_seen": step * data.batch_size}
+    path = checkpoints.save(manager, step, state, meta, metrics=metrics)
+    last_saved = step
+    logging.info("Saved checkpoint %s", path)
+    print(f"Saved checkpoint step {step}: {path}", flush=True)
+
+  def flush(step: int, *, write: bool):
+    """Fetches the window's metrics, stops on a non-finite loss, and logs them."""
+    nonlocal window, window_start, last_summary
+    if not window:
+      return
+    fetched = jax.device_get([m for _, m in window])
+    for (s, _), m in zip(window, fetched):
+      if not np.isfinite(m["loss_sum"]) or not np.isfinite(m["grad_norm"]):
+        where = (f"{manager.directory}/{last_saved} (step {last_saved})"
+                 if last_saved is not None else "none (no checkpoint was saved)")
+        raise NonFiniteLossError(
+            f"Non-finite loss at step {s} (loss_sum={float(m['loss_sum'])}, "
+            f"grad_norm={float(m['grad_norm'])}). Last good checkpoint: {where}.")
+    if not write:
+      return
+    summary = summarize_metrics(fetched)
+    elapsed = time.time() - window_start
+    summary["seconds_per_step"] = elapsed / len(fetched)
+    summary["examples_per_second"] = len(fetched) * data.batch_size / max(elapsed, 1e-9)
+    log.write("train", step, summary)
+    last_summary = summary
+    remaining = (loop.train_steps - step) * summary["seconds_per_step"]
+    print(f"step {step}/{loop.train_steps} loss={summary['loss']:.4f} "
+          f"acc={summary['accuracy']:.3f} lr={summary['learning_rate']:.3g} "
+          f"|g|={summary['grad_norm']:.3g} {summary['examples_per_second']:.1f} ex/s "
+          f"{summary['seconds_per_step']:.3f} s/step ETA {_format_duration(remaining)}",
+          flush=True)
+    window = []
+    window_start = time.time()
+
+  try:
+    with _PreemptionFlag() as preemption:
+      step = start_step
+      while step < loop.train_steps:
+        if preemption.requested:
+          preempted = True
+          break
+        local_batch = next(batches)
+        batch = train_step_lib.as_global_batch(local_batch, built.batch_shardings)
+        state, metrics = built.train_step(state, batch, rng)
+        window.append((step, metrics))
+        step += 1
+        is_last = step == loop.train_steps
+        if step % loop.log_period == 0 or is_last:
+          flush(step, write=True)
+        do_eval = bool(loop.eval_sets) and (
+            is_last or (loop.eval_period and step % loop.eval_period == 0))
+        if do_eval:
+          flush(step, write=False)
+          eval_metrics = evaluate_params(built.model, state.params, mesh, loop.eval_sets,
+                                         output_dir=os.path.join(model_dir, "eval_results",
+                                                                 str(step)))
+          log.write("eval", step, eval_metrics)
+          print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
+                                                 sorted(eval_metrics.items())), flush=True)
+        if step % loop.checkpoint_period == 0 or is_last:
+          flush(step, write=False)  # never checkpoint a state after a non-finite loss
+          save(step, eval_metrics if do_eval and loop.best_metric else None)
+      if preempted and last_saved != step:
+        flush(step, write=False)
+        save(step)
+      if window:
+        flush(step, write=True)
+  finally:
+    log.close()
+  total = time.time() - run_start
+  print(f"Finished at step {int(state.step)} in {_format_duration(total)}"
+        f"{' (preempted)' if preempted else ''}; run directory {os.path.abspath(model_dir)}",
+        flush=True)
+  return TrainResult(state=state, built=built, mesh=mesh, train_metrics=last_summary,
+                     eval_metrics=eval_metrics, preempted=preempted)
