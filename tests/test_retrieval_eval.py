@@ -80,7 +80,9 @@ def tiny_model():
   tokens = jnp.ones((4, 8), jnp.int32)
   params, _ = partitioning.sharded_init(lambda rng: model.init(rng, tokens, tokens),
                                         mesh, jax.random.key(0))
-  return model, params["params"], mesh
+  # Built once: every test reuses the compiled functions (shapes: batch 8, lengths 8 and 16).
+  query_fn, document_fn = encoding.dual_encoder_encode_fns(model, params["params"], mesh)
+  return model, params["params"], mesh, query_fn, document_fn
 
 
 def test_tokenize_follows_t5_eos_convention():
@@ -92,16 +94,15 @@ def test_tokenize_follows_t5_eos_convention():
 
 
 def test_data_parallel_encoding_equals_plain_apply(tiny_model):
-  model, params, mesh = tiny_model
+  model, params, mesh, query_fn, document_fn = tiny_model
   vocabulary = seqio.ByteVocabulary()
   texts = [f"text number {i}" for i in range(11)]  # Not a multiple of the batch: padded.
-  query_fn, document_fn = encoding.dual_encoder_encode_fns(model, params, mesh)
-  ours = encoding.encode_texts(texts, document_fn, vocabulary, 12, batch_size=6, mesh=mesh)
+  ours = encoding.encode_texts(texts, document_fn, vocabulary, 16, batch_size=8, mesh=mesh)
   host_params = jax.device_get(params)
-  expected = model.apply({"params": host_params}, encoding.tokenize(texts, vocabulary, 12),
-                         method=model.encode_documents)
+  apply = jax.jit(lambda p, t: model.apply({"params": p}, t, method=model.encode_documents))
+  expected = apply(host_params, encoding.tokenize(texts, vocabulary, 16))
   np.testing.assert_allclose(ours, np.asarray(expected), rtol=1e-5, atol=1e-6)
-  queries = encoding.encode_texts(texts, query_fn, vocabulary, 12, batch_size=6, mesh=mesh)
+  queries = encoding.encode_texts(texts, query_fn, vocabulary, 16, batch_size=8, mesh=mesh)
   assert not np.allclose(queries, ours)  # ADE: the towers differ.
 
 
@@ -113,11 +114,10 @@ def _pytrec_means(qrels, run_path, measures):
 
 
 def test_beir_end_to_end_run_file_scores_identically(tmp_path, tiny_model):
-  model, params, mesh = tiny_model
+  _, _, mesh, query_fn, document_fn = tiny_model
   root = tmp_path / "beir_fixture"
   write_beir_fixture(root)
   eval_set = read_beir(root, seqio.ByteVocabulary())
-  query_fn, document_fn = encoding.dual_encoder_encode_fns(model, params, mesh)
   output_dir = tmp_path / "results"
   results = retrieval.evaluate_eval_set(eval_set, query_fn, document_fn, output_dir=str(output_dir),
                                         batch_size=8, mesh=mesh, chunk_size=2, k=20)
@@ -131,10 +131,11 @@ def test_beir_end_to_end_run_file_scores_identically(tmp_path, tiny_model):
   assert results["ndcg@10"] == pytest.approx(expected["ndcg_cut_10"], abs=1e-6)
   assert results["recall@100"] == pytest.approx(expected["recall_100"], abs=1e-6)
   # The run is the exact top 20 of the embeddings (brute force over all documents).
-  q = encoding.encode_texts([eval_set.queries["q0"]], query_fn, eval_set.vocabulary, 8, mesh=mesh)
+  q = encoding.encode_texts([eval_set.queries["q0"]], query_fn, eval_set.vocabulary, 8,
+                           batch_size=8, mesh=mesh)
   docs = list(eval_set.corpus)
   d = encoding.encode_texts([eval_set.corpus[i] for i in docs], document_fn, eval_set.vocabulary,
-                            16, mesh=mesh)
+                            16, batch_size=8, mesh=mesh)
   best = np.argsort(-(q @ d.T)[0], kind="stable")[:20]
   assert set(run["q0"]) == {docs[i] for i in best}
 
@@ -153,7 +154,7 @@ def test_beir_end_to_end_run_file_scores_identically(tmp_path, tiny_model):
 
 
 def test_msmarco_protocol_and_several_sets(tiny_model):
-  model, params, mesh = tiny_model
+  _, _, mesh, query_fn, document_fn = tiny_model
   vocabulary = seqio.ByteVocabulary()
   corpus = {f"p{i}": f"passage {WORDS[i]} {WORDS[(3 * i) % 24]}" for i in range(24)}
   queries = {f"q{i}": WORDS[i] for i in range(6)}
@@ -164,7 +165,6 @@ def test_msmarco_protocol_and_several_sets(tiny_model):
       "tiny_multireqa": eval_sets.EvalSet("tiny_multireqa", queries, corpus, qrels, vocabulary, 8,
                                           16, "multireqa"),
   }
-  query_fn, document_fn = encoding.dual_encoder_encode_fns(model, params, mesh)
   results = retrieval.evaluate_eval_sets(list(sets), query_fn, document_fn,
                                          get_eval_set=sets.__getitem__, mesh=mesh, batch_size=8)
   assert set(results) == {"tiny_msmarco/mrr@10", "tiny_msmarco/recall@1000",
@@ -172,17 +172,18 @@ def test_msmarco_protocol_and_several_sets(tiny_model):
   # Every document is retrieved (k >= corpus size), so recall is 1 and the full MRR is the
   # mean reciprocal rank of the relevant passage under brute force.
   assert results["tiny_msmarco/recall@1000"] == 1.0
-  q = encoding.encode_texts(list(queries.values()), query_fn, vocabulary, 8, mesh=mesh)
-  d = encoding.encode_texts(list(corpus.values()), document_fn, vocabulary, 16, mesh=mesh)
+  q = encoding.encode_texts(list(queries.values()), query_fn, vocabulary, 8, batch_size=8,
+                           mesh=mesh)
+  d = encoding.encode_texts(list(corpus.values()), document_fn, vocabulary, 16, batch_size=8,
+                           mesh=mesh)
   scores = q @ d.T
   ranks = [1 + np.sum(scores[i] > scores[i, i]) for i in range(6)]
   assert results["tiny_multireqa/mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-6)
 
 
 def test_bad_eval_set_is_rejected(tiny_model):
-  model, params, mesh = tiny_model
+  _, _, _, query_fn, document_fn = tiny_model
   vocabulary = seqio.ByteVocabulary()
   bad = eval_sets.EvalSet("bad", {"q1": "x"}, {"d": "y"}, {"q2": {"d": 1}}, vocabulary, 4, 4)
-  query_fn, document_fn = encoding.dual_encoder_encode_fns(model, params, mesh)
   with pytest.raises(ValueError, match="qrels queries have no text"):
     retrieval.evaluate_eval_set(bad, query_fn, document_fn)
