@@ -20,22 +20,26 @@ the batch is a candidate for every query) and `s(x, y) = x . y / temperature`:
   gives the usual in-batch softmax loss of GTR / t5x_retrieval.
 
 Duplicates (MultiReQA has repeated questions and shared answers): with `query_ids` /
-`document_ids`, a candidate of the same tower-id as the anchor's own item is not a negative and is
-dropped from the denominator. In query i's row, `d_j` (j != i) is dropped if
+`document_ids`, two items of a tower with the same id are never each other's negatives; such a
+candidate is dropped from the denominator. In query i's row, `d_j` (j != i) is dropped if
 `document_ids[j] == document_ids[i]` and `q_j` (j != i) if `query_ids[j] == query_ids[i]`;
 symmetrically on the document side. The positive is never dropped, self pairs `q_i.q_i` and
 `d_i.d_i` always are. Hard negatives carry no id and are never dropped.
 
 Two views of one function, `contrastive_loss`:
-  * `axis_name=None`: the global view; inputs are the whole batch. Easy to read, and the reference
-    the sharded form is tested against.
+  * `axis_name=None`: the global view; inputs are the whole batch, and one device holds the
+    `[B, B]` logits. Fine for evaluation and small batches.
   * `axis_name="data"`: called inside `jax.shard_map` on the local shard of the batch. Each device
     all-gathers the candidates and computes only its `[b_local, B]` (and `[b_local, B * N]`) logit
     blocks, so no device ever holds a `[B, B]` buffer; loss, metrics and gradients equal the global
     view. `sharded_contrastive_loss` is the wrapper the trainer calls with a mesh.
 
+Both are tested (tests/test_losses.py) against a float64 numpy implementation of the formula above,
+values and gradients, and the sharded program is checked to hold no `[B, B]` buffer.
+
 Metrics are sums and counts (divided on the host): `loss_sum` (= loss * B), `num_examples` (B),
-`query_top1_correct` and, when bidirectional, `document_top1_correct`.
+`query_top1_correct` and, when bidirectional, `document_top1_correct`: the number of anchors whose
+positive scores at least as high as every other candidate of their softmax row.
 """
 
 from collections.abc import Hashable
@@ -163,6 +167,8 @@ def contrastive_loss(query: Array, document: Array, negatives: Array | None = No
     ValueError: on inconsistent shapes or a non-positive python temperature.
   """
   _check_inputs(query, document, negatives, temperature, query_ids, document_ids)
+  if negatives is not None and negatives.shape[1] == 0:
+    negatives = None  # [b, 0, d]: an empty block would have no row maximum
   compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
   query = query.astype(compute_dtype)
   document = document.astype(compute_dtype)

@@ -233,6 +233,17 @@ def test_without_ids_and_with_python_temperature(mode):
                            temperature_is_array=False)
 
 
+def test_zero_hard_negatives_array_equals_none():
+  query, document, _ = make_batch(5, 0)
+  empty = np.zeros((BATCH, 0, DIM), np.float32)
+  with_empty = losses.contrastive_loss(query, document, empty, bidirectional=True)
+  without = losses.contrastive_loss(query, document, None, bidirectional=True)
+  np.testing.assert_allclose(with_empty[0], without[0], rtol=1e-6)
+  want_loss = reference_loss(query, document, None, 0.01, same_tower_negatives=True,
+                             bidirectional=True)[0]
+  np.testing.assert_allclose(with_empty[0], want_loss, rtol=1e-5)
+
+
 def test_all_candidates_masked_gives_finite_loss_and_zero_gradient():
   """Every item shares one id: each row holds only its positive, so the loss is exactly 0."""
   query, document, _ = make_batch(3, 0)
