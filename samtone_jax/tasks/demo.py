@@ -1,0 +1,42 @@
+"""The embedded demo dataset: Debian man pages (shipped in `data/manpages/`, BEIR layout).
+
+Query: a page's one-line NAME summary ("copy or catenate a string"); document: the first 300
+words of its DESCRIPTION. ~2,600 pages from manpages, manpages-dev, git-man, libssl-doc and
+perl-doc, split 90/10 by page (see scripts/build_manpages_demo.py and data/manpages/README.md).
+
+  task "demo_manpages"            train pairs from train.tsv.gz, demo vocabulary (8000 pieces)
+  eval set "demo_manpages_test"   test queries against the whole corpus (protocol "beir")
+"""
+
+import functools
+import os
+
+from samtone_jax.tasks import beir
+from samtone_jax.tasks import features
+from samtone_jax.tasks import readers
+from samtone_jax.tasks import sources
+from samtone_jax.tasks import vocab
+
+DEMO_DIR = vocab.DEMO_DATA_DIR
+TRAIN_TASK = "demo_manpages"
+TEST_EVAL_SET = "demo_manpages_test"
+_MISSING_HELP = ("The demo data ships inside the package; reinstall samtone_jax (pip install -e .) "
+                 "or rebuild it with scripts/build_manpages_demo.py.")
+
+
+def train_pairs(directory: str = DEMO_DIR):
+  """Yields {"queries", "passages"} from train.tsv.gz (query<TAB>document), in file order."""
+  path = readers.require_file(os.path.join(directory, "train.tsv.gz"), "demo train pairs",
+                              _MISSING_HELP)
+  for line, (query, document) in readers.iter_tsv(path, 2):
+    yield {features.QUERIES: readers.check_text(path, line, "query", query),
+           features.PASSAGES: readers.check_text(path, line, "document", document)}
+
+
+def register(directory: str = DEMO_DIR) -> None:
+  """Registers the demo task and eval set (replacing earlier registrations)."""
+  vocabulary = vocab.demo_vocabulary()
+  source = sources.examples_source({"train": functools.partial(train_pairs, directory)})
+  beir.register_pairs_task(TRAIN_TASK, source, vocabulary, shuffle_buffer_size=10_000)
+  beir.register_eval_set(TEST_EVAL_SET, functools.partial(
+      beir.beir_eval_set, TEST_EVAL_SET, directory, "test", vocabulary))

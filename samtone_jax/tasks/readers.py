@@ -1,0 +1,158 @@
+"""Line-numbered readers for the data formats the tasks read: TSV and JSON Lines, plain or .gz.
+
+Every row problem (wrong column count, bad id, invalid UTF-8, empty text, bad JSON, a missing
+field) raises `DataFormatError` naming the file, the 1-based line and the problem, so a bad
+download is never turned into a silently wrong example. Formats whose real files are known to
+contain a few bad rows may pass a `SkipCounter` instead: those rows are counted and reported once
+in a logged warning at the end of the file.
+
+A missing input file raises `MissingDataError` saying what is missing, where to download it and
+where to put it.
+"""
+
+from collections.abc import Iterator
+import dataclasses
+import gzip
+import json
+import logging
+from typing import Any, IO
+
+import tensorflow as tf
+
+
+class DataFormatError(ValueError):
+  """A row of an input file does not follow its format; the message names file and line."""
+
+  def __init__(self, path: str, line: int | None, problem: str):
+    self.path = path
+    self.line = line
+    self.problem = problem
+    where = f"{path}, line {line}" if line is not None else path
+    super().__init__(f"{where}: {problem}")
+
+
+class MissingDataError(FileNotFoundError):
+  """Input data is not where the configuration says; the message says how to get it."""
+
+  def __init__(self, what: str, expected_path: str, how_to_get: str):
+    self.expected_path = expected_path
+    super().__init__(f"Missing {what}: expected at {expected_path}. {how_to_get}")
+
+
+@dataclasses.dataclass
+class SkipCounter:
+  """Counts rows skipped in one file (for formats whose real files contain bad rows)."""
+
+  path: str
+  skipped: int = 0
+  first_problem: str = ""
+
+  def skip(self, line: int, problem: str) -> None:
+    if not self.skipped:
+      self.first_problem = f"line {line}: {problem}"
+    self.skipped += 1
+
+  def report(self) -> None:
+    if self.skipped:
+      logging.warning("%s: skipped %d malformed rows (first: %s)", self.path, self.skipped,
+                      self.first_problem)
+
+
+def require_file(path: str, what: str, how_to_get: str) -> str:
+  """Returns `path` if it exists (local or any tf.io.gfile file system), else raises."""
+  if not tf.io.gfile.exists(path):
+    raise MissingDataError(what, path, how_to_get)
+  return path
+
+
+def open_binary(path: str) -> IO[bytes]:
+  """Opens a local or gs:// file for reading bytes, transparently un-gzipping `.gz`."""
+  raw = tf.io.gfile.GFile(path, "rb")
+  return gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+  """Yields (1-based line number, decoded line without the newline)."""
+  with open_binary(path) as f:
+    for line_number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataFormatError(path, line_number, f"invalid UTF-8 ({e.reason} at byte {e.start})")
+      yield line_number, line.rstrip("\r\n") if line.endswith("\n") else line
+
+
+def iter_tsv(path: str, num_columns: int, *, header: tuple[str, ...] | None = None,
+             skips: SkipCounter | None = None) -> Iterator[tuple[int, list[str]]]:
+  """Yields (line number, fields) of a tab-separated file with exactly `num_columns` columns.
+
+  Args:
+    path: the file (`.gz` is decompressed).
+    num_columns: expected number of tab-separated fields on every row.
+    header: if given, the first line must be exactly these column names.
+    skips: if given, rows with the wrong column count are counted and skipped instead of raising.
+  """
+  for line_number, line in iter_lines(path):
+    fields = line.split("\t")
+    if header is not None and line_number == 1:
+      if tuple(fields) != header:
+        raise DataFormatError(path, 1, f"expected header {'<TAB>'.join(header)!r}, got {line!r}")
+      continue
+    if not line.strip():
+      problem = "empty line"
+    elif len(fields) != num_columns:
+      problem = f"expected {num_columns} tab-separated columns, got {len(fields)}"
+    else:
+      yield line_number, fields
+      continue
+    if skips is None:
+      raise DataFormatError(path, line_number, problem)
+    skips.skip(line_number, problem)
+  if skips is not None:
+    skips.report()
+
+
+def iter_jsonl(path: str, required: dict[str, type] | None = None
+               ) -> Iterator[tuple[int, dict[str, Any]]]:
+  """Yields (line number, object) of a JSON Lines file; checks required fields and their types."""
+  for line_number, line in iter_lines(path):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataFormatError(path, line_number, f"invalid JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict):
+      raise DataFormatError(path, line_number, f"expected a JSON object, got {type(obj).__name__}")
+    for field, field_type in (required or {}).items():
+      if field not in obj:
+        raise DataFormatError(path, line_number, f"missing field {field!r}")
+      if not isinstance(obj[field], field_type):
+        raise DataFormatError(path, line_number, f"field {field!r} should be {field_type.__name__},"
+                              f" got {type(obj[field]).__name__}")
+    yield line_number, obj
+
+
+def check_text(path: str, line: int, field: str, text: str) -> str:
+  """Returns `text` stripped; raises if nothing is left (an empty query or document)."""
+  text = text.strip()
+  if not text:
+    raise DataFormatError(path, line, f"empty text in field {field!r}")
+  return text
+
+
+def check_int_id(path: str, line: int, field: str, value: str) -> int:
+  """Parses a non-negative integer id (MS MARCO qids and pids)."""
+  if not value.isdigit():
+    raise DataFormatError(path, line, f"{field} should be a non-negative integer, got {value!r}")
+  return int(value)
+
+
+def check_str_id(path: str, line: int, field: str, value: Any) -> str:
+  """Checks a string id (BEIR `_id`): non-empty, no tabs or newlines."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    value = str(value)
+  if not isinstance(value, str) or not value.strip() or any(c in value for c in "\t\n\r"):
+    raise DataFormatError(path, line, f"bad {field} {value!r}: expected a non-empty string "
+                          "without tabs or newlines")
+  return value

@@ -1,0 +1,61 @@
+"""seqio data sources built from Python readers of the official file formats.
+
+Files are parsed in Python (so a malformed row raises `DataFormatError` with its file and line)
+and handed to tf.data in chunks, which keeps the per-example cost of the Python boundary small.
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from samtone_jax.tasks import features
+
+Example = Mapping[str, str | Sequence[str]]
+_CHUNK = 1024
+
+
+def _chunks(examples: Iterable[Example], num_negatives: int) -> Iterator[dict[str, np.ndarray]]:
+  """Groups examples into dicts of numpy string arrays of up to _CHUNK rows."""
+  keys = [features.QUERIES, features.PASSAGES] + ([features.NEGATIVES] if num_negatives else [])
+  buffer: dict[str, list] = {k: [] for k in keys}
+  for example in examples:
+    for k in keys:
+      buffer[k].append(example[k])
+    if len(buffer[features.QUERIES]) == _CHUNK:
+      yield {k: np.array(v, dtype=object) for k, v in buffer.items()}
+      buffer = {k: [] for k in keys}
+  if buffer[features.QUERIES]:
+    yield {k: np.array(v, dtype=object) for k, v in buffer.items()}
+
+
+def examples_dataset(examples_fn: Callable[[], Iterable[Example]], num_negatives: int = 0
+                     ) -> tf.data.Dataset:
+  """A tf.data.Dataset of text examples {"queries": str, "passages": str, ["negatives": [N]]}.
+
+  Args:
+    examples_fn: called each time the dataset is iterated (each epoch); yields dicts of texts in
+      a deterministic order.
+    num_negatives: N, the number of hard negatives per example (0: no "negatives" feature).
+  """
+  signature = {features.QUERIES: tf.TensorSpec([None], tf.string),
+               features.PASSAGES: tf.TensorSpec([None], tf.string)}
+  if num_negatives:
+    signature[features.NEGATIVES] = tf.TensorSpec([None, num_negatives], tf.string)
+  ds = tf.data.Dataset.from_generator(lambda: _chunks(examples_fn(), num_negatives),
+                                      output_signature=signature)
+  return ds.unbatch()
+
+
+def examples_source(examples_fns: Mapping[str, Callable[[], Iterable[Example]]], *,
+                    num_negatives: int = 0, num_input_examples: Mapping[str, int] | None = None
+                    ) -> seqio.FunctionDataSource:
+  """A seqio source whose split `s` yields `examples_fns[s]()` (read in file order)."""
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # one stream per split, shuffled downstream from the run's seed
+    return examples_dataset(examples_fns[split], num_negatives)
+
+  return seqio.FunctionDataSource(dataset_fn, splits=list(examples_fns),
+                                  num_input_examples=num_input_examples)
