@@ -1,0 +1,1 @@
+"""Embedding-space analysis of trained dual encoders (t-SNE maps, top-1 distance distributions)."""
