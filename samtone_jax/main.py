@@ -97,6 +97,9 @@ def setup_from_flags() -> None:
 
   Exits with status 1 and gin's message when a gin file or binding is wrong.
   """
+  if not flags.FLAGS["verbosity"].present:
+    # orbax and seqio log every save and read at INFO; progress is printed by the trainer.
+    logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
   if TFDS_DATA_DIR.value:
     import seqio  # pylint: disable=g-import-not-at-top

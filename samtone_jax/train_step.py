@@ -229,6 +229,29 @@ def _opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: P
                                is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
+def _model_initializer(model: dual_encoder.DualEncoder):
+  """rng -> the model's boxed variables. Parameter shapes do not depend on the batch or the
+  sequence lengths (relative positions are bucketed), so a [1, 8] dummy input suffices."""
+  dummy = jnp.zeros((1, 8), jnp.int32)
+
+  def init_variables(rng):
+    return model.init({"params": rng, "dropout": rng}, dummy, dummy)
+
+  return init_variables
+
+
+def abstract_model_params_of(model_config: model_config_lib.DualEncoderConfig, mesh: Mesh
+                             ) -> PyTree:
+  """The DualEncoder's `params` as jax.ShapeDtypeStruct with their NamedShardings on `mesh`
+  (from the logical axis names), without creating any array."""
+  init_variables = _model_initializer(dual_encoder.DualEncoder(model_config))
+  with partitioning.mesh_context(mesh):
+    boxed = jax.eval_shape(init_variables, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  shardings = partitioning.logical_to_sharding(nn.get_partition_spec(boxed), mesh)["params"]
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed)["params"], shardings)
+
+
 def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossConfig,
           optimizer_config: optimizers.OptimizerConfig, mesh: Mesh,
           batch: dict[str, jax.ShapeDtypeStruct]) -> Built:
@@ -246,22 +269,15 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossCon
     create the sharded state.
   """
   model = dual_encoder.DualEncoder(model_config)
-  dummy = {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in batch.items()}
-  init_negatives = dummy.get(features.NEGATIVES) if loss_config.use_hard_negatives else None
-
-  def init_variables(rng):
-    return model.init({"params": rng, "dropout": rng}, dummy[features.QUERIES],
-                      dummy[features.PASSAGES], init_negatives)
-
-  with partitioning.mesh_context(mesh):
-    boxed = jax.eval_shape(init_variables, jax.ShapeDtypeStruct((2,), jnp.uint32))
-  model_param_shardings = partitioning.logical_to_sharding(
-      nn.get_partition_spec(boxed), mesh)["params"]
-  abstract_model_params = nn.meta.unbox(boxed)["params"]
+  init_variables = _model_initializer(model)
+  abstract_model_params = abstract_model_params_of(model_config, mesh)
+  model_param_shardings = jax.tree.map(lambda a: a.sharding, abstract_model_params)
   replicated = NamedSharding(mesh, P())
   loss_params = ({"log_temperature": jax.ShapeDtypeStruct((), jnp.float32)}
                  if loss_config.learn_temperature else {})
-  abstract_params = {"model": abstract_model_params, "loss": loss_params}
+  abstract_params = {"model": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                           abstract_model_params),
+                     "loss": loss_params}
   param_shardings = {"model": model_param_shardings,
                      "loss": jax.tree.map(lambda _: replicated, loss_params)}
 

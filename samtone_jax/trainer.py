@@ -20,6 +20,7 @@ checkpoint is ever written after a non-finite loss.
 
 from collections.abc import Iterator, Sequence
 import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -77,6 +78,8 @@ class LoopConfig:
     keep_checkpoints: keep the latest this many.
     eval_period: evaluate every this many steps (0: only at the end; needs eval_sets).
     eval_sets: names of registered evaluation sets (EVAL_TASKS); empty: no evaluation.
+    eval_metrics: metric names for the eval sets (e.g. ("mrr@10", "ndcg@10")); empty: each
+      set's protocol defaults.
     best_metric: also keep the checkpoint with the best value of this eval metric, e.g.
       "demo_manpages_test/mrr@10" (checkpoint_period should divide eval_period).
     best_mode: "max" or "min".
@@ -88,6 +91,7 @@ class LoopConfig:
   keep_checkpoints: int = 3
   eval_period: int = 0
   eval_sets: Sequence[str] = ()
+  eval_metrics: Sequence[str] = ()
   best_metric: str | None = None
   best_mode: str = "max"
 
@@ -177,8 +181,6 @@ class _MetricsLog:
 
 def input_iterator(data: DataConfig, seed: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
   """This host's slice of the deterministic training stream, starting at `start_step`."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  importlib.import_module(data.tasks_module)
   from samtone_jax.tasks import pipeline  # pylint: disable=g-import-not-at-top
   shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
   return pipeline.get_train_iterator(
@@ -186,25 +188,28 @@ def input_iterator(data: DataConfig, seed: int, start_step: int) -> Iterator[dic
       start_step=start_step, shard_info=shard_info, split=data.split)
 
 
-def evaluate_params(model, params: PyTree, mesh, eval_sets: Sequence[str],
-                    output_dir: str | None = None) -> dict[str, float]:
+def evaluate_params(model, params: PyTree, mesh, eval_sets: Sequence[str], *,
+                    output_dir: str | None = None,
+                    metrics: Sequence[str] | None = None) -> dict[str, float]:
   """Retrieval metrics of the dual encoder `params["model"]` on each named evaluation set.
+
+  Args:
+    model: the DualEncoder module.
+    params: {"model": ..., ...} (a TrainState's params).
+    mesh: the mesh the params live on.
+    eval_sets: registered evaluation set names.
+    output_dir: where run files and result JSON go (None: nowhere).
+    metrics: metric names (e.g. "mrr@10"); None: each set's protocol defaults.
 
   Returns:
     {"<eval set>/<metric>": value}.
   """
   from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
   from samtone_jax.evaluation import retrieval  # pylint: disable=g-import-not-at-top
-  from samtone_jax.tasks import eval_sets as eval_sets_lib  # pylint: disable=g-import-not-at-top
   encode_queries, encode_documents = encoding.dual_encoder_encode_fns(model, params["model"], mesh)
-  results = {}
-  for name in eval_sets:
-    eval_set = eval_sets_lib.get_eval_set(name)
-    set_dir = None if output_dir is None else os.path.join(output_dir, name)
-    metrics = retrieval.evaluate_eval_set(eval_set, encode_queries, encode_documents,
-                                          output_dir=set_dir, mesh=mesh)
-    results.update({f"{name}/{k}": float(v) for k, v in metrics.items()})
-  return results
+  results = retrieval.evaluate_eval_sets(list(eval_sets), encode_queries, encode_documents,
+                                         output_dir=output_dir, mesh=mesh, metrics=metrics)
+  return {k: float(v) for k, v in results.items()}
 
 
 def initial_state(built: train_step_lib.Built, seed: int, model_config,
@@ -248,6 +253,7 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
       checkpoint.
   """
   os.makedirs(model_dir, exist_ok=True)
+  importlib.import_module(data.tasks_module)  # registers the tasks and evaluation sets
   mesh = partitioning.create_mesh(*mesh_shape)
   spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
                                    num_negatives=data.num_negatives)
@@ -333,9 +339,10 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
             is_last or (loop.eval_period and step % loop.eval_period == 0))
         if do_eval:
           flush(step, write=False)
-          eval_metrics = evaluate_params(built.model, state.params, mesh, loop.eval_sets,
-                                         output_dir=os.path.join(model_dir, "eval_results",
-                                                                 str(step)))
+          eval_metrics = evaluate_params(
+              built.model, state.params, mesh, loop.eval_sets,
+              output_dir=os.path.join(model_dir, "eval_results", str(step)),
+              metrics=list(loop.eval_metrics) or None)
           log.write("eval", step, eval_metrics)
           print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
                                                  sorted(eval_metrics.items())), flush=True)

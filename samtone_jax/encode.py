@@ -1,0 +1,81 @@
+r"""Entry point writing embeddings of an evaluation set's corpus or queries for numpy / faiss.
+
+  python -m samtone_jax.encode --gin_file=gin/experiments/demo_samtone.gin \
+    --gin.CHECKPOINT_PATH=\"/tmp/run\" --gin.ENCODE_SET=\"demo_manpages_test\" \
+    --gin.ENCODE_SIDE=\"corpus\" --gin.ENCODE_OUTPUT_DIR=\"/tmp/run/corpus_embeddings\"
+
+Writes ENCODE_OUTPUT_DIR/embeddings-XXXXX.npy (float32 [n_i, P]), ids-XXXXX.json (the ids of
+those rows, in order) and manifest.json (see `evaluation.encoding.encode_to_shards`; read them
+back with `encoding.load_embedding_shards`). `gin/runs/encode.gin` binds `encode()`.
+"""
+
+from collections.abc import Sequence
+import importlib
+
+from absl import app
+
+from samtone_jax import evaluate as evaluate_lib
+from samtone_jax import main as main_lib
+from samtone_jax.models import config as model_config_lib
+
+ENCODE_RUN_GIN = "runs/encode.gin"
+SIDES = ("corpus", "queries")
+
+
+def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, eval_set: str,
+           side: str, output_dir: str, batch_size: int = 256, shard_size: int = 1_000_000,
+           mesh_shape: tuple[int, int] = (-1, 1),
+           tasks_module: str = "samtone_jax.tasks.all") -> list[str]:
+  """Embeds the corpus (document tower) or the queries (query tower) of `eval_set`.
+
+  Args:
+    checkpoint_path: a run directory, its checkpoints/ or one checkpoints/<step> directory.
+    model: the architecture the checkpoint was trained with.
+    eval_set: a registered evaluation set name.
+    side: "corpus" or "queries".
+    output_dir: where the .npy / ids shards go.
+    batch_size: texts per encoder call.
+    shard_size: rows per .npy shard.
+    mesh_shape: (data, model) mesh sizes.
+    tasks_module: imported to register the evaluation sets.
+
+  Returns:
+    The paths of the embedding shards.
+  """
+  if side not in SIDES:
+    raise ValueError(f"ENCODE_SIDE={side!r}; expected one of {SIDES}")
+  importlib.import_module(tasks_module)
+  from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
+  from samtone_jax.tasks import eval_sets  # pylint: disable=g-import-not-at-top
+  module, params, mesh = evaluate_lib.load_model(checkpoint_path, model, mesh_shape)
+  data = eval_sets.get_eval_set(eval_set)
+  encode_queries, encode_documents = encoding.dual_encoder_encode_fns(module, params["model"],
+                                                                      mesh)
+  if side == "corpus":
+    texts, encode_fn, length = data.corpus, encode_documents, data.document_length
+  else:
+    texts, encode_fn, length = data.queries, encode_queries, data.query_length
+  ids = list(texts)
+  paths = encoding.encode_to_shards(ids, [texts[i] for i in ids], encode_fn, data.vocabulary,
+                                    length, output_dir, shard_size=shard_size,
+                                    batch_size=batch_size, mesh=mesh,
+                                    description=f"encoding {eval_set} {side}")
+  print(f"Wrote {len(ids)} {side} embeddings of {eval_set} to {output_dir}", flush=True)
+  return paths
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  main_lib.GIN_FILES.value.append(ENCODE_RUN_GIN)
+  main_lib.setup_from_flags()
+  main_lib.call_configured(encode)
+
+
+def console_main() -> None:
+  """The `samtone-encode` console script."""
+  main_lib.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

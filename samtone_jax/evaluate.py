@@ -1,0 +1,87 @@
+r"""Entry point for evaluating a checkpoint on retrieval evaluation sets.
+
+  python -m samtone_jax.evaluate --gin_file=gin/experiments/demo_samtone.gin \
+    --gin.CHECKPOINT_PATH=\"/tmp/run\" [--gin.EVAL_TASKS='["demo_manpages_test"]'] \
+    [--gin.EVAL_OUTPUT_DIR=\"/tmp/run/eval\"]
+
+The experiment's gin files give the model; `gin/runs/eval.gin` (parsed after them) binds
+`evaluate()`. CHECKPOINT_PATH is a run directory (latest checkpoint), its `checkpoints/`
+directory, or one `checkpoints/<step>` directory. Flags as in `samtone_jax.main`.
+"""
+
+from collections.abc import Sequence
+import importlib
+import json
+import os
+
+from absl import app
+
+from samtone_jax import checkpoints
+from samtone_jax import main as main_lib
+from samtone_jax import partitioning
+from samtone_jax import train_step as train_step_lib
+from samtone_jax.models import config as model_config_lib
+from samtone_jax.models import dual_encoder
+
+EVAL_RUN_GIN = "runs/eval.gin"
+
+
+def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
+               mesh_shape: tuple[int, int] = (-1, 1)):
+  """(DualEncoder, params {"model": ...} sharded on the mesh, mesh) from a checkpoint."""
+  mesh = partitioning.create_mesh(*mesh_shape)
+  abstract = {"model": train_step_lib.abstract_model_params_of(model, mesh)}
+  params = checkpoints.restore_params(checkpoint_path, abstract)
+  return dual_encoder.DualEncoder(model), params, mesh
+
+
+def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
+             eval_sets: Sequence[str], output_dir: str | None = None,
+             metrics: Sequence[str] = (), mesh_shape: tuple[int, int] = (-1, 1),
+             tasks_module: str = "samtone_jax.tasks.all") -> dict[str, float]:
+  """Evaluates the checkpoint's dual encoder on each named evaluation set.
+
+  Args:
+    checkpoint_path: a run directory, its checkpoints/ or one checkpoints/<step> directory.
+    model: the architecture the checkpoint was trained with.
+    eval_sets: registered evaluation set names (EVAL_TASKS).
+    output_dir: where run files, per-set JSON and `metrics.json` go; None: nowhere.
+    metrics: metric names; empty: each set's protocol defaults.
+    mesh_shape: (data, model) mesh sizes.
+    tasks_module: imported to register the evaluation sets.
+
+  Returns:
+    {"<eval set>/<metric>": value}.
+  """
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  if not eval_sets:
+    raise ValueError("No evaluation sets: set EVAL_TASKS, e.g. "
+                     "--gin.EVAL_TASKS='[\"demo_manpages_test\"]'")
+  importlib.import_module(tasks_module)
+  module, params, mesh = load_model(checkpoint_path, model, mesh_shape)
+  results = trainer.evaluate_params(module, params, mesh, eval_sets, output_dir=output_dir,
+                                    metrics=list(metrics) or None)
+  if output_dir:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  for name, value in sorted(results.items()):
+    print(f"{name}: {value:.4f}", flush=True)
+  return results
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  main_lib.GIN_FILES.value.append(EVAL_RUN_GIN)
+  main_lib.setup_from_flags()
+  main_lib.call_configured(evaluate)
+
+
+def console_main() -> None:
+  """The `samtone-evaluate` console script."""
+  main_lib.run(main)
+
+
+if __name__ == "__main__":
+  console_main()
