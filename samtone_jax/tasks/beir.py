@@ -35,13 +35,7 @@ TRAIN_SHUFFLE_BUFFER = 100_000
 
 
 def find_file(directory: str, name: str) -> str:
-  """`directory/name`, or `directory/name.gz` if only the compressed file exists."""
-  path = os.path.join(directory, name)
-  if tf.io.gfile.exists(path):
-    return path
-  if tf.io.gfile.exists(path + ".gz"):
-    return path + ".gz"
-  raise readers.MissingDataError(f"BEIR file {name} (or {name}.gz)", path, BEIR_DOWNLOAD)
+  return readers.find_file(directory, name, "BEIR file", BEIR_DOWNLOAD)
 
 
 def join_title(title: str, text: str) -> str:
@@ -262,4 +256,19 @@ def register_beir_tfds_dataset(config: str, name: str | None = None, *,
     task_name = f"beir_{name}_train"
     register_pairs_task(task_name, tfds_pairs_source(config), vocabulary)
     registered.append(task_name)
+  return registered
+
+
+def register_beir_directories(root: str, *, vocabulary: seqio.Vocabulary | None = None
+                              ) -> list[str]:
+  """Registers every BEIR directory `root/<name>/` (one holding corpus.jsonl[.gz]) as <name>."""
+  registered = []
+  if not tf.io.gfile.isdir(root):
+    return registered
+  for name in sorted(tf.io.gfile.listdir(root)):
+    directory = os.path.join(root, name.rstrip("/"))
+    if any(tf.io.gfile.exists(os.path.join(directory, f)) for f in ("corpus.jsonl",
+                                                                    "corpus.jsonl.gz")):
+      registered += register_beir_dataset(name.rstrip("/").replace("-", "_"), directory,
+                                          vocabulary=vocabulary)
   return registered

@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import json
 import logging
+import os
 from typing import Any, IO
 
 import tensorflow as tf
@@ -63,6 +64,21 @@ def require_file(path: str, what: str, how_to_get: str) -> str:
   if not tf.io.gfile.exists(path):
     raise MissingDataError(what, path, how_to_get)
   return path
+
+
+def find_file(directory: str, name: str, what: str, how_to_get: str, *, required: bool = True
+              ) -> str | None:
+  """`directory/name`, or `directory/name.gz` if only the compressed file exists.
+
+  Raises MissingDataError if neither exists and `required`; otherwise returns None then.
+  """
+  path = os.path.join(directory, name)
+  for candidate in (path, path + ".gz"):
+    if tf.io.gfile.exists(candidate):
+      return candidate
+  if required:
+    raise MissingDataError(f"{what} ({name} or {name}.gz)", path, how_to_get)
+  return None
 
 
 def open_binary(path: str) -> IO[bytes]:

@@ -19,9 +19,13 @@ DEMO_VOCAB_PATH = os.path.join(DEMO_DATA_DIR, "sentencepiece.model")
 DEMO_VOCAB_SIZE = 8000
 
 
-def t5_vocabulary(path: str = T5_VOCAB_PATH, extra_ids: int = T5_EXTRA_IDS
+def t5_vocabulary(path: str | None = None, extra_ids: int = T5_EXTRA_IDS
                   ) -> seqio.SentencePieceVocabulary:
-  """T5's vocabulary (or any SentencePiece model at `path`, e.g. a local copy of it)."""
+  """T5's vocabulary, or the SentencePiece model at `path` (e.g. a local copy of it).
+
+  Default path: $SAMTONE_VOCAB_PATH, else T5_VOCAB_PATH. The model file is read on first use.
+  """
+  path = path or os.environ.get("SAMTONE_VOCAB_PATH") or T5_VOCAB_PATH
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 
