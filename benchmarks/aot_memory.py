@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Per-chip memory of the train step on TPU topologies, by model size and batch, compiled AOT.
+
+For each (model size, topology) this compiles the real train step (launch/aot_compile.py, one
+subprocess per compile so that a large compile's memory is returned) at the listed batch sizes,
+then searches the largest batch that fits: doubling from the largest fitting batch until one
+does not fit, then bisecting between the two (on multiples of the topology's data axis) for
+`--bisect_steps` steps. Every compile is appended to a JSONL file as it finishes, so a long run
+can be stopped and resumed (finished compiles are not repeated) and the table printed at any time.
+
+  JAX_PLATFORMS=cpu python benchmarks/aot_memory.py \
+      --experiment=gin/experiments/<experiment>.gin --sizes=base,large,xl \
+      --topologies=v5e:4x4,v4:2x2x2 --batches=512,2048 --results=benchmarks/results/aot_memory.jsonl
+  python benchmarks/aot_memory.py --results=benchmarks/results/aot_memory.jsonl --table_only
+
+On two CPU cores a base compile takes minutes and xl much longer; run it in the background.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AOT_SCRIPT = os.path.join(REPO, "launch", "aot_compile.py")
+GIB = 1024**3
+
+
+def compile_once(experiment: str, size: str, topology: str, batch: int,
+                 extra_gin: list[str], timeout: float) -> dict:
+  """Runs launch/aot_compile.py once; returns its JSON report (plus size/batch/status)."""
+  out = os.path.join("/tmp", f"aot_{os.getpid()}_{size}_{topology.replace(':', '_')}_{batch}.json")
+  cmd = [sys.executable, AOT_SCRIPT, f"--topology={topology}", f"--gin_file={experiment}",
+         f"--gin_file=models/{size}.gin", f"--gin.BATCH_SIZE={batch}", *extra_gin,
+         f"--json_output={out}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  start = time.time()
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                          check=False)
+  except subprocess.TimeoutExpired:
+    return dict(size=size, topology=topology, batch_size=batch, status="timeout",
+                wall_seconds=time.time() - start)
+  record = dict(size=size, topology=topology, batch_size=batch, wall_seconds=time.time() - start)
+  if os.path.exists(out):
+    with open(out) as f:
+      record.update(json.load(f))
+    os.remove(out)
+    record["status"] = "fits" if record["fits"] else "does_not_fit"
+  else:
+    # A compile that fails outright (e.g. XLA's own out-of-memory check) does not fit either.
+    record.update(status="error", error=proc.stderr[-2000:])
+  return record
+
+
+def largest_fitting_batch(records: list[dict]) -> tuple[int | None, int | None]:
+  """(largest batch that fits, smallest batch that does not) among the records."""
+  fits = [r["batch_size"] for r in records if r["status"] == "fits"]
+  fails = [r["batch_size"] for r in records if r["status"] in ("does_not_fit", "error")]
+  return (max(fits) if fits else None), (min(fails) if fails else None)
+
+
+def markdown_table(records: list[dict]) -> str:
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for r in records:
+    groups.setdefault((r["size"], r["topology"]), []).append(r)
+  lines = ["| size | topology | mesh | batch | args GiB | temps GiB | total GiB | HBM GiB | fits |"
+           " compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for (size, topology), rs in groups.items():
+    for r in sorted(rs, key=lambda r: r["batch_size"]):
+      if r["status"] in ("fits", "does_not_fit"):
+        lines.append(
+            f"| {size} | {topology} | {tuple(r['mesh_shape'])} | {r['batch_size']} | "
+            f"{r['argument_bytes'] / GIB:.2f} | {r['temp_bytes'] / GIB:.2f} | "
+            f"{r['total_bytes'] / GIB:.2f} | {r['hbm_bytes'] / GIB:.0f} | "
+            f"{'yes' if r['fits'] else 'no'} | {r['compile_seconds']:.0f} |")
+      else:
+        lines.append(f"| {size} | {topology} | | {r['batch_size']} | | | | | {r['status']} | |")
+  lines += ["", "| size | topology | largest batch that fits | smallest that does not |",
+            "|---|---|---|---|"]
+  for (size, topology), rs in groups.items():
+    fit, fail = largest_fitting_batch(rs)
+    lines.append(f"| {size} | {topology} | {fit} | {fail} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--experiment", help="Experiment gin file (loss, run, architecture).")
+  parser.add_argument("--sizes", default="base,large,xl", help="gin/models/<size>.gin names.")
+  parser.add_argument("--topologies", default="v5e:4x4,v4:2x2x2")
+  parser.add_argument("--batches", default="512,2048", help="Batches always compiled.")
+  parser.add_argument("--data_axis", type=int, default=None,
+                      help="Bisect on multiples of this (default: the topology's chip count).")
+  parser.add_argument("--bisect_steps", type=int, default=1)
+  parser.add_argument("--max_batch", type=int, default=65536)
+  parser.add_argument("--gin", action="append", default=[],
+                      help="Extra --gin.X=Y overrides for every compile (repeatable).")
+  parser.add_argument("--timeout", type=float, default=3600, help="Seconds per compile.")
+  parser.add_argument("--results", required=True, help="JSONL file, appended to.")
+  parser.add_argument("--table_only", action="store_true")
+  args = parser.parse_args()
+
+  records = []
+  if os.path.exists(args.results):
+    with open(args.results) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+  if not args.table_only:
+    if not args.experiment:
+      raise SystemExit("--experiment is required unless --table_only")
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+
+    def measure(size, topology, batch):
+      for r in records:
+        if (r["size"], r["topology"], r["batch_size"]) == (size, topology, batch):
+          return r
+      r = compile_once(args.experiment, size, topology, batch, args.gin, args.timeout)
+      records.append(r)
+      with open(args.results, "a") as f:
+        f.write(json.dumps(r) + "\n")
+      print(f"{size} {topology} batch {batch}: {r['status']} "
+            f"{r.get('total_bytes', 0) / GIB:.2f} GiB ({r['wall_seconds']:.0f}s)", flush=True)
+      return r
+
+    for size in args.sizes.split(","):
+      for topology in args.topologies.split(","):
+        for batch in map(int, args.batches.split(",")):
+          measure(size, topology, batch)
+        group = [r for r in records if (r["size"], r["topology"]) == (size, topology)]
+        step = args.data_axis or group[0].get("num_chips") or 1
+        fit, fail = largest_fitting_batch(group)
+        # Double from the largest fit (or halve from the smallest failure) to bracket the limit.
+        while fail is None and fit is not None and fit * 2 <= args.max_batch:
+          fit2 = fit * 2
+          if measure(size, topology, fit2)["status"] == "fits":
+            fit = fit2
+          else:
+            fail = fit2
+        while fit is None and fail is not None and fail // 2 >= step:
+          half = fail // 2
+          if measure(size, topology, half)["status"] == "fits":
+            fit = half
+          else:
+            fail = half
+        for _ in range(args.bisect_steps):
+          if fit is None or fail is None:
+            break
+          middle = (fit + fail) // 2 // step * step
+          if middle in (fit, fail):
+            break
+          if measure(size, topology, middle)["status"] == "fits":
+            fit = middle
+          else:
+            fail = middle
+  print(markdown_table(records))
+
+
+if __name__ == "__main__":
+  main()

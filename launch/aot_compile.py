@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Compiles the real train step for a TPU topology on this (CPU) machine and reports its memory.
+
+Compile before renting hardware: with `libtpu` installed (`pip install -e .[tpu-aot]`),
+`jax.experimental.topologies` describes a pod slice (e.g. `v5e:4x4` = 16 v5e chips) without
+having one, and XLA compiles the train step for it: the model, the sharded SamToNe loss, the
+optimizer, the state and batch shardings of a real run. The per-chip memory of the compiled
+program (arguments, outputs, temporaries) is compared with the chip's HBM.
+
+  JAX_PLATFORMS=cpu python launch/aot_compile.py --topology=v5e:4x4 \
+      --gin_file=gin/experiments/X.gin --gin.BATCH_SIZE=512
+
+Same gin files and `--gin.X=Y` overrides as `python -m samtone_jax.main`. Exits with status 1
+and a "does not fit" message when the step needs more memory than the chip has, so a launch
+script (or CI) can refuse a configuration before a pod is created.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import time
+
+# Nothing here runs on an accelerator: keep JAX (and TensorFlow, via seqio) off TPUs and GPUs.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # pylint: disable=g-import-not-at-top
+import gin  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+from samtone_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+from samtone_jax import optimizers  # pylint: disable=g-import-not-at-top
+from samtone_jax import partitioning  # pylint: disable=g-import-not-at-top
+from samtone_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+from samtone_jax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
+
+GIB = 1024**3
+# HBM per chip, by the TPU generation that starts a topology name ("v5e:4x4" -> v5e).
+HBM_BYTES_PER_CHIP = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  """Per-chip memory of a compiled SPMD program (every chip runs the same program).
+
+  The total is what XLA must hold at the peak: arguments + outputs - donated (aliased) buffers +
+  temporaries + generated code.
+  """
+
+  topology: str
+  num_chips: int
+  mesh_shape: tuple[int, int]
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  generated_code_bytes: int
+  hbm_bytes: int
+  compile_seconds: float
+
+  @property
+  def total_bytes(self) -> int:
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes +
+            self.generated_code_bytes)
+
+  @property
+  def fits(self) -> bool:
+    return self.total_bytes <= self.hbm_bytes
+
+  def summary(self) -> str:
+    gib = lambda b: f"{b / GIB:.2f} GiB"
+    return "\n".join([
+        f"topology {self.topology}: {self.num_chips} chips, mesh (data, model) = "
+        f"{self.mesh_shape}; compiled in {self.compile_seconds:.0f}s",
+        f"per chip: arguments {gib(self.argument_bytes)}, outputs {gib(self.output_bytes)}, "
+        f"aliased (donated) {gib(self.alias_bytes)}, temporaries {gib(self.temp_bytes)}, "
+        f"code {gib(self.generated_code_bytes)}",
+        f"total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM "
+        f"({100 * self.total_bytes / self.hbm_bytes:.0f}%)"])
+
+  def to_json(self) -> dict:
+    return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits)
+
+
+def chip_generation(topology: str) -> str:
+  """"v5e:4x4" -> "v5e"; raises ValueError naming the known generations otherwise."""
+  generation = topology.split(":")[0]
+  if generation not in HBM_BYTES_PER_CHIP:
+    raise ValueError(f"Unknown TPU generation in --topology={topology!r}; expected one of "
+                     f"{sorted(HBM_BYTES_PER_CHIP)} followed by ':' and the chip grid, e.g. "
+                     "v5e:4x4, v4:2x2x2, v5p:4x4x8.")
+  return generation
+
+
+def topology_devices(topology: str) -> list[jax.Device]:
+  """The (compile-only) devices of a TPU topology such as `v5e:4x4` or `v4:4x4x4`."""
+  chip_generation(topology)
+  return list(topologies.get_topology_desc(topology, "tpu").devices)
+
+
+def compile_train_step(topology: str, *, model_config: model_config_lib.DualEncoderConfig,
+                       loss_config: train_step_lib.LossConfig,
+                       optimizer_config: optimizers.OptimizerConfig, batch_size: int,
+                       task_feature_lengths: dict[str, int], num_negatives: int = 0,
+                       mesh_data: int = -1, mesh_model: int = 1) -> MemoryReport:
+  """Lowers and compiles the trainer's jitted train step for `topology`; reports its memory.
+
+  Args:
+    topology: e.g. "v5e:4x4".
+    model_config, loss_config, optimizer_config: as for a real run.
+    batch_size: the global batch size B.
+    task_feature_lengths: {"queries": Lq, "passages": Lp}.
+    num_negatives: hard negatives per query in the batch (0: none).
+    mesh_data, mesh_model: mesh sizes as for `partitioning.create_mesh` (-1 fills).
+  """
+  devices = topology_devices(topology)
+  mesh = partitioning.create_mesh(mesh_data, mesh_model, devices=devices)
+  if batch_size % mesh.shape[partitioning.DATA_AXIS]:
+    raise ValueError(f"Batch size {batch_size} is not divisible by the data axis "
+                     f"({mesh.shape[partitioning.DATA_AXIS]} of {len(devices)} chips).")
+  batch = train_step_lib.batch_spec(batch_size, task_feature_lengths, num_negatives=num_negatives)
+  built = train_step_lib.build(model_config, loss_config, optimizer_config, mesh, batch)
+  batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=built.batch_shardings[k])
+                    for k, v in batch.items()}
+  rng = train_step_lib.rng_spec()
+  rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=built.rng_sharding)
+  start = time.time()
+  compiled = built.train_step.lower(built.abstract_state, batch_abstract, rng).compile()
+  stats = compiled.memory_analysis()
+  return MemoryReport(
+      topology=topology, num_chips=len(devices),
+      mesh_shape=(mesh.shape[partitioning.DATA_AXIS], mesh.shape[partitioning.MODEL_AXIS]),
+      argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
+      alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
+      generated_code_bytes=stats.generated_code_size_in_bytes,
+      hbm_bytes=HBM_BYTES_PER_CHIP[chip_generation(topology)],
+      compile_seconds=time.time() - start)
+
+
+def does_not_fit_message(report: MemoryReport, batch_size: int) -> str:
+  generation = chip_generation(report.topology)
+  return (f"does not fit: needs {report.total_bytes / GIB:.2f} GiB per chip, {generation} has "
+          f"{report.hbm_bytes / GIB:.0f} GiB; try a smaller batch (--gin.BATCH_SIZE="
+          f"{max(batch_size // 2, 1)}), rematerialisation (T5Config.remat=True), more model "
+          f"parallelism (mesh model axis > {report.mesh_shape[1]}), bfloat16 activations "
+          "(T5Config.dtype='bfloat16'), or a larger topology.")
+
+
+def configured_train_arguments() -> dict:
+  """The arguments the parsed gin config gives `trainer.train` (defaults filled in).
+
+  The AOT check reads the same bindings a real run gets, so it compiles exactly that run's step.
+  """
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
+  bound.apply_defaults()
+  missing = [name for name in ("model", "loss", "optimizer", "data")
+             if name not in bound.arguments]
+  if missing:
+    raise ValueError(f"The gin config does not bind trainer.train.{missing[0]} (and {missing[1:]}"
+                     "); pass the experiment's --gin_file.")
+  return bound.arguments
+
+
+def compile_configured(topology: str) -> tuple[MemoryReport, int]:
+  """Compiles the configured run's train step for `topology`; returns (report, batch size)."""
+  args = configured_train_arguments()
+  data = args["data"]
+  mesh_data, mesh_model = args["mesh_shape"]
+  report = compile_train_step(
+      topology, model_config=args["model"], loss_config=args["loss"],
+      optimizer_config=args["optimizer"], batch_size=data.batch_size,
+      task_feature_lengths=dict(data.task_feature_lengths), num_negatives=data.num_negatives,
+      mesh_data=mesh_data, mesh_model=mesh_model)
+  return report, data.batch_size
+
+
+TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU topology to compile for, e.g. v5e:4x4, v4:2x2x2, v5p:4x4x8, v6e:4x4.")
+JSON_OUTPUT = flags.DEFINE_string(
+    "json_output", None, "Also write the memory report (and whether it fits) to this JSON file.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise SystemExit(f"Unexpected arguments: {argv[1:]}")
+  if not TOPOLOGY.value:
+    raise SystemExit("--topology is required, e.g. --topology=v5e:4x4")
+  try:
+    chip_generation(TOPOLOGY.value)
+  except ValueError as e:
+    raise SystemExit(str(e)) from e
+  main_lib.setup_from_flags()
+  report, batch_size = compile_configured(TOPOLOGY.value)
+  print(report.summary(), flush=True)
+  if JSON_OUTPUT.value:
+    with open(JSON_OUTPUT.value, "w") as f:
+      json.dump(dict(report.to_json(), batch_size=batch_size), f, indent=2)
+  if not report.fits:
+    print(does_not_fit_message(report, batch_size), file=sys.stderr, flush=True)
+    sys.exit(1)
+  print("fits", flush=True)
+
+
+if __name__ == "__main__":
+  main_lib.run(main)
