@@ -1,6 +1,6 @@
 """End to end: a BEIR-layout fixture, a tiny real DualEncoder, results checked with pytrec_eval."""
 
-import csv
+import dataclasses
 import json
 import os
 
@@ -16,6 +16,7 @@ from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import retrieval
 from samtone_jax.models.config import DualEncoderConfig, T5Config
 from samtone_jax.models.dual_encoder import DualEncoder
+from samtone_jax.tasks import beir
 from samtone_jax.tasks import eval_sets
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
@@ -36,7 +37,8 @@ def write_beir_fixture(root, num_docs=37, num_queries=9, seed=0):
   with open(root / "corpus.jsonl", "w") as f:
     for i in range(num_docs):
       text = " ".join(rng.choice(WORDS, size=rng.integers(3, 30)))
-      f.write(json.dumps({"_id": f"doc{i}", "title": f"title {WORDS[i % 24]}", "text": text}) + "\n")
+      row = {"_id": f"doc{i}", "title": f"title {WORDS[i % 24]}", "text": text}
+      f.write(json.dumps(row) + "\n")
   with open(root / "queries.jsonl", "w") as f:
     for i in range(num_queries):
       f.write(json.dumps({"_id": f"q{i}", "text": " ".join(rng.choice(WORDS, size=4))}) + "\n")
@@ -50,23 +52,13 @@ def write_beir_fixture(root, num_docs=37, num_queries=9, seed=0):
     f.write("doc3\tdoc5\t1\n")
 
 
-def read_beir(root, vocabulary, name="fixture"):
-  """Builds the EvalSet from the files (the data layer has no BEIR loader yet)."""
-  corpus, queries, qrels = {}, {}, {}
-  with open(root / "corpus.jsonl") as f:
-    for line in f:
-      row = json.loads(line)
-      corpus[row["_id"]] = (row["title"] + " " + row["text"]).strip()
-  with open(root / "queries.jsonl") as f:
-    for line in f:
-      row = json.loads(line)
-      queries[row["_id"]] = row["text"]
-  with open(root / "qrels" / "test.tsv") as f:
-    for row in csv.DictReader(f, delimiter="\t"):
-      qrels.setdefault(row["query-id"], {})[row["corpus-id"]] = int(row["score"])
-  return eval_sets.EvalSet(name=name, queries=queries, corpus=corpus, qrels=qrels,
-                           vocabulary=vocabulary, query_length=8, document_length=16,
-                           protocol="beir")
+def load_beir(root, vocabulary):
+  """Registers the directory with the data layer's BEIR loader and gets the test split."""
+  names = beir.register_beir_dataset("fixture", str(root), vocabulary=vocabulary)
+  assert names == ["beir_fixture_test"]
+  # Short lengths keep the tiny model's compiled shapes small.
+  return dataclasses.replace(eval_sets.get_eval_set("beir_fixture_test"), query_length=8,
+                             document_length=16)
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +109,15 @@ def test_beir_end_to_end_run_file_scores_identically(tmp_path, tiny_model):
   _, _, mesh, query_fn, document_fn = tiny_model
   root = tmp_path / "beir_fixture"
   write_beir_fixture(root)
-  eval_set = read_beir(root, seqio.ByteVocabulary())
+  eval_set = load_beir(root, seqio.ByteVocabulary())
   output_dir = tmp_path / "results"
   results = retrieval.evaluate_eval_set(eval_set, query_fn, document_fn, output_dir=str(output_dir),
                                         batch_size=8, mesh=mesh, chunk_size=2, k=20)
   assert set(results) == {"ndcg@10", "recall@100"}
-  with open(output_dir / "fixture.json") as f:
+  with open(output_dir / "beir_fixture_test.json") as f:
     written = json.load(f)
   assert written["metrics"] == results and written["num_queries"] == len(eval_set.qrels)
-  expected, run = _pytrec_means(eval_set.qrels, output_dir / "fixture.trec",
+  expected, run = _pytrec_means(eval_set.qrels, output_dir / "beir_fixture_test.trec",
                                 ["ndcg_cut_10", "recall_100"])
   assert set(run) == set(eval_set.qrels) and all(len(r) == 20 for r in run.values())
   assert results["ndcg@10"] == pytest.approx(expected["ndcg_cut_10"], abs=1e-6)
@@ -144,7 +136,7 @@ def test_beir_end_to_end_run_file_scores_identically(tmp_path, tiny_model):
   streamed = retrieval.evaluate_eval_set(
       eval_set, query_fn, document_fn, output_dir=str(tmp_path / "streamed"), batch_size=8,
       mesh=mesh, k=20, ignore_identical_ids=True, embeddings_dir=str(tmp_path / "embeddings"))
-  expected, run = _pytrec_means(eval_set.qrels, tmp_path / "streamed" / "fixture.trec",
+  expected, run = _pytrec_means(eval_set.qrels, tmp_path / "streamed" / "beir_fixture_test.trec",
                                 ["ndcg_cut_10", "recall_100"])
   assert "doc3" not in run["doc3"] and len(run["doc3"]) == 20
   assert streamed["ndcg@10"] == pytest.approx(expected["ndcg_cut_10"], abs=1e-6)

@@ -1,1 +1,11 @@
-"""Retrieval evaluation: trec_eval-equal metrics, exact top-k search, corpus encoding, protocols."""
+"""Retrieval evaluation: trec_eval-equal metrics, exact top-k search, corpus encoding, protocols.
+
+Modules (imported individually, so that metrics and search do not pull in TensorFlow/seqio):
+  metrics    evaluate_run, evaluate_run_per_query, paired_t_test, paired_bootstrap_test,
+             compare_runs: MRR@k, nDCG@k, Recall@k, P@k, MAP with trec_eval's semantics.
+  search     exact_search: chunked, sharded inner-product top-k.
+  encoding   tokenize, encode_texts, encode_to_shards, load_embedding_shards,
+             dual_encoder_encode_fns.
+  retrieval  evaluate_eval_set, evaluate_eval_sets: the MS MARCO, MultiReQA and BEIR protocols,
+             results JSON and TREC run files.
+"""

@@ -294,7 +294,8 @@ def paired_bootstrap_test(a, b, *, num_samples: int = 10_000, seed: int = 0,
 
 
 def compare_runs(qrels: Qrels, run_a: Run, run_b: Run, metric: str, *,
-                 test: str = "t-test", num_samples: int = 10_000, seed: int = 0) -> dict[str, float]:
+                 test: str = "t-test", num_samples: int = 10_000,
+                 seed: int = 0) -> dict[str, float]:
   """Compares two runs on one metric with a paired significance test over the qrels' queries.
 
   Args:
