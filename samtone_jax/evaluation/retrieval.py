@@ -136,6 +136,8 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
   if missing:
     raise ValueError(f"Evaluation set {eval_set.name!r}: {len(missing)} qrels queries have no "
                      f"text, e.g. {missing[:3]}.")
+  if not eval_set.qrels:
+    raise ValueError(f"Evaluation set {eval_set.name!r} has no qrels; nothing to score.")
   if not eval_set.corpus:
     raise ValueError(f"Evaluation set {eval_set.name!r} has an empty corpus.")
   # Only judged queries count (metrics average over the qrels' queries).

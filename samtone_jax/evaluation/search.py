@@ -36,8 +36,8 @@ DEFAULT_QUERY_BLOCK_SIZE = 1024
 
 
 def _default_mesh() -> Mesh:
-  """A one-device mesh on the default device (the search runs on a mesh either way)."""
-  return partitioning.create_mesh(1, 1, devices=[jax.devices()[0]])
+  """A one-device mesh on this process's first device (the search runs on a mesh either way)."""
+  return partitioning.create_mesh(1, 1, devices=[jax.local_devices()[0]])
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,7 +72,8 @@ def _search_functions(mesh: Mesh, k: int):
                     out_specs=(state_spec, state_spec)),
       donate_argnums=(0, 1))
 
-  @jax.jit
+  # Replicated results: every process (multi-host meshes included) reads them locally.
+  @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, P()))
   def finish(top_scores, top_ids):
     # [devices, nb, qb, k] -> [nb * qb, devices * k], then an explicit (score desc, id asc) sort.
     num_devices, nb, qb, _ = top_scores.shape
@@ -157,7 +158,7 @@ def exact_search(queries, corpus, k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
                                jax.device_put(row_ids, id_sharding))
     offset += n
   scores, ids = finish(top_scores, top_ids)
-  scores = np.asarray(jax.device_get(scores))[:num_queries]
-  ids = np.asarray(jax.device_get(ids))[:num_queries].astype(np.int64)
+  scores = np.asarray(scores.addressable_data(0))[:num_queries]
+  ids = np.asarray(ids.addressable_data(0))[:num_queries].astype(np.int64)
   ids[~np.isfinite(scores)] = -1
   return scores, ids
