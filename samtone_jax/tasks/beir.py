@@ -190,13 +190,15 @@ TFDS_BEIR_HELP = ("Prepare it with `tfds build beir/{config}` (needs apache-beam
                   "paths.configure_data_dirs(tfds_data_dir=...)).")
 
 
-def _tfds_builder(config: str):
+def _tfds_split(config: str, split: str, **kwargs) -> tf.data.Dataset:
+  """`split` of TFDS beir/<config> from `paths.tfds_data_dir()`; MissingDataError if unprepared."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(f"beir/{config}", data_dir=paths.tfds_data_dir())
-  if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    raise readers.MissingDataError(f"TFDS dataset beir/{config}", builder.data_dir,
-                                   TFDS_BEIR_HELP.format(config=config))
-  return builder
+  try:
+    return builder.as_dataset(split=split, **kwargs)
+  except (AssertionError, FileNotFoundError, ValueError) as e:
+    raise readers.MissingDataError(f"TFDS dataset beir/{config} (split {split!r})",
+                                   builder.data_dir, TFDS_BEIR_HELP.format(config=config)) from e
 
 
 def _text(value) -> str:
@@ -207,14 +209,12 @@ def beir_tfds_eval_set(name: str, config: str, split: str, vocabulary: seqio.Voc
                        protocol: str = "beir") -> eval_sets.EvalSet:
   """Eval set from TFDS beir/<config>: "query"/"passage" splits plus the qrels split."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = _tfds_builder(config)
   queries = {_text(ex["query_id"]): _text(ex["query"])
-             for ex in tfds.as_numpy(builder.as_dataset(split="query"))}
-  corpus = {}
-  for ex in tfds.as_numpy(builder.as_dataset(split="passage")):
-    corpus[_text(ex["passage_id"])] = _text(ex["passage"])
+             for ex in tfds.as_numpy(_tfds_split(config, "query"))}
+  corpus = {_text(ex["passage_id"]): _text(ex["passage"])
+            for ex in tfds.as_numpy(_tfds_split(config, "passage"))}
   qrels: dict[str, dict[str, int]] = {}
-  for ex in tfds.as_numpy(builder.as_dataset(split=split)):
+  for ex in tfds.as_numpy(_tfds_split(config, split)):
     query_id, doc_id = _text(ex["query_id"]), _text(ex["passage_id"])
     if query_id not in queries or doc_id not in corpus:
       raise readers.DataFormatError(f"tfds beir/{config}:{split}", None,
@@ -230,7 +230,7 @@ def tfds_pairs_source(config: str, split: str = "train") -> seqio.FunctionDataSo
 
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # file order; shuffled downstream from the run's seed
-    ds = _tfds_builder(config).as_dataset(split=split, shuffle_files=False)
+    ds = _tfds_split(config, split, shuffle_files=False)
     ds = ds.filter(lambda ex: ex["score"] > 0)
     return ds.map(lambda ex: {features.QUERIES: ex["query"], features.PASSAGES: ex["passage"]})
 

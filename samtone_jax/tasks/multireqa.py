@@ -34,7 +34,6 @@ import os
 import re
 
 import seqio
-import tensorflow as tf
 
 from samtone_jax.tasks import beir
 from samtone_jax.tasks import eval_sets
@@ -144,11 +143,15 @@ def read_mrqa_tfds(config: str, split: str) -> Iterator[Context]:
   """TFDS mrqa/<config>: questions grouped back into their contexts (first-seen order)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(f"mrqa/{config}", data_dir=paths.tfds_data_dir())
-  if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-    raise readers.MissingDataError(f"TFDS dataset mrqa/{config}", builder.data_dir,
-                                   f"Prepare it with `tfds build mrqa/{config}`.")
+  try:
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+  except (AssertionError, FileNotFoundError, ValueError) as e:
+    raise readers.MissingDataError(
+        f"TFDS dataset mrqa/{config} (split {split!r})", builder.data_dir,
+        f"Prepare it with `tfds build mrqa/{config}` into the TFDS data dir (TFDS_DATA_DIR or "
+        "paths.configure_data_dirs(tfds_data_dir=...)).") from e
   contexts: dict[str, list] = {}
-  for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)):
+  for ex in tfds.as_numpy(ds):
     spans = tuple((int(s), int(e)) for starts, ends in zip(
         ex["detected_answers"]["char_spans"]["start"], ex["detected_answers"]["char_spans"]["end"])
                   for s, e in zip(starts, ends))
