@@ -130,11 +130,15 @@ def get_train_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[s
   return converter(ds, lengths)
 
 
-_WRAPPED_ERROR = re.compile(r"DataFormatError: (.+?)(?:, line (\d+))?: (.*?)(?:\n|$)")
+_WRAPPED_FORMAT_ERROR = re.compile(r"DataFormatError: (.+?)(?:, line (\d+))?: (.*?)(?:\n|$)")
+_WRAPPED_MISSING_ERROR = re.compile(r"MissingDataError: Missing (.+?): expected at (.+?)\. (.*?)"
+                                    r"(?:\n|$)")
 
 
 def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
-  """Iterates as numpy, turning a file error raised inside tf.data back into DataFormatError."""
+  """Iterates as numpy; a file error raised inside tf.data (which wraps Python exceptions of
+  sources in a tf.errors.OpError) is raised again as the original DataFormatError or
+  MissingDataError."""
   iterator = ds.as_numpy_iterator()
   while True:
     try:
@@ -142,10 +146,14 @@ def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
     except StopIteration:
       return
     except tf.errors.OpError as e:
-      match = _WRAPPED_ERROR.search(str(e.message))
+      message = str(e.message)
+      match = _WRAPPED_FORMAT_ERROR.search(message)
       if match:
         path, line, problem = match.groups()
         raise readers.DataFormatError(path, int(line) if line else None, problem) from None
+      match = _WRAPPED_MISSING_ERROR.search(message)
+      if match:
+        raise readers.MissingDataError(*match.groups()) from None
       raise
     yield batch
 
