@@ -22,6 +22,7 @@ and gin's message on stderr; a non-finite loss exits with status 1 and the step.
 """
 
 from collections.abc import Callable, Sequence
+import logging as std_logging
 import os
 import sys
 
@@ -62,6 +63,17 @@ def rewrite_gin_args(args: Sequence[str]) -> list[str]:
       arg = f"--gin_bindings={name} = {value}"
     rewritten.append(arg)
   return rewritten
+
+
+class _QuietGinResourceReader(std_logging.Filter):
+  """gin first looks each file up as a package resource and logs 'Path not found' at ERROR
+  before finding it on the search path; those lines are noise, not errors."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+
+
+std_logging.getLogger().addFilter(_QuietGinResourceReader())
 
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
@@ -128,7 +140,7 @@ def main(argv: Sequence[str]) -> None:
   setup_from_flags()
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   model_dir = gin_macro("MODEL_DIR")
-  if model_dir:
+  if isinstance(model_dir, str):
     write_config(model_dir)
   try:
     call_configured(trainer.train)

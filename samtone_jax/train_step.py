@@ -153,7 +153,7 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
   params = optax.apply_updates(state.params, updates)
   trainable_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
   metrics = dict(metrics)
-  metrics["grad_norm"] = optax.global_norm(trainable_grads).astype(jnp.float32)
+  metrics["grad_norm"] = optax.tree.norm(trainable_grads).astype(jnp.float32)
   metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
   metrics["temperature"] = jnp.asarray(temperature_of(state.params, loss_config), jnp.float32)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

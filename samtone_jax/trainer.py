@@ -80,6 +80,8 @@ class LoopConfig:
     eval_sets: names of registered evaluation sets (EVAL_TASKS); empty: no evaluation.
     eval_metrics: metric names for the eval sets (e.g. ("mrr@10", "ndcg@10")); empty: each
       set's protocol defaults.
+    eval_feature_lengths: {"queries": Lq, "passages": Lp} to truncate the eval sets' queries and
+      documents to (e.g. TASK_FEATURE_LENGTHS); None: each set's own lengths.
     best_metric: also keep the checkpoint with the best value of this eval metric, e.g.
       "demo_manpages_test/mrr@10" (checkpoint_period should divide eval_period).
     best_mode: "max" or "min".
@@ -92,6 +94,7 @@ class LoopConfig:
   eval_period: int = 0
   eval_sets: Sequence[str] = ()
   eval_metrics: Sequence[str] = ()
+  eval_feature_lengths: dict[str, int] | None = None
   best_metric: str | None = None
   best_mode: str = "max"
 
@@ -190,7 +193,8 @@ def input_iterator(data: DataConfig, seed: int, start_step: int) -> Iterator[dic
 
 def evaluate_params(model, params: PyTree, mesh, eval_sets: Sequence[str], *,
                     output_dir: str | None = None,
-                    metrics: Sequence[str] | None = None) -> dict[str, float]:
+                    metrics: Sequence[str] | None = None,
+                    feature_lengths: dict[str, int] | None = None) -> dict[str, float]:
   """Retrieval metrics of the dual encoder `params["model"]` on each named evaluation set.
 
   Args:
@@ -200,15 +204,27 @@ def evaluate_params(model, params: PyTree, mesh, eval_sets: Sequence[str], *,
     eval_sets: registered evaluation set names.
     output_dir: where run files and result JSON go (None: nowhere).
     metrics: metric names (e.g. "mrr@10"); None: each set's protocol defaults.
+    feature_lengths: {"queries": Lq, "passages": Lp} to tokenise queries / documents to instead
+      of each set's own lengths; None: the sets' lengths.
 
   Returns:
     {"<eval set>/<metric>": value}.
   """
   from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
   from samtone_jax.evaluation import retrieval  # pylint: disable=g-import-not-at-top
+  from samtone_jax.tasks import eval_sets as eval_sets_lib  # pylint: disable=g-import-not-at-top
+
+  def get_eval_set(name):
+    eval_set = eval_sets_lib.get_eval_set(name)
+    if feature_lengths:
+      eval_set = dataclasses.replace(eval_set, query_length=feature_lengths["queries"],
+                                     document_length=feature_lengths["passages"])
+    return eval_set
+
   encode_queries, encode_documents = encoding.dual_encoder_encode_fns(model, params["model"], mesh)
   results = retrieval.evaluate_eval_sets(list(eval_sets), encode_queries, encode_documents,
-                                         output_dir=output_dir, mesh=mesh, metrics=metrics)
+                                         get_eval_set=get_eval_set, output_dir=output_dir,
+                                         mesh=mesh, metrics=metrics)
   return {k: float(v) for k, v in results.items()}
 
 
@@ -252,6 +268,19 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     NonFiniteLossError: the loss became NaN/inf; the message names the step and the last good
       checkpoint.
   """
+  # From the start: a preemption during set-up (compilation, restore) also ends cleanly.
+  with _PreemptionFlag() as preemption:
+    return _train(preemption, model_dir=model_dir, model=model, loss=loss, optimizer=optimizer,
+                  data=data, loop=loop, seed=seed, mesh_shape=mesh_shape,
+                  initial_checkpoint_path=initial_checkpoint_path)
+
+
+def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, data, loop, seed,
+           mesh_shape, initial_checkpoint_path) -> TrainResult:
+  """`train`'s body, with the SIGTERM flag installed."""
+  if loss.use_hard_negatives and not data.num_negatives:
+    raise ValueError("LossConfig.use_hard_negatives=True needs DataConfig.num_negatives > 0 "
+                     "(NUM_NEGATIVES) and a task with hard negatives.")
   os.makedirs(model_dir, exist_ok=True)
   importlib.import_module(data.tasks_module)  # registers the tasks and evaluation sets
   mesh = partitioning.create_mesh(*mesh_shape)
@@ -321,39 +350,39 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     window_start = time.time()
 
   try:
-    with _PreemptionFlag() as preemption:
-      step = start_step
-      while step < loop.train_steps:
-        if preemption.requested:
-          preempted = True
-          break
-        local_batch = next(batches)
-        batch = train_step_lib.as_global_batch(local_batch, built.batch_shardings)
-        state, metrics = built.train_step(state, batch, rng)
-        window.append((step, metrics))
-        step += 1
-        is_last = step == loop.train_steps
-        if step % loop.log_period == 0 or is_last:
-          flush(step, write=True)
-        do_eval = bool(loop.eval_sets) and (
-            is_last or (loop.eval_period and step % loop.eval_period == 0))
-        if do_eval:
-          flush(step, write=False)
-          eval_metrics = evaluate_params(
-              built.model, state.params, mesh, loop.eval_sets,
-              output_dir=os.path.join(model_dir, "eval_results", str(step)),
-              metrics=list(loop.eval_metrics) or None)
-          log.write("eval", step, eval_metrics)
-          print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
-                                                 sorted(eval_metrics.items())), flush=True)
-        if step % loop.checkpoint_period == 0 or is_last:
-          flush(step, write=False)  # never checkpoint a state after a non-finite loss
-          save(step, eval_metrics if do_eval and loop.best_metric else None)
-      if preempted and last_saved != step:
-        flush(step, write=False)
-        save(step)
-      if window:
+    step = start_step
+    while step < loop.train_steps:
+      if preemption.requested:
+        preempted = True
+        break
+      local_batch = next(batches)
+      batch = train_step_lib.as_global_batch(local_batch, built.batch_shardings)
+      state, metrics = built.train_step(state, batch, rng)
+      window.append((step, metrics))
+      step += 1
+      is_last = step == loop.train_steps
+      if step % loop.log_period == 0 or is_last:
         flush(step, write=True)
+      do_eval = bool(loop.eval_sets) and (
+          is_last or (loop.eval_period and step % loop.eval_period == 0))
+      if do_eval:
+        flush(step, write=False)
+        eval_metrics = evaluate_params(
+            built.model, state.params, mesh, loop.eval_sets,
+            output_dir=os.path.join(model_dir, "eval_results", str(step)),
+            metrics=list(loop.eval_metrics) or None,
+            feature_lengths=loop.eval_feature_lengths)
+        log.write("eval", step, eval_metrics)
+        print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
+                                               sorted(eval_metrics.items())), flush=True)
+      if step % loop.checkpoint_period == 0 or is_last:
+        flush(step, write=False)  # never checkpoint a state after a non-finite loss
+        save(step, eval_metrics if do_eval and loop.best_metric else None)
+    if preempted and last_saved != step:
+      flush(step, write=False)
+      save(step)
+    if window:
+      flush(step, write=True)
   finally:
     log.close()
   total = time.time() - run_start

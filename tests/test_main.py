@@ -1,0 +1,157 @@
+"""End to end through `python -m samtone_jax.main` with the real gin files and tiny overrides.
+
+One run is killed (SIGKILL) after its first checkpoint, restarted with the same command and
+preempted (SIGTERM), then finished in-process; its final parameters must equal an uninterrupted
+run's bit for bit. Subprocesses are slow (JAX + TF imports), so there are only three.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from samtone_jax import checkpoints
+from samtone_jax import main as main_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = "experiments/demo_samtone.gin"
+TRAIN_STEPS = 8
+# Tiny overrides of the demo experiment (gin syntax, as after --gin.).
+OVERRIDES = (
+    f"TRAIN_STEPS={TRAIN_STEPS}",
+    "BATCH_SIZE=16",
+    'TASK_FEATURE_LENGTHS={"queries": 8, "passages": 16}',
+    "EVAL_TASKS=[]",
+    "DROPOUT_RATE=0.1",
+    "WARMUP_STEPS=2",
+    "config.T5Config.num_layers=1",
+    "trainer.LoopConfig.log_period=1",
+    "trainer.LoopConfig.checkpoint_period=2",
+)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """A persistent compilation cache shared by this process and its subprocesses (the same
+  program is compiled once), and the same XLA options everywhere so that results are equal."""
+  cache = str(tmp_path_factory.mktemp("jax_cache"))
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield env
+  jax.config.update("jax_compilation_cache_dir", None)
+
+
+def _command(model_dir, *extra):
+  return [sys.executable, "-m", "samtone_jax.main", f"--gin_file={EXPERIMENT}",
+          f'--gin.MODEL_DIR="{model_dir}"', *[f"--gin.{o}" for o in OVERRIDES], *extra]
+
+
+def _start(command, env, log_path):
+  stderr = open(log_path, "w")
+  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
+                             cwd=REPO)
+  # A watchdog, so that a hung subprocess fails the test instead of blocking it.
+  timer = threading.Timer(400, process.kill)
+  timer.start()
+  return process, timer
+
+
+def _read_until(process, marker):
+  """Reads stdout lines until one contains `marker`; returns everything read."""
+  lines = []
+  for line in process.stdout:
+    lines.append(line)
+    if marker in line:
+      return "".join(lines)
+  raise AssertionError(f"{marker!r} never printed; output:\n{''.join(lines)}")
+
+
+def _train_in_process(model_dir):
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  main_lib.parse_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *OVERRIDES])
+  try:
+    return gin.get_configurable(trainer.train)()
+  finally:
+    gin.clear_config()
+
+
+def _params(state):
+  return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache):
+  reference = _params(_train_in_process(str(tmp_path / "reference")).state)
+
+  model_dir = str(tmp_path / "interrupted")
+  # 1. Killed without warning once its first checkpoint is written.
+  process, timer = _start(_command(model_dir), compile_cache, tmp_path / "run1.log")
+  _read_until(process, "Saved checkpoint step 2")
+  process.kill()
+  process.wait()
+  timer.cancel()
+  manager = checkpoints.create_manager(model_dir, read_only=True)
+  first_kill_step = manager.latest_step()
+  assert first_kill_step is not None and first_kill_step < TRAIN_STEPS
+
+  # The operative config carries every override.
+  with open(os.path.join(model_dir, "config.gin")) as f:
+    config_text = f.read()
+  for expected in [f"TRAIN_STEPS = {TRAIN_STEPS}", "BATCH_SIZE = 16", "DROPOUT_RATE = 0.1",
+                   "config.T5Config.num_layers = 1", "trainer.LoopConfig.checkpoint_period = 2",
+                   f"MODEL_DIR = '{model_dir}'", "'passages': 16"]:
+    assert expected in config_text, expected
+
+  # 2. The same command resumes; SIGTERM (preemption) makes it checkpoint and exit cleanly.
+  process, timer = _start(_command(model_dir), compile_cache, tmp_path / "run2.log")
+  _read_until(process, f"Resuming from checkpoint step {first_kill_step}")
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate()
+  timer.cancel()
+  log = (tmp_path / "run2.log").read_text()
+  assert process.returncode == 0, output + log[-3000:]
+  assert "(preempted)" in output, output
+  manager = checkpoints.create_manager(model_dir, read_only=True)
+  preempted_step = manager.latest_step()
+  assert first_kill_step <= preempted_step < TRAIN_STEPS, output
+
+  # 3. Finish in-process: exactly the parameters of the uninterrupted run.
+  resumed = _train_in_process(model_dir)
+  assert int(resumed.state.step) == TRAIN_STEPS
+  jax.tree.map(np.testing.assert_array_equal, _params(resumed.state), reference)
+
+  # The preemption checkpoint restores into the same layout (all finite, right step).
+  state, meta = checkpoints.restore(manager, resumed.built.abstract_state, step=preempted_step)
+  assert int(state.step) == preempted_step == meta["step"]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(state)))
+
+
+def test_bad_binding_exits_with_gins_message(tmp_path, compile_cache):
+  result = subprocess.run(
+      _command(str(tmp_path / "bad"), "--gin.train_step.LossConfig.temprature=0.5"),
+      capture_output=True, text=True, env=compile_cache, cwd=REPO, timeout=300)
+  assert result.returncode != 0
+  assert "temprature" in result.stderr
+  assert "Error in the gin configuration" in result.stderr
+  assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_missing_gin_file_and_flag_rewriting():
+  with pytest.raises(IOError, match="no_such_experiment.gin"):
+    main_lib.parse_gin(["experiments/no_such_experiment.gin"], [])
+  gin.clear_config()
+  assert main_lib.rewrite_gin_args(
+      ["prog", "--gin.MODEL_DIR=\"/x=y\"", "--gin_file=a.gin", "--gin.A.b=[1, 2]"]) == [
+          "prog", "--gin_bindings=MODEL_DIR = \"/x=y\"", "--gin_file=a.gin",
+          "--gin_bindings=A.b = [1, 2]"]
