@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import dataclasses
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -32,6 +33,9 @@ from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import metrics as metrics_lib
 from samtone_jax.evaluation import search
 from samtone_jax.tasks import eval_sets
+
+
+_WHITESPACE = re.compile(r"\s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,38 +65,39 @@ def search_results_to_run(query_ids: Sequence[str], doc_ids: Sequence[str], scor
     k: documents kept per query (after the exclusion below).
     ignore_identical_ids: drop the document whose id equals the query id (BEIR convention).
   """
+  doc_ids = np.asarray(doc_ids, dtype=object)
   run = {}
   for row, query_id in enumerate(query_ids):
-    ranking = {}
-    for score, index in zip(scores[row].tolist(), indices[row].tolist()):
-      if index < 0 or len(ranking) == k:
-        break
-      doc_id = doc_ids[index]
-      if ignore_identical_ids and doc_id == query_id:
-        continue
-      ranking[doc_id] = score
-    run[query_id] = ranking
+    valid = indices[row] >= 0
+    ids = doc_ids[indices[row][valid]]
+    row_scores = scores[row][valid]
+    if ignore_identical_ids:
+      keep = ids != query_id
+      ids, row_scores = ids[keep], row_scores[keep]
+    run[query_id] = dict(zip(ids[:k].tolist(), row_scores[:k].tolist()))
   return run
 
 
 def write_trec_run(path: str, run: metrics_lib.Run, tag: str = "samtone_jax") -> None:
   """Writes `run` as a TREC run file, each query's lines in trec_eval's order.
 
-  Scores are written with `repr` of the float, which reads back to the same value.
+  Scores are written with `repr`, which reads back to the same double, so trec_eval ranks (ties
+  included) exactly as `metrics.evaluate_run` does on `run`.
   """
-  for name, value in (("tag", tag),):
-    if not value or any(c.isspace() for c in value):
-      raise ValueError(f"The run {name} {value!r} must be non-empty without whitespace.")
+  if not tag or _WHITESPACE.search(tag):
+    raise ValueError(f"The run tag {tag!r} must be non-empty without whitespace.")
   with open(path, "w") as f:
     for query_id, ranking in run.items():
       doc_ids = list(ranking)
-      for doc_id in (query_id, *doc_ids):
-        if not doc_id or any(c.isspace() for c in doc_id):
-          raise ValueError(f"Id {doc_id!r} (query {query_id!r}) has whitespace; the TREC run "
-                           f"format cannot hold it.")
+      if (not query_id or _WHITESPACE.search(query_id) or not all(doc_ids)
+          or _WHITESPACE.search("".join(doc_ids))):
+        raise ValueError(f"Query {query_id!r} or one of its documents has an empty id or one with "
+                         f"whitespace; the TREC run format cannot hold it.")
       scores = np.array(list(ranking.values()), dtype=np.float64)
-      for rank, i in enumerate(metrics_lib.trec_order(doc_ids, scores), start=1):
-        f.write(f"{query_id} Q0 {doc_ids[i]} {rank} {float(scores[i])!r} {tag}\n")
+      order = metrics_lib.trec_order(doc_ids, scores).tolist()
+      f.write("".join([f"{query_id} Q0 {doc_ids[i]} {rank} {score!r} {tag}\n"
+                       for rank, (i, score) in enumerate(zip(order, scores[order].tolist()),
+                                                         start=1)]))
 
 
 def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
