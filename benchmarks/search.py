@@ -9,8 +9,8 @@ Lists can only differ where two documents' scores are within that noise of each 
 
 The corpus is generated once at the largest size; smaller sizes are views of it (one copy of the
 embeddings; faiss holds its own copy of the current size in its index). Each measurement is the
-best of `--repeats` runs after a warm-up (compilation) run; ours and faiss alternate so that load
-from other processes hits both alike.
+best of `--repeats` runs after a warm-up (compilation) run; ours and faiss alternate run by run so
+that load from other processes hits both alike.
 
 Usage:
   JAX_PLATFORMS=cpu python benchmarks/search.py [--num_docs 100000,1000000] [--dim 768]
@@ -40,13 +40,16 @@ def unit_gaussian(rng: np.random.Generator, n: int, dim: int, block: int = 65536
   return out
 
 
-def best_time(fn, repeats: int):
-  result, times = None, []
+def best_times(functions, repeats: int):
+  """Best wall time of each function over `repeats` rounds, the functions alternating per round."""
+  times = [[] for _ in functions]
+  results = [None] * len(functions)
   for _ in range(repeats):
-    start = time.perf_counter()
-    result = fn()
-    times.append(time.perf_counter() - start)
-  return min(times), result
+    for i, fn in enumerate(functions):
+      start = time.perf_counter()
+      results[i] = fn()
+      times[i].append(time.perf_counter() - start)
+  return [min(t) for t in times], results
 
 
 def main():
@@ -68,7 +71,8 @@ def main():
   queries = unit_gaussian(rng, args.num_queries, args.dim)
   corpus = unit_gaussian(rng, max(sizes), args.dim)
 
-  print(f"| documents | chunk | ours q/s | faiss q/s | ours/faiss | ids equal | max abs score diff |")
+  print("| documents | chunk | ours q/s | faiss q/s | ours/faiss | ids equal "
+        "| max abs score diff |")
   print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
   best_chunk = None
   for size_index, n in enumerate(sizes):
@@ -82,8 +86,8 @@ def main():
     for chunk in candidates:
       ours_search = lambda: search.exact_search(queries, docs, args.k, chunk_size=chunk)
       ours_search()  # Warm-up: compiles the step for this chunk size.
-      ours_seconds, (ours_scores, ours_ids) = best_time(ours_search, args.repeats)
-      faiss_seconds, (faiss_scores, faiss_ids) = best_time(faiss_search, args.repeats)
+      (ours_seconds, faiss_seconds), ((ours_scores, ours_ids), (faiss_scores, faiss_ids)) = (
+          best_times([ours_search, faiss_search], args.repeats))
       same = np.mean(np.all(ours_ids == faiss_ids, axis=1))
       diff = np.max(np.abs(ours_scores - faiss_scores))
       results.append((ours_seconds, chunk))
