@@ -34,6 +34,7 @@ import seqio
 from t5x import adafactor
 from t5x import metrics as t5x_metrics
 from t5x import models as t5x_models
+from t5x import partitioning as t5x_partitioning
 
 from samtone_jax import partitioning
 from samtone_jax import train_step
@@ -64,6 +65,25 @@ def adafactor_factor_rules() -> Mapping[str, adafactor.FactorDim]:
   rules = dict(adafactor.standard_logical_factor_rules())
   rules["projection"] = adafactor.FactorDim.COLUMN
   return flax.core.freeze(rules)
+
+
+class PjitPartitioner(t5x_partitioning.PjitPartitioner):
+  """t5x's `PjitPartitioner`, except that on CPU its mesh honours `num_partitions`.
+
+  On CPU, t5x's default mesh is (processes, local devices) whatever `num_partitions` says: every
+  local device lands on the 'model' axis (and t5x's `ici_mesh_shape` needs TPU slice indices). So
+  on CPU this builds `samtone_jax.partitioning.create_mesh(data=-1, model=num_partitions)`, our
+  trainer's (data, model) mesh; TPU and GPU keep t5x's own mesh (and `model_parallel_submesh`).
+  Everything else (partitioning of the train state by `params_axes`, data layout, pjit) is t5x's.
+  """
+
+  @functools.cached_property
+  def mesh(self) -> jax.sharding.Mesh:
+    if (jax.devices(self._backend)[-1].platform == "cpu"
+        and not self._model_parallel_submesh and self._ici_mesh_shape is None):
+      return partitioning.create_mesh(data=-1, model=self._num_partitions,
+                                      devices=jax.devices(self._backend))
+    return super().mesh
 
 
 def _params_axes(boxed_params: PyTree, where: str) -> dict[str, Any]:
