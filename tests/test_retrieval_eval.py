@@ -140,6 +140,8 @@ def test_beir_end_to_end_run_file_scores_identically(tmp_path, tiny_model):
                                 ["ndcg_cut_10", "recall_100"])
   assert "doc3" not in run["doc3"] and len(run["doc3"]) == 20
   assert streamed["ndcg@10"] == pytest.approx(expected["ndcg_cut_10"], abs=1e-6)
+  # Our reader of run files gives back exactly the run pytrec_eval parsed.
+  assert retrieval.read_trec_run(tmp_path / "streamed" / "beir_fixture_test.trec") == run
   ids, shards = encoding.load_embedding_shards(str(tmp_path / "embeddings"))
   assert ids == docs
   np.testing.assert_allclose(np.concatenate(shards), d, rtol=1e-6, atol=1e-6)
@@ -171,6 +173,13 @@ def test_msmarco_protocol_and_several_sets(tiny_model):
   scores = q @ d.T
   ranks = [1 + np.sum(scores[i] > scores[i, i]) for i in range(6)]
   assert results["tiny_multireqa/mrr"] == pytest.approx(np.mean([1 / r for r in ranks]), abs=1e-6)
+
+
+def test_read_trec_run_names_file_and_line(tmp_path):
+  path = tmp_path / "bad.trec"
+  path.write_text("q1 Q0 d1 1 0.5 tag\nq1 Q0 d2 2 0.4\n")
+  with pytest.raises(ValueError, match="bad.trec:2: expected 6 fields"):
+    retrieval.read_trec_run(str(path))
 
 
 def test_bad_eval_set_is_rejected(tiny_model):

@@ -100,6 +100,87 @@ def write_trec_run(path: str, run: metrics_lib.Run, tag: str = "samtone_jax") ->
                                                          start=1)]))
 
 
+def read_trec_run(path: str) -> dict[str, dict[str, float]]:
+  """Reads a TREC run file (`qid Q0 docid rank score tag` per line) into {qid: {docid: score}}.
+
+  Raises:
+    ValueError: naming the file and line of a malformed line or a repeated (qid, docid).
+  """
+  run: dict[str, dict[str, float]] = {}
+  with open(path) as f:
+    for line_number, line in enumerate(f, start=1):
+      fields = line.split()
+      if not fields:
+        continue
+      if len(fields) != 6:
+        raise ValueError(f"{path}:{line_number}: expected 6 fields 'qid Q0 docid rank score "
+                         f"tag', got {len(fields)}.")
+      query_id, _, doc_id, _, score, _ = fields
+      try:
+        value = float(score)
+      except ValueError:
+        raise ValueError(f"{path}:{line_number}: score {score!r} is not a number.") from None
+      ranking = run.setdefault(query_id, {})
+      if doc_id in ranking:
+        raise ValueError(f"{path}:{line_number}: document {doc_id!r} repeated for query "
+                         f"{query_id!r}.")
+      ranking[doc_id] = value
+  return run
+
+
+def _check_eval_set(eval_set: eval_sets.EvalSet) -> Protocol:
+  if eval_set.protocol not in PROTOCOLS:
+    raise ValueError(f"Evaluation set {eval_set.name!r} has protocol {eval_set.protocol!r}; "
+                     f"expected one of {sorted(PROTOCOLS)}.")
+  if not eval_set.qrels:
+    raise ValueError(f"Evaluation set {eval_set.name!r} has no qrels; nothing to score.")
+  missing = [q for q in eval_set.qrels if q not in eval_set.queries]
+  if missing:
+    raise ValueError(f"Evaluation set {eval_set.name!r}: {len(missing)} qrels queries have no "
+                     f"text, e.g. {missing[:3]}.")
+  if not eval_set.corpus:
+    raise ValueError(f"Evaluation set {eval_set.name!r} has an empty corpus.")
+  return PROTOCOLS[eval_set.protocol]
+
+
+def retrieve(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
+             encode_documents_fn: encoding.EncodeFn, *, k: int | None = None,
+             batch_size: int = 256, mesh: jax.sharding.Mesh | None = None,
+             ignore_identical_ids: bool = False, embeddings_dir: str | None = None,
+             chunk_size: int = search.DEFAULT_CHUNK_SIZE) -> dict[str, dict[str, float]]:
+  """Encodes the judged queries and the corpus and returns the exact top-k run.
+
+  Args: as for `evaluate_eval_set`.
+
+  Returns:
+    {query_id: {doc_id: score}} with k documents per judged query (fewer if the corpus is smaller).
+  """
+  protocol = _check_eval_set(eval_set)
+  k = protocol.k if k is None else k
+  # Only judged queries are encoded: metrics average over the qrels' queries.
+  query_ids = list(eval_set.qrels)
+  query_embeddings = encoding.encode_texts(
+      [eval_set.queries[q] for q in query_ids], encode_queries_fn, eval_set.vocabulary,
+      eval_set.query_length, batch_size=batch_size, mesh=mesh,
+      description=f"{eval_set.name} queries")
+  doc_ids = list(eval_set.corpus)
+  doc_texts = [eval_set.corpus[d] for d in doc_ids]
+  if embeddings_dir is None:
+    corpus = encoding.encode_texts(doc_texts, encode_documents_fn, eval_set.vocabulary,
+                                   eval_set.document_length, batch_size=batch_size, mesh=mesh,
+                                   description=f"{eval_set.name} corpus")
+  else:
+    encoding.encode_to_shards(doc_ids, doc_texts, encode_documents_fn, eval_set.vocabulary,
+                              eval_set.document_length, embeddings_dir, batch_size=batch_size,
+                              mesh=mesh, description=f"{eval_set.name} corpus")
+    doc_ids, corpus = encoding.load_embedding_shards(embeddings_dir)
+  search_k = min(k + (1 if ignore_identical_ids else 0), len(doc_ids))
+  scores, indices = search.exact_search(query_embeddings, corpus, search_k,
+                                        chunk_size=chunk_size, mesh=mesh)
+  return search_results_to_run(query_ids, doc_ids, scores, indices, k=k,
+                               ignore_identical_ids=ignore_identical_ids)
+
+
 def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
                       encode_documents_fn: encoding.EncodeFn, *, output_dir: str | None = None,
                       batch_size: int = 256, k: int | None = None,
@@ -131,42 +212,12 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
   Returns:
     {metric name: value}, flat, e.g. {"mrr@10": 0.37, "recall@1000": 0.97}.
   """
-  if eval_set.protocol not in PROTOCOLS:
-    raise ValueError(f"Evaluation set {eval_set.name!r} has protocol {eval_set.protocol!r}; "
-                     f"expected one of {sorted(PROTOCOLS)}.")
-  protocol = PROTOCOLS[eval_set.protocol]
+  protocol = _check_eval_set(eval_set)
   metric_names = tuple(protocol.metrics if metrics is None else metrics)
   k = protocol.k if k is None else k
-  missing = [q for q in eval_set.qrels if q not in eval_set.queries]
-  if missing:
-    raise ValueError(f"Evaluation set {eval_set.name!r}: {len(missing)} qrels queries have no "
-                     f"text, e.g. {missing[:3]}.")
-  if not eval_set.qrels:
-    raise ValueError(f"Evaluation set {eval_set.name!r} has no qrels; nothing to score.")
-  if not eval_set.corpus:
-    raise ValueError(f"Evaluation set {eval_set.name!r} has an empty corpus.")
-  # Only judged queries count (metrics average over the qrels' queries).
-  query_ids = list(eval_set.qrels)
-  query_embeddings = encoding.encode_texts(
-      [eval_set.queries[q] for q in query_ids], encode_queries_fn, eval_set.vocabulary,
-      eval_set.query_length, batch_size=batch_size, mesh=mesh,
-      description=f"{eval_set.name} queries")
-  doc_ids = list(eval_set.corpus)
-  doc_texts = [eval_set.corpus[d] for d in doc_ids]
-  if embeddings_dir is None:
-    corpus = encoding.encode_texts(doc_texts, encode_documents_fn, eval_set.vocabulary,
-                                   eval_set.document_length, batch_size=batch_size, mesh=mesh,
-                                   description=f"{eval_set.name} corpus")
-  else:
-    encoding.encode_to_shards(doc_ids, doc_texts, encode_documents_fn, eval_set.vocabulary,
-                              eval_set.document_length, embeddings_dir, batch_size=batch_size,
-                              mesh=mesh, description=f"{eval_set.name} corpus")
-    doc_ids, corpus = encoding.load_embedding_shards(embeddings_dir)
-  search_k = min(k + (1 if ignore_identical_ids else 0), len(doc_ids))
-  scores, indices = search.exact_search(query_embeddings, corpus, search_k,
-                                        chunk_size=chunk_size, mesh=mesh)
-  run = search_results_to_run(query_ids, doc_ids, scores, indices, k=k,
-                              ignore_identical_ids=ignore_identical_ids)
+  run = retrieve(eval_set, encode_queries_fn, encode_documents_fn, k=k, batch_size=batch_size,
+                 mesh=mesh, ignore_identical_ids=ignore_identical_ids,
+                 embeddings_dir=embeddings_dir, chunk_size=chunk_size)
   results = metrics_lib.evaluate_run(eval_set.qrels, run, metric_names)
   if output_dir is not None and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
@@ -174,7 +225,7 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
     write_trec_run(run_path, run, run_tag)
     with open(os.path.join(output_dir, f"{eval_set.name}.json"), "w") as f:
       json.dump({"eval_set": eval_set.name, "protocol": eval_set.protocol, "metrics": results,
-                 "k": k, "num_queries": len(query_ids), "num_documents": len(doc_ids),
+                 "k": k, "num_queries": len(run), "num_documents": len(eval_set.corpus),
                  "ignore_identical_ids": ignore_identical_ids, "run_file": run_path}, f, indent=2)
   return results
 
