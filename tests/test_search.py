@@ -92,3 +92,13 @@ def test_bad_input():
     search.exact_search(np.zeros((2, 3)), np.zeros((5, 4)), 2)
   with pytest.raises(ValueError, match="k=0"):
     search.exact_search(np.zeros((2, 3)), np.zeros((5, 3)), 0)
+
+
+def test_jax_array_corpus(mesh8):
+  rng = np.random.default_rng(8)
+  queries, corpus = integer_embeddings(rng, 5, 4), integer_embeddings(rng, 29, 4)
+  scores, ids = search.exact_search(jax.numpy.asarray(queries), jax.numpy.asarray(corpus), 12,
+                                    chunk_size=2, mesh=mesh8)
+  expected_scores, expected_ids = numpy_search(queries, corpus, 12)
+  np.testing.assert_array_equal(ids, expected_ids)
+  np.testing.assert_array_equal(scores, expected_scores)

@@ -149,11 +149,12 @@ def exact_search(queries, corpus, k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
       raise ValueError("Corpora of 2**31 rows or more are not supported (int32 row ids).")
     row_ids = np.full(rows_per_chunk, -1, np.int32)
     row_ids[:n] = np.arange(offset, offset + n, dtype=np.int32)
+    # No host copy of float32 rows (memmaps included); device_put makes the only one.
+    xp = jnp if isinstance(rows, jax.Array) else np
+    rows = xp.asarray(rows, dtype=xp.float32)
     if n < rows_per_chunk:  # Pad the last chunk so that one compiled step serves every chunk.
-      xp = np if isinstance(rows, np.ndarray) else jnp
-      rows = xp.concatenate([xp.asarray(rows, dtype=xp.float32),
-                             xp.zeros((rows_per_chunk - n, dim), xp.float32)])
-    rows = jax.device_put(rows.astype(np.float32), row_sharding)
+      rows = xp.concatenate([rows, xp.zeros((rows_per_chunk - n, dim), xp.float32)])
+    rows = jax.device_put(rows, row_sharding)
     top_scores, top_ids = step(top_scores, top_ids, queries_on_mesh, rows,
                                jax.device_put(row_ids, id_sharding))
     offset += n
