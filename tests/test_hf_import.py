@@ -5,6 +5,7 @@ The T5 encoder must reproduce `transformers.T5EncoderModel` hidden states for th
 matter), and a GTR directory must give HF encoder + mean pooling + Dense + Normalize.
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -270,3 +271,31 @@ def test_config_mismatch_and_bad_dense(tmp_path):
   dense_config.write_text(json.dumps({**raw, "bias": True}))
   with pytest.raises(ValueError, match=r"2_Dense/config.json: bias=true is not supported"):
     hf_import.import_sentence_transformers(tmp_path)
+
+
+def test_t5_checkpoint_into_dual_encoder_with_fresh_projection(tmp_path):
+  """Starting a dual encoder from a T5 1.1 checkpoint: encoder imported, projections from init."""
+  model = _random_hf_t5("gated-gelu", seed=5)
+  model.save_pretrained(tmp_path)
+  t5_config, encoder_params = hf_import.import_t5_encoder(tmp_path)
+  config = DualEncoderConfig(encoder=t5_config, tower_sharing="ade", projection_dim=8,
+                             normalize=False)
+  tokens, mask = _tokens(5)
+  module = DualEncoder(config)
+  init = nn.meta.unbox(module.init(jax.random.PRNGKey(0), tokens, tokens)["params"])
+  params = {**init, **hf_import.dual_encoder_params(config, encoder_params)}
+  assert jax.tree.structure(params) == jax.tree.structure(init)
+  ours = module.apply({"params": params}, jnp.asarray(tokens), method=module.encode_documents)
+  hidden = _hf_hidden(model, tokens, mask)
+  pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+  expected = pooled @ np.asarray(init["document_projection"]["kernel"])
+  np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_more_blocks_than_config_is_refused(tmp_path):
+  _random_hf_t5("relu").save_pretrained(tmp_path)
+  config = dataclasses.replace(hf_import.t5_config_from_hf(tmp_path), num_layers=2)
+  raw = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**raw, "num_layers": 2}))
+  with pytest.raises(ValueError, match=r"model.safetensors: holds more than 2 encoder blocks"):
+    hf_import.import_t5_encoder(tmp_path, config)

@@ -2,7 +2,10 @@
 
 from samtone_jax.models.config import DualEncoderConfig, T5Config
 from samtone_jax.models.dual_encoder import DualEncoder, l2_normalize, pool, trainable_mask
+from samtone_jax.models.hf_import import (dual_encoder_params, import_sentence_transformers,
+                                          import_t5_encoder, t5_config_from_hf)
 from samtone_jax.models.t5 import T5Encoder
 
-__all__ = ["DualEncoder", "DualEncoderConfig", "T5Config", "T5Encoder", "l2_normalize", "pool",
-           "trainable_mask"]
+__all__ = ["DualEncoder", "DualEncoderConfig", "T5Config", "T5Encoder", "dual_encoder_params",
+           "import_sentence_transformers", "import_t5_encoder", "l2_normalize", "pool",
+           "t5_config_from_hf", "trainable_mask"]
