@@ -49,7 +49,9 @@ def _trim_and_append_eos(tokens: tf.Tensor | tf.RaggedTensor, length: int | None
   return tf.concat([tokens, tf.constant([eos_id], tokens.dtype)], axis=0)
 
 
-@seqio.map_over_dataset
+# Parallel calls keep the order (tf.data is deterministic by default) and let tokenisation, the
+# pipeline's most expensive op, use every core.
+@seqio.map_over_dataset(num_parallel_calls=tf.data.AUTOTUNE)
 def _tokenize_trim_append_eos(example, output_features, sequence_length):
   result = {}
   for key, value in example.items():
