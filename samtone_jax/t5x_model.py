@@ -13,7 +13,8 @@ pieces our own trainer uses:
   * batches come from `samtone_jax.tasks.feature_converter.DualEncoderFeatureConverter`.
 
 The parameter tree is our trainer's, {"model": DualEncoder params, "loss": {"log_temperature"}},
-except that "loss" is left out when the temperature is fixed (t5x drops empty subtrees). t5x partitions parameters and factors Adafactor moments by logical axis names, which it reads
+except that "loss" is left out when the temperature is fixed (t5x drops empty subtrees). t5x
+partitions parameters and factors Adafactor moments by logical axis names, which it reads
 from a "params_axes" collection (flax's old `param_with_axes` convention). Our model carries the
 names on the params themselves (`nn.with_logical_partitioning`), so `get_initial_variables`
 converts them into that collection; `logical_axis_rules()` and `adafactor_factor_rules()` give
@@ -112,6 +113,11 @@ class DualEncoderModel(t5x_models.BaseModel):
 
   Batches (from `DualEncoderFeatureConverter`): queries int32 [B, Lq], passages int32 [B, Lp],
   query_ids / passage_ids int32 [B], and negatives int32 [B, N, Lp] with hard negatives.
+
+  Attributes:
+    model_config: the dual encoder architecture.
+    loss_config: the contrastive loss (temperature, SamToNe, hard negatives, ...).
+    module: the `DualEncoder` Linen module.
   """
 
   FEATURE_CONVERTER_CLS: Callable[..., seqio.FeatureConverter] = (
@@ -119,12 +125,14 @@ class DualEncoderModel(t5x_models.BaseModel):
 
   def __init__(self, model_config: model_config_lib.DualEncoderConfig,
                loss_config: train_step.LossConfig, optimizer_def: Any):
-    """Args:
+    """Builds the model.
 
-    model_config: the dual encoder architecture.
-    loss_config: the contrastive loss (temperature, SamToNe, hard negatives, ...).
-    optimizer_def: a t5x optimizer, e.g. `adafactor.Adafactor` with
-      `logical_factor_rules=adafactor_factor_rules()`.
+    Args:
+      model_config: the dual encoder architecture.
+      loss_config: the contrastive loss; `use_hard_negatives` also makes the feature converter
+        emit the "negatives" feature.
+      optimizer_def: a t5x optimizer, e.g. `adafactor.Adafactor` with
+        `logical_factor_rules=adafactor_factor_rules()`.
 
     Raises:
       ValueError: for ADE-FTE with an optimizer that applies weight decay (the frozen embedder gets

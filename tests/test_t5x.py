@@ -46,8 +46,8 @@ import samtone_jax.tasks.all  # noqa: F401  (registers the demo task)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The end-to-end runs (gin/t5x/demo.gin with these overrides).
-LENGTHS = {"queries": 16, "passages": 48}
-LENGTHS_GIN = "{'queries': 16, 'passages': 48}"
+LENGTHS = {"queries": 16, "passages": 64}
+LENGTHS_GIN = "{'queries': 16, 'passages': 64}"
 BATCH = 16
 NUM_CHECKED_SCORES = 16
 # The in-process tests: a global batch of 8 on a (data 4, model 2) mesh.
@@ -187,6 +187,28 @@ def test_score_batch_is_the_cosine_of_the_tower_embeddings(partitioned):
                                                                        "document_embeddings"}
 
 
+def test_ade_fte_embedder_stays_frozen_under_t5x_adafactor():
+  """ADE-FTE: one t5x Adafactor step moves the towers but not the shared frozen embedder."""
+  config = _tiny_config()
+  config = config_lib.DualEncoderConfig(encoder=config.encoder, tower_sharing="ade_fte",
+                                        projection_dim=config.projection_dim)
+  optimizer_def = adafactor.Adafactor(min_dim_size_to_factor=4,
+                                      logical_factor_rules=t5x_model.adafactor_factor_rules())
+  model = t5x_model.DualEncoderModel(config, train_step.LossConfig(), optimizer_def)
+  state = t5x_train_state.FlaxOptimTrainState.create(
+      optimizer_def, model.get_initial_variables(jax.random.PRNGKey(0), _SHAPES))
+  batch = _random_batch(np.random.default_rng(3), 8, 6, 10)
+  grads = jax.grad(lambda params: model.loss_fn(params, batch, None)[0])(state.params)
+  new_state = state.apply_gradient(grads, learning_rate=0.1)
+  before, after = state.params["model"], new_state.params["model"]
+  np.testing.assert_array_equal(after["token_embedder"]["embedding"],
+                                before["token_embedder"]["embedding"])
+  assert not np.allclose(after["query_projection"]["kernel"], before["query_projection"]["kernel"])
+  with pytest.raises(ValueError, match="weight_decay_rate"):
+    t5x_model.DualEncoderModel(config, train_step.LossConfig(),
+                               adafactor.Adafactor(weight_decay_rate=1e-3))
+
+
 # ----------------------------- python -m t5x.train / t5x.infer -----------------------------------
 
 
@@ -257,7 +279,7 @@ def test_t5x_train_resumes_on_a_4x2_mesh_and_the_loss_falls(t5x_runs):
   loss = t5x_runs["all_metrics"]["loss"]
   assert sorted(loss) == [2, 4, 6, 8]
   # Steps 4-5 see the batches of steps 0-1 again (fixed seed, input restarted on resume).
-  assert loss[6] < 0.9 * loss[2], loss
+  assert loss[6] < 0.5 * loss[2], loss
   assert all(np.isfinite(v) for v in loss.values())
   # The resumed run trained on t5x's (data 4, model 2) mesh: its checkpoint says so.
   tree = ocp.PyTreeCheckpointer().metadata(
@@ -270,7 +292,7 @@ def test_t5x_train_resumes_on_a_4x2_mesh_and_the_loss_falls(t5x_runs):
 
 
 def test_t5x_infer_scores_are_the_checkpoint_similarities(t5x_runs):
-  [path] = glob.glob(os.path.join(t5x_runs["scores_dir"], "demo_manpages-score.jsonl-*-of-*"))
+  path = os.path.join(t5x_runs["scores_dir"], "demo_manpages-score.jsonl-00000-of-00001")
   with open(path) as f:
     scores = [json.loads(line)["score"] for line in f]
   task = seqio.get_mixture_or_task("demo_manpages")
@@ -285,7 +307,7 @@ def test_t5x_infer_scores_are_the_checkpoint_similarities(t5x_runs):
   config = config_lib.DualEncoderConfig(
       encoder=config_lib.T5Config(vocab_size=8000, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                   num_heads=4, dropout_rate=0.0),
-      projection_dim=64)  # gin/t5x/sizes/tiny.gin
+      projection_dim=64)  # gin/models/tiny.gin with the demo vocabulary (gin/t5x/demo.gin)
   module = dual_encoder.DualEncoder(config)
   q = module.apply({"params": params}, first[features.QUERIES],
                    method=dual_encoder.DualEncoder.encode_queries)
