@@ -1,1 +1,13 @@
-"""seqio tasks, mixtures, evaluation sets and the dual-encoder feature converter (data only)."""
+"""seqio tasks, mixtures, evaluation sets and the dual-encoder feature converter (data only).
+
+  all.py               import it to register every task, mixture and eval set
+  pipeline.py          get_train_iterator: per-host, deterministic, resumable numpy batches
+  feature_converter.py DualEncoderFeatureConverter (task features -> model features)
+  preprocessors.py     output features, tokenise + T5 EOS convention
+  vocab.py             SentencePiece vocabularies (T5's public one, the demo's own)
+  paths.py             where the data lives (env vars, configure_data_dirs)
+  readers.py           line-numbered TSV/JSONL readers, DataFormatError, MissingDataError
+  sources.py           seqio sources over Python readers
+  demo.py, msmarco.py, multireqa.py, beir.py   the datasets
+  eval_sets.py         the EvalSet registry read by samtone_jax.evaluation
+"""
