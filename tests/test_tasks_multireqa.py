@@ -1,13 +1,18 @@
 """MultiReQA from MRQA .jsonl.gz + candidates.json.gz: sentence extraction, tasks, mixture."""
 
 import collections
+import gzip
 import logging
+from unittest import mock
 
+import pytest
 import seqio
+import tensorflow_datasets as tfds
 
 from fixtures import tasks_data
 from samtone_jax.tasks import eval_sets
 from samtone_jax.tasks import multireqa
+from samtone_jax.tasks import paths
 from samtone_jax.tasks import pipeline
 from samtone_jax.tasks import vocab
 
@@ -87,3 +92,30 @@ def test_in_domain_mixture(tmp_path):
                                    4, seed=0, shard_info=seqio.ShardInfo(0, 1))
   batch = next(it)
   assert batch["queries"].shape == (4, 8) and batch["passages"].shape == (4, 16)
+
+
+def test_tfds_mrqa_path_matches_jsonl_path(tmp_path):
+  """TFDS mrqa/squad prepared by its real builder from the fixture files, read back by TFDS."""
+  pytest.importorskip("importlib_resources", reason="TFDS's download_and_prepare imports it")
+  _write_all(str(tmp_path))
+  plain = {}
+  for split, mrqa_split in (("train", "train"), ("validation", "dev")):
+    with gzip.open(tmp_path / "mrqa" / mrqa_split / "SQuAD.jsonl.gz", "rb") as f:
+      plain[split] = str(tmp_path / f"SQuAD.{split}.jsonl")  # TFDS downloads and gunzips
+      with open(plain[split], "wb") as out:
+        out.write(f.read())
+  builder = tfds.builder("mrqa/squad", data_dir=str(tmp_path / "tfds"))
+  # TFDS's own test approach: serve the builder local files instead of downloading.
+  with mock.patch.object(tfds.download.DownloadManager, "download_and_extract",
+                         lambda self, urls: {k: plain[k] for k in urls}):
+    builder.download_and_prepare()
+  paths.configure_data_dirs(tfds_data_dir=str(tmp_path / "tfds"))
+  try:
+    from_tfds = multireqa.load("squad", "test", str(tmp_path), use_tfds=True)
+    from_files = multireqa.load("squad", "test", str(tmp_path))
+    assert from_tfds.sentences == from_files.sentences and len(from_files.sentences) == 6
+    assert from_tfds.questions == from_files.questions and from_tfds.answers == from_files.answers
+    train_tfds = multireqa.load("squad", "train", str(tmp_path), use_tfds=True)
+    assert sorted(train_tfds.pairs) == sorted(multireqa.load("squad", "train", str(tmp_path)).pairs)
+  finally:
+    paths.reset_data_dirs()

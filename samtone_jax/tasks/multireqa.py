@@ -33,6 +33,7 @@ import logging
 import os
 import re
 
+import numpy as np
 import seqio
 
 from samtone_jax.tasks import beir
@@ -139,8 +140,16 @@ def read_mrqa_jsonl(path: str) -> Iterator[Context]:
     yield Context(obj["context"], tuple(questions), f"{path}, line {line}")
 
 
+def _nested_list(value) -> list:
+  return value.to_list() if hasattr(value, "to_list") else np.asarray(value).tolist()
+
+
 def read_mrqa_tfds(config: str, split: str) -> Iterator[Context]:
-  """TFDS mrqa/<config>: questions grouped back into their contexts (first-seen order)."""
+  """TFDS mrqa/<config>: questions grouped back into their contexts (first-seen order).
+
+  TFDS strips each context; MultiReQA's offsets refer to the MRQA file's context, so a context
+  with leading whitespace would shift (the MRQA .jsonl.gz files are the reference input).
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   builder = tfds.builder(f"mrqa/{config}", data_dir=paths.tfds_data_dir())
   try:
@@ -152,9 +161,10 @@ def read_mrqa_tfds(config: str, split: str) -> Iterator[Context]:
         "paths.configure_data_dirs(tfds_data_dir=...)).") from e
   contexts: dict[str, list] = {}
   for ex in tfds.as_numpy(ds):
-    spans = tuple((int(s), int(e)) for starts, ends in zip(
-        ex["detected_answers"]["char_spans"]["start"], ex["detected_answers"]["char_spans"]["end"])
-                  for s, e in zip(starts, ends))
+    # char_spans is [answers, spans], ragged: a RaggedTensor (or an array when rectangular).
+    starts, ends = (_nested_list(ex["detected_answers"]["char_spans"][k]) for k in ("start", "end"))
+    spans = tuple((int(s), int(e)) for row_starts, row_ends in zip(starts, ends)
+                  for s, e in zip(row_starts, row_ends))
     contexts.setdefault(ex["context"].decode("utf-8"), []).append(
         (ex["qid"].decode("utf-8"), ex["question"].decode("utf-8"), spans))
   for text, questions in contexts.items():
