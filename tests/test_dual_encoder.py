@@ -1,4 +1,4 @@
-"""Dual encoder: gin model files, tower sharing, frozen embedder, pooling, and 4x2-mesh partitioning.
+"""Dual encoder: gin model files, tower sharing, frozen embedder, pooling, 4x2-mesh sharding.
 
 References: published T5 / GTR dimensions; gradients of each tower computed separately (a shared
 parameter's gradient is the sum over towers); numpy pooling; the 1-device result for the sharded

@@ -3,12 +3,14 @@
 Parameter tree (top level of `params`). A shared part is ONE entry used by both towers and has a
 plain name; a per-tower part is prefixed `query_` / `document_`:
 
-  tower_sharing | token embedder(s)                         | encoder(s)                      | projection(s)
-  sde           | token_embedder                            | encoder                         | projection
-  ade           | query_token_embedder, document_token_embedder | query_encoder, document_encoder | query_projection, document_projection
-  ade_ste       | token_embedder                            | query_encoder, document_encoder | query_projection, document_projection
-  ade_fte       | token_embedder (frozen, see trainable_mask) | query_encoder, document_encoder | query_projection, document_projection
-  ade_spl       | query_token_embedder, document_token_embedder | query_encoder, document_encoder | projection
+  sde:      token_embedder, encoder, projection
+  ade:      query_token_embedder, document_token_embedder, query_encoder, document_encoder,
+            query_projection, document_projection
+  ade_ste:  token_embedder, query_encoder, document_encoder, query_projection,
+            document_projection
+  ade_fte:  as ade_ste; token_embedder is frozen (see `trainable_mask`)
+  ade_spl:  query_token_embedder, document_token_embedder, query_encoder, document_encoder,
+            projection
 
   *token_embedder/embedding  [V, d]  ('vocab', 'embed')
   *encoder/...               the `T5Encoder` tree without its embedder (see models/t5.py)

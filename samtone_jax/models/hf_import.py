@@ -1,7 +1,7 @@
-"""Import of public T5 / T5 1.1 / GTR weights from Hugging Face and sentence-transformers layouts.
+"""Import of public T5, T5 1.1 and GTR weights (Hugging Face, sentence-transformers layouts).
 
 Two entry points, both returning host (numpy float32) parameter trees that the caller places on
-devices with the shardings of `partitioning.sharded_init` (e.g. `jax.device_put(params, shardings)`):
+devices with the shardings of `partitioning.sharded_init`, e.g. `jax.device_put(params, shardings)`:
 
   import_t5_encoder(directory)      a Hugging Face T5 directory (config.json + model.safetensors,
                                     a sharded model.safetensors.index.json, or pytorch_model.bin)
@@ -81,7 +81,8 @@ class _TensorStore:
     self.directory = directory
     present = [name for name in _WEIGHT_FILES if (directory / name).is_file()]
     if not present:
-      raise FileNotFoundError(f"{directory}: no weights; expected one of {', '.join(_WEIGHT_FILES)}.")
+      raise FileNotFoundError(
+          f"{directory}: no weights; expected one of {', '.join(_WEIGHT_FILES)}.")
     self.source = directory / present[0]  # safetensors preferred (the order of _WEIGHT_FILES).
     if self.source.name.endswith(".index.json"):
       weight_map = _read_json(self.source).get("weight_map")
@@ -239,7 +240,8 @@ def import_t5_encoder(directory: PathLike,
   names = store.names()
   embedding_name = "shared.weight" if "shared.weight" in names else "encoder.embed_tokens.weight"
   params: dict[str, Any] = {
-      "token_embedder": {"embedding": store.get(embedding_name, (c.vocab_size, c.d_model), expects)},
+      "token_embedder": {
+          "embedding": store.get(embedding_name, (c.vocab_size, c.d_model), expects)},
       "relpos_bias": {"rel_embedding": store.get(
           "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
           (c.relative_attention_num_buckets, c.num_heads), expects).T},
