@@ -20,17 +20,22 @@ import dataclasses
 import inspect
 import json
 import os
+import re
 import sys
 import time
 
 # Nothing here runs on an accelerator: keep JAX (and TensorFlow, via seqio) off TPUs and GPUs.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Compiling needs no TPU, so several compiles (tests, the memory benchmark) may run at once;
+# without this libtpu allows one process per machine (/tmp/libtpu_lockfile).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 import gin  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 
 from samtone_jax import main as main_lib  # pylint: disable=g-import-not-at-top
 from samtone_jax import optimizers  # pylint: disable=g-import-not-at-top
@@ -43,12 +48,21 @@ GIB = 1024**3
 HBM_BYTES_PER_CHIP = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
 
 
+# XLA's own compile-time check on TPU when the temporaries alone exceed the chip's HBM.
+_XLA_HBM_OOM = re.compile(r"memory required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
+                          r"available HBM \(([0-9.]+)([KMGT])\)")
+_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
-  """Per-chip memory of a compiled SPMD program (every chip runs the same program).
+  """Per-chip memory of the compiled SPMD train step (every chip runs the same program).
 
   The total is what XLA must hold at the peak: arguments + outputs - donated (aliased) buffers +
-  temporaries + generated code.
+  temporaries + generated code. When XLA itself refuses the program (its compile-time HBM check:
+  the temporaries alone exceed the chip), `compile_error` holds its message, `temp_bytes` the
+  temporaries it asked for, `argument_bytes` the per-chip size of the sharded inputs, and the
+  other terms are 0: the total is then a lower bound.
   """
 
   topology: str
@@ -61,6 +75,7 @@ class MemoryReport:
   generated_code_bytes: int
   hbm_bytes: int
   compile_seconds: float
+  compile_error: str | None = None
 
   @property
   def total_bytes(self) -> int:
@@ -69,13 +84,19 @@ class MemoryReport:
 
   @property
   def fits(self) -> bool:
-    return self.total_bytes <= self.hbm_bytes
+    return self.compile_error is None and self.total_bytes <= self.hbm_bytes
 
   def summary(self) -> str:
     gib = lambda b: f"{b / GIB:.2f} GiB"
+    header = (f"topology {self.topology}: {self.num_chips} chips, mesh (data, model) = "
+              f"{self.mesh_shape}; compiled in {self.compile_seconds:.0f}s")
+    if self.compile_error:
+      return "\n".join([
+          header, f"XLA refused the program: {self.compile_error}",
+          f"per chip: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}",
+          f"total at least {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM"])
     return "\n".join([
-        f"topology {self.topology}: {self.num_chips} chips, mesh (data, model) = "
-        f"{self.mesh_shape}; compiled in {self.compile_seconds:.0f}s",
+        header,
         f"per chip: arguments {gib(self.argument_bytes)}, outputs {gib(self.output_bytes)}, "
         f"aliased (donated) {gib(self.alias_bytes)}, temporaries {gib(self.temp_bytes)}, "
         f"code {gib(self.generated_code_bytes)}",
@@ -84,6 +105,12 @@ class MemoryReport:
 
   def to_json(self) -> dict:
     return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits)
+
+
+def per_chip_bytes(tree) -> int:
+  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (the largest shard of each)."""
+  return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+             for leaf in jax.tree.leaves(tree))
 
 
 def chip_generation(topology: str) -> str:
@@ -128,21 +155,34 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
                     for k, v in batch.items()}
   rng = train_step_lib.rng_spec()
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=built.rng_sharding)
-  start = time.time()
-  compiled = built.train_step.lower(built.abstract_state, batch_abstract, rng).compile()
-  stats = compiled.memory_analysis()
-  return MemoryReport(
+  common = dict(
       topology=topology, num_chips=len(devices),
       mesh_shape=(mesh.shape[partitioning.DATA_AXIS], mesh.shape[partitioning.MODEL_AXIS]),
+      hbm_bytes=HBM_BYTES_PER_CHIP[chip_generation(topology)])
+  start = time.time()
+  lowered = built.train_step.lower(built.abstract_state, batch_abstract, rng)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    oom = _XLA_HBM_OOM.search(str(e))
+    if not oom:
+      raise
+    return MemoryReport(
+        argument_bytes=per_chip_bytes((built.abstract_state, batch_abstract, rng)),
+        output_bytes=0, alias_bytes=0, generated_code_bytes=0,
+        temp_bytes=int(float(oom.group(1)) * _UNITS[oom.group(2)]),
+        compile_seconds=time.time() - start, compile_error=oom.group(0), **common)
+  stats = compiled.memory_analysis()
+  return MemoryReport(
       argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
       alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
       generated_code_bytes=stats.generated_code_size_in_bytes,
-      hbm_bytes=HBM_BYTES_PER_CHIP[chip_generation(topology)],
-      compile_seconds=time.time() - start)
+      compile_seconds=time.time() - start, **common)
 
 
 def does_not_fit_message(report: MemoryReport, batch_size: int) -> str:
   generation = chip_generation(report.topology)
+  # After XLA's own HBM check the need is a lower bound; the summary says so.
   return (f"does not fit: needs {report.total_bytes / GIB:.2f} GiB per chip, {generation} has "
           f"{report.hbm_bytes / GIB:.0f} GiB; try a smaller batch (--gin.BATCH_SIZE="
           f"{max(batch_size // 2, 1)}), rematerialisation (T5Config.remat=True), more model "

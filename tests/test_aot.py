@@ -1,0 +1,89 @@
+"""launch/aot_compile.py: the real train step compiled for TPU topologies on this CPU machine.
+
+Runs the script as a user does (a subprocess: libtpu's topology plugin and absl flags stay out of
+the test process) with the repository's gin files. The per-chip argument memory is checked
+against the parameter and optimizer-state sizes counted from the model's formula, and a
+configuration larger than a v5e chip must fail with the stated message.
+"""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "launch" / "aot_compile.py"
+GIB = 1024**3
+SAMTONE_RUN = ["--gin_file=architectures/sde.gin", "--gin_file=losses/samtone.gin",
+               "--gin_file=runs/pretrain.gin", "--gin.MIXTURE_OR_TASK_NAME='unused_by_aot'",
+               "--gin.TASK_FEATURE_LENGTHS={'queries': 64, 'passages': 256}"]
+
+
+def run_aot(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+  report = tmp_path / "report.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+  env.pop("XLA_FLAGS", None)  # the topology's devices are not host devices
+  proc = subprocess.run([sys.executable, str(SCRIPT), *args, f"--json_output={report}"],
+                        capture_output=True, text=True, env=env, check=False, timeout=1800)
+  assert report.exists(), proc.stderr[-3000:]
+  return proc, json.loads(report.read_text())
+
+
+def t5_encoder_params(vocab: int, d: int, d_ff: int, layers: int, heads: int, d_kv: int,
+                      buckets: int = 32) -> int:
+  """Parameter count of a T5 1.1 encoder (gated-GELU, no biases) with its token embedder."""
+  attention = 4 * d * heads * d_kv  # q, k, v, o
+  mlp = 3 * d * d_ff  # wi_0, wi_1, wo
+  norms = 2 * d
+  return vocab * d + layers * (attention + mlp + norms) + d + buckets * heads
+
+
+def test_base_samtone_batch_512_fits_v5e_4x4(tmp_path):
+  proc, report = run_aot(tmp_path, "--topology=v5e:4x4", "--gin_file=models/base.gin",
+                         *SAMTONE_RUN, "--gin.BATCH_SIZE=512")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert report["num_chips"] == 16 and tuple(report["mesh_shape"]) == (16, 1)
+  assert report["batch_size"] == 512 and report["hbm_bytes"] == 16 * GIB
+  # SDE: one tower, replicated on every chip (model axis 1), plus GTR's 768x768 projection.
+  num_params = t5_encoder_params(32128, 768, 2048, 12, 12, 64) + 768 * 768
+  params_bytes = 4 * num_params
+  # Arguments = params + Adafactor state (factored: a row and a column vector per matrix, so
+  # well under 10% of the params) + this chip's 32 rows of the batch + step: all the
+  # state lives on every chip.
+  assert params_bytes <= report["argument_bytes"] <= 1.1 * params_bytes, (
+      report["argument_bytes"], params_bytes)
+  # The state is donated: the new state reuses the old one's buffers.
+  assert report["alias_bytes"] >= params_bytes
+  assert report["total_bytes"] == (report["argument_bytes"] + report["output_bytes"] -
+                                   report["alias_bytes"] + report["temp_bytes"] +
+                                   report["generated_code_bytes"])
+  assert 0 < report["temp_bytes"] and report["total_bytes"] < 16 * GIB and report["fits"]
+  assert f"total {report['total_bytes'] / GIB:.2f} GiB of 16.00 GiB HBM" in proc.stdout
+
+
+def test_too_big_for_v5e_fails_with_message(tmp_path):
+  # A 2-layer encoder with a 2M x 2048 embedding: 16 GiB of float32 parameters alone.
+  vocab, d_model = 2**21, 2048
+  proc, report = run_aot(
+      tmp_path, "--topology=v5e:2x2", "--gin_file=models/tiny.gin", *SAMTONE_RUN,
+      "--gin.BATCH_SIZE=16", f"--gin.config.T5Config.vocab_size={vocab}",
+      f"--gin.config.T5Config.d_model={d_model}")
+  assert proc.returncode == 1
+  assert report["argument_bytes"] >= 4 * vocab * d_model and not report["fits"]
+  match = re.search(r"does not fit: needs ([0-9.]+) GiB per chip, v5e has 16 GiB; try ",
+                    proc.stderr)
+  assert match, proc.stderr[-3000:]
+  np.testing.assert_allclose(float(match.group(1)), report["total_bytes"] / GIB, atol=0.005)
+
+
+def test_unknown_topology_fails_clearly(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, str(SCRIPT), "--topology=v9x:4x4",
+                         "--gin_file=models/tiny.gin"], capture_output=True, text=True, env=env,
+                        check=False)
+  assert proc.returncode != 0
+  assert "Unknown TPU generation in --topology='v9x:4x4'" in proc.stderr
