@@ -95,6 +95,12 @@ def test_two_hosts_are_disjoint_and_cover_the_dataset():
       "fixture_pairs", LENGTHS, 1, seed=5, shard_info=seqio.ShardInfo(0, 1), num_epochs=1))
   assert pairs(host0) + pairs(host1) == pairs(everything)
   assert sum(pairs(everything).values()) == len(TEXTS)
+  # 7 examples over 2 hosts: each host reads 3 per epoch, so both yield the same batch count.
+  host_batches = [list(pipeline.get_train_iterator(
+      "fixture_other", LENGTHS, 2, seed=5, shard_info=seqio.ShardInfo(i, 2), num_epochs=2))
+                  for i in (0, 1)]
+  assert [len(b) for b in host_batches] == [6, 6]
+  assert not set(_rows(host_batches[0])) & set(_rows(host_batches[1]))
 
 
 @pytest.mark.parametrize("name", ["fixture_pairs", "fixture_mixture"])

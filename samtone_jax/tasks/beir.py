@@ -150,10 +150,6 @@ def register_pairs_task(name: str, source: seqio.DataSource, vocabulary: seqio.V
       shuffle_buffer_size=shuffle_buffer_size)
 
 
-def register_eval_set(name: str, loader) -> None:
-  eval_sets.register_eval_set(name, loader, overwrite=True)
-
-
 def register_beir_dataset(name: str, path: str, *, vocabulary: seqio.Vocabulary | None = None,
                           protocol: str = "beir") -> list[str]:
   """Registers eval sets "beir_<name>_<split>" and, with qrels/train.tsv, task "beir_<name>_train".
@@ -171,8 +167,9 @@ def register_beir_dataset(name: str, path: str, *, vocabulary: seqio.Vocabulary 
   registered = []
   for split in qrels_splits(path):
     eval_name = f"beir_{name}_{split}"
-    register_eval_set(eval_name, functools.partial(beir_eval_set, eval_name, path, split,
-                                                   vocabulary, protocol=protocol))
+    loader = functools.partial(beir_eval_set, eval_name, path, split, vocabulary,
+                               protocol=protocol)
+    eval_sets.register_eval_set(eval_name, loader, overwrite=True)
     registered.append(eval_name)
     if split == "train":
       task_name = f"beir_{name}_train"
@@ -249,8 +246,8 @@ def register_beir_tfds_dataset(config: str, name: str | None = None, *,
   registered = []
   for split in splits:
     eval_name = f"beir_{name}_{split}"
-    register_eval_set(eval_name, functools.partial(beir_tfds_eval_set, eval_name, config, split,
-                                                   vocabulary))
+    loader = functools.partial(beir_tfds_eval_set, eval_name, config, split, vocabulary)
+    eval_sets.register_eval_set(eval_name, loader, overwrite=True)
     registered.append(eval_name)
   if train:
     task_name = f"beir_{name}_train"

@@ -12,6 +12,7 @@ import functools
 import os
 
 from samtone_jax.tasks import beir
+from samtone_jax.tasks import eval_sets
 from samtone_jax.tasks import features
 from samtone_jax.tasks import readers
 from samtone_jax.tasks import sources
@@ -38,5 +39,5 @@ def register(directory: str = DEMO_DIR) -> None:
   vocabulary = vocab.demo_vocabulary()
   source = sources.examples_source({"train": functools.partial(train_pairs, directory)})
   beir.register_pairs_task(TRAIN_TASK, source, vocabulary, shuffle_buffer_size=10_000)
-  beir.register_eval_set(TEST_EVAL_SET, functools.partial(
-      beir.beir_eval_set, TEST_EVAL_SET, directory, "test", vocabulary))
+  loader = functools.partial(beir.beir_eval_set, TEST_EVAL_SET, directory, "test", vocabulary)
+  eval_sets.register_eval_set(TEST_EVAL_SET, loader, overwrite=True)

@@ -137,4 +137,5 @@ def register(directory: str | None = None, vocabulary: seqio.Vocabulary | None =
                                    num_negatives=1)
   beir.register_pairs_task(TRAIN_TASK, source, vocabulary, with_negatives=True)
   beir.register_pairs_task(TRAIN_TASK_TFDS, beir.tfds_pairs_source("msmarco"), vocabulary)
-  beir.register_eval_set(DEV_EVAL_SET, functools.partial(dev_eval_set, directory, vocabulary))
+  loader = functools.partial(dev_eval_set, directory, vocabulary)
+  eval_sets.register_eval_set(DEV_EVAL_SET, loader, overwrite=True)

@@ -276,8 +276,8 @@ def register(directory: str | None = None, *, use_tfds: bool = False, append_con
       source = sources.examples_source({"train": functools.partial(
           _train_pairs, dataset, directory, use_tfds, append_context)})
       beir.register_pairs_task(f"multireqa_{dataset}_train", source, vocabulary)
-    beir.register_eval_set(f"multireqa_{dataset}_test", functools.partial(
-        eval_set, dataset, directory, use_tfds, append_context, vocabulary))
+    loader = functools.partial(eval_set, dataset, directory, use_tfds, append_context, vocabulary)
+    eval_sets.register_eval_set(f"multireqa_{dataset}_test", loader, overwrite=True)
   seqio.MixtureRegistry.remove(IN_DOMAIN_MIXTURE)
   seqio.MixtureRegistry.add(IN_DOMAIN_MIXTURE, [
       (f"multireqa_{d}_train", info.train_size) for d, info in DATASETS.items() if info.in_domain])

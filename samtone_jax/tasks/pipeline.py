@@ -73,7 +73,13 @@ def task_examples(task: seqio.Task, task_feature_lengths: Mapping[str, int], *, 
   """
   ds = task.source.get_dataset(split=split, shuffle=False, seed=None)
   if shard_info.num_shards > 1:
-    ds = ds.shard(shard_info.num_shards, shard_info.index)
+    if num_epochs is not None:
+      # A finite stream must give every host the same number of batches (or one host would wait
+      # forever in a collective): each host takes floor(N / hosts) examples per epoch.
+      total = task.source.num_input_examples(split) or int(ds.reduce(0, lambda n, _: n + 1))
+      ds = ds.shard(shard_info.num_shards, shard_info.index).take(total // shard_info.num_shards)
+    else:
+      ds = ds.shard(shard_info.num_shards, shard_info.index)
   buffer_size = shuffle_buffer_size or task.shuffle_buffer_size
   if buffer_size:
     ds = ds.shuffle(buffer_size, seed=seed, reshuffle_each_iteration=True)
@@ -174,7 +180,9 @@ def get_train_iterator(mixture_or_task_name: str, task_feature_lengths: dict[str
     start_step: batch k of this iterator is batch start_step + k of one started at step 0.
     shard_info: this host's shard; default (jax.process_index(), jax.process_count()).
     split: the source split.
-    num_epochs: None repeats forever; otherwise stop after that many passes (single task only).
+    num_epochs: None repeats forever; otherwise stop after that many passes (single task only;
+      with several hosts each reads floor(N / hosts) examples per epoch, so all hosts yield the
+      same number of batches).
     shuffle_buffer_size: override of the task's shuffle buffer (examples).
 
   Returns:
