@@ -198,8 +198,8 @@ def test_ade_fte_embedder_stays_frozen_under_t5x_adafactor():
   state = t5x_train_state.FlaxOptimTrainState.create(
       optimizer_def, model.get_initial_variables(jax.random.PRNGKey(0), _SHAPES))
   batch = _random_batch(np.random.default_rng(3), 8, 6, 10)
-  grads = jax.grad(lambda params: model.loss_fn(params, batch, None)[0])(state.params)
-  new_state = state.apply_gradient(grads, learning_rate=0.1)
+  grads = jax.jit(jax.grad(lambda params: model.loss_fn(params, batch, None)[0]))(state.params)
+  new_state = jax.jit(lambda s, g: s.apply_gradient(g, learning_rate=0.1))(state, grads)
   before, after = state.params["model"], new_state.params["model"]
   np.testing.assert_array_equal(after["token_embedder"]["embedding"],
                                 before["token_embedder"]["embedding"])
