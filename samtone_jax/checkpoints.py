@@ -142,24 +142,39 @@ def restore_params(path: str, abstract_params: PyTree) -> PyTree:
   return params
 
 
-def load_initial_params(path: str, abstract_params: PyTree, model_config: Any) -> PyTree:
+def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> PyTree:
   """Initial parameters from `path`: a samtone_jax checkpoint, or public T5 / GTR weights.
 
   Args:
-    path: a samtone_jax run / checkpoint directory, or anything
-      `samtone_jax.models.hf_import` reads (a Hugging Face T5 / GTR directory or hub-layout
-      checkpoint).
-    abstract_params: {"model": ..., "loss": ...} ShapeDtypeStructs with shardings.
-    model_config: the DualEncoderConfig (for the HF import's name mapping).
+    path: a samtone_jax run / checkpoint directory (params only are read); a sentence-transformers
+      GTR directory (modules.json: encoder, projection); or a Hugging Face T5 / T5 1.1 directory
+      (config.json + weights: encoder only, the projection keeps its fresh initialisation).
+    init_params: the freshly initialised, sharded {"model": ..., "loss": ...}; gives the
+      shardings, and the values of whatever `path` does not provide.
+    model_config: the DualEncoderConfig; imported weights must match its architecture.
 
   Returns:
-    params placed with the shardings of `abstract_params`; non-model params ("loss") keep their
-    initial values only when the caller merges them (HF weights carry none).
+    {"model": ..., "loss": ...} placed with the shardings of `init_params`.
   """
+  shardings = jax.tree.map(lambda a: a.sharding, init_params)
   if is_samtone_checkpoint(path):
-    return restore_params(path, abstract_params)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            init_params)
+    loaded = restore_params(path, abstract)
+    return {**init_params, **loaded}
   from samtone_jax.models import hf_import  # pylint: disable=g-import-not-at-top
-  model_params = hf_import.load_dual_encoder_params(path, model_config)
-  shardings = jax.tree.map(lambda a: a.sharding, abstract_params["model"])
-  model_params = jax.tree.map(lambda x, s: jax.device_put(x, s), model_params, shardings)
-  return {"model": model_params}
+  if os.path.exists(os.path.join(path, "modules.json")):
+    _, model_params = hf_import.import_sentence_transformers(path, config=model_config)
+  elif os.path.exists(os.path.join(path, "config.json")):
+    _, encoder = hf_import.import_t5_encoder(path, config=model_config.encoder)
+    model_params = dict(jax.device_get(init_params["model"]))
+    model_params.update(hf_import.dual_encoder_params(model_config, encoder))
+  else:
+    raise FileNotFoundError(
+        f"INITIAL_CHECKPOINT_PATH={path!r} is neither a samtone_jax checkpoint, a "
+        "sentence-transformers directory (modules.json) nor a Hugging Face T5 directory "
+        "(config.json).")
+  model_params = jax.tree.map(lambda x, s: jax.device_put(x, s), model_params,
+                              shardings["model"])
+  logging.info("Initial params imported from %s", path)
+  return {**init_params, "model": model_params}

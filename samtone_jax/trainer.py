@@ -233,10 +233,7 @@ def initial_state(built: train_step_lib.Built, seed: int, model_config,
   """A fresh sharded state; its params replaced by those of `initial_checkpoint_path` if given."""
   state = built.init_state(jax.random.PRNGKey(seed))
   if initial_checkpoint_path:
-    loaded = checkpoints.load_initial_params(initial_checkpoint_path,
-                                             built.abstract_state.params, model_config)
-    params = dict(state.params)
-    params.update(loaded)
+    params = checkpoints.load_initial_params(initial_checkpoint_path, state.params, model_config)
     # The optimizer state was initialised for the same shapes; only values change.
     state = state.replace(params=params)
   return state

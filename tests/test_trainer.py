@@ -1,0 +1,107 @@
+"""trainer.train as a library call: it learns, stops on a non-finite loss, starts from a checkpoint.
+
+Tiny model on the embedded man-page data; references are the untrained model's retrieval
+metrics (same code path), the checkpointed parameters themselves, and the step the loss broke.
+"""
+
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from samtone_jax import checkpoints
+from samtone_jax import optimizers
+from samtone_jax import partitioning
+from samtone_jax import train_step as ts
+from samtone_jax import trainer
+from samtone_jax.models import config as model_config
+from samtone_jax.tasks import demo
+
+MODEL = model_config.DualEncoderConfig(
+    encoder=model_config.T5Config(vocab_size=8000, d_model=64, d_ff=128, num_heads=4,
+                                  num_layers=2, d_kv=16, dropout_rate=0.0),
+    projection_dim=64, tower_sharing="sde")
+LENGTHS = {"queries": 16, "passages": 32}
+
+
+def _data(batch_size):
+  return trainer.DataConfig(mixture_or_task_name=demo.TRAIN_TASK, task_feature_lengths=LENGTHS,
+                            batch_size=batch_size)
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
+  metrics = ("mrr@10", "ndcg@10")
+  result = trainer.train(
+      model_dir=str(tmp_path / "run"), model=MODEL, loss=ts.LossConfig(temperature=0.05),
+      optimizer=optimizers.OptimizerConfig(name="adamw", learning_rate=2e-3, warmup_steps=10,
+                                           decay="linear", decay_steps=60),
+      data=_data(32),
+      loop=trainer.LoopConfig(train_steps=60, log_period=10, checkpoint_period=60,
+                              eval_sets=(demo.TEST_EVAL_SET,), eval_metrics=metrics,
+                              eval_feature_lengths=LENGTHS),
+      seed=0)
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  train_losses = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(train_losses) == 6
+  # Below the first window's mean and below chance: -log(1 / (2B - 1)) with SamToNe's 2B - 1
+  # candidates per query.
+  assert train_losses[-1] < 0.7 * train_losses[0], train_losses
+  assert train_losses[-1] < np.log(2 * 32 - 1), train_losses
+  for key in ("accuracy", "learning_rate", "grad_norm", "examples_per_second",
+              "seconds_per_step"):
+    assert key in records[0]
+
+  untrained = result.built.init_state(jax.random.PRNGKey(0))
+  before = trainer.evaluate_params(result.built.model, untrained.params, result.mesh,
+                                   [demo.TEST_EVAL_SET], metrics=metrics,
+                                   feature_lengths=LENGTHS)
+  after = result.eval_metrics
+  key = f"{demo.TEST_EVAL_SET}/mrr@10"
+  assert after[key] > before[key] + 0.02, (before, after)
+  assert [r for r in records if r["kind"] == "eval"][-1][key] == after[key]
+
+  # Multi-stage training: a second run starts from this run's parameters (not its optimizer).
+  second = trainer.train(
+      model_dir=str(tmp_path / "second"), model=MODEL, loss=ts.LossConfig(),
+      optimizer=optimizers.OptimizerConfig(name="adafactor"), data=_data(32),
+      loop=trainer.LoopConfig(train_steps=0), seed=1,
+      initial_checkpoint_path=str(tmp_path / "run"))
+  assert int(second.state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, _host(second.state.params["model"]),
+               _host(result.state.params["model"]))
+
+
+def test_non_finite_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
+  model_dir = str(tmp_path / "diverges")
+  # A learning rate of 1e30 without clipping overflows the parameters after the first step, so
+  # the second step's loss is not finite.
+  with pytest.raises(trainer.NonFiniteLossError) as error:
+    trainer.train(
+        model_dir=model_dir, model=MODEL, loss=ts.LossConfig(),
+        optimizer=optimizers.OptimizerConfig(name="adamw", learning_rate=1e30, warmup_steps=0,
+                                             decay="constant", grad_clip_norm=None),
+        data=trainer.DataConfig(mixture_or_task_name=demo.TRAIN_TASK,
+                                task_feature_lengths={"queries": 8, "passages": 16},
+                                batch_size=8),
+        loop=trainer.LoopConfig(train_steps=6, log_period=3, checkpoint_period=1), seed=0)
+  message = str(error.value)
+  match = re.search(r"Non-finite loss at step (\d+) .*Last good checkpoint: (\S+) \(step (\d+)\)",
+                    message)
+  assert match, message
+  bad_step, good_dir, good_step = int(match[1]), match[2], int(match[3])
+  assert bad_step == 1 and good_step == 1
+  assert os.path.isdir(good_dir)
+  # Nothing was saved after the bad step, and the last good checkpoint is finite.
+  manager = checkpoints.create_manager(model_dir, read_only=True)
+  assert manager.all_steps() == [1]
+  abstract = {"model": ts.abstract_model_params_of(MODEL, partitioning.create_mesh())}
+  params = checkpoints.restore_params(good_dir, abstract)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
