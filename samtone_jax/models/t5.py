@@ -155,12 +155,15 @@ class SelfAttention(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
+  def __call__(self, x: Array, position_bias: Array, mask_bias: Array,
+               deterministic: bool) -> Array:
     """Attends over `x`.
 
     Args:
       x: [b, l, d] normalised inputs.
-      bias: float32 [b or 1, h, l, l] position bias plus the padding mask (large negative).
+      position_bias: float32 [1, h, l, l] relative position bias.
+      mask_bias: float32 [b, 1, 1, l]: 0 for real keys, a large negative for padding keys. Kept
+        apart from `position_bias` so that no [b, h, l, l] bias is materialised.
       deterministic: disables dropout.
 
     Returns:
@@ -183,7 +186,7 @@ class SelfAttention(nn.Module):
     key = project("key", init)
     value = project("value", init)
     logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits + bias, axis=-1)
+    weights = jax.nn.softmax(logits + position_bias + mask_bias, axis=-1)
     weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
     out = jnp.einsum("bhqs,bshk->bqhk", weights.astype(dtype), value)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
@@ -223,12 +226,13 @@ class EncoderLayer(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array, deterministic: bool) -> Array:
-    """x: [b, l, d]; bias: float32 [b, h, l, l] -> [b, l, d]."""
+  def __call__(self, x: Array, position_bias: Array, mask_bias: Array,
+               deterministic: bool) -> Array:
+    """x: [b, l, d]; biases as for `SelfAttention` -> [b, l, d]."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
-    y = SelfAttention(cfg, name="attention")(y, bias, deterministic)
+    y = SelfAttention(cfg, name="attention")(y, position_bias, mask_bias, deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
@@ -281,16 +285,15 @@ class T5Encoder(nn.Module):
                                          name="relpos_bias")(length)
     # Padding keys get the most negative float32: exp underflows to exactly 0, as in HF.
     key_mask = (tokens != PAD_ID)[:, None, None, :]
-    bias = position_bias + jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min)
-    bias = nn.with_logical_constraint(bias, ("batch", "heads", "length", None))
+    mask_bias = jnp.where(key_mask, 0.0, jnp.finfo(jnp.float32).min)
 
     layer_cls = EncoderLayer
     if cfg.remat:
-      # Recompute each layer's activations in the backward pass (argument 3 is `deterministic`;
+      # Recompute each layer's activations in the backward pass (argument 4 is `deterministic`;
       # the module counts as argument 0).
-      layer_cls = nn.remat(EncoderLayer, static_argnums=(3,))
+      layer_cls = nn.remat(EncoderLayer, static_argnums=(4,))
     for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, bias, deterministic)
+      x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias, mask_bias, deterministic)
 
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
