@@ -103,7 +103,7 @@ def main() -> None:
   parser.add_argument("--num_batches", type=int, default=60)
   parser.add_argument("--cores", type=int, default=2)
   parser.add_argument("--step_batch_sizes", default="tiny=32,small=8",
-                      help="train-step batch per model size (CPU steps are slow)")
+                      help="train-step batch per model size (CPU steps are slow); '' skips")
   args = parser.parse_args()
   cores = limit_to_cores(args.cores)
   with tempfile.TemporaryDirectory() as directory:
@@ -114,6 +114,8 @@ def main() -> None:
   print(f"input pipeline ({cores} cores, lengths {LENGTHS['queries']}/{LENGTHS['passages']}, "
         f"1 hard negative, batch {args.batch_size}): {examples_per_s:,.0f} examples/s "
         f"(mean tokens: query {nonpad['queries']:.1f}, passage {nonpad['passages']:.1f})")
+  if not args.step_batch_sizes:
+    return
   try:
     import samtone_jax.train_step  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:

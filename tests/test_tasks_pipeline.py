@@ -138,6 +138,12 @@ def test_mixture_rates_and_counts():
   assert 0 < sum(r in other for r in rows) < len(rows)
 
 
+def test_default_shard_is_this_jax_process():
+  default = _take("fixture_pairs", 2, seed=2)  # jax: process 0 of 1
+  explicit = _take("fixture_pairs", 2, seed=2, shard_info=seqio.ShardInfo(0, 1))
+  assert _rows(default) == _rows(explicit)
+
+
 def test_batch_must_divide_over_hosts():
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.get_train_iterator("fixture_pairs", LENGTHS, 3, seed=0,
