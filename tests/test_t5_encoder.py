@@ -100,14 +100,18 @@ def _tokens():
 
 def test_remat_gives_same_values_and_gradients():
   tokens = _tokens()
-  params = T5Encoder(CONFIG).init(jax.random.PRNGKey(0), tokens)["params"]
+  with_dropout = dataclasses.replace(CONFIG, dropout_rate=0.2)
+  params = T5Encoder(with_dropout).init(jax.random.PRNGKey(0), tokens)["params"]
 
   def loss(p, config):
-    return jnp.sum(jnp.sin(T5Encoder(config).apply({"params": p}, tokens)))
+    hidden = T5Encoder(config).apply({"params": p}, tokens, deterministic=False,
+                                     rngs={"dropout": jax.random.PRNGKey(2)})
+    return jnp.sum(jnp.sin(hidden))
 
-  plain = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, CONFIG)
-  remat = jax.jit(jax.value_and_grad(loss), static_argnums=1)(
-      params, dataclasses.replace(CONFIG, remat=True))
+  grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  plain = grad_fn(params, with_dropout)
+  remat = grad_fn(params, dataclasses.replace(with_dropout, remat=True))
+  # Same dropout masks (rngs follow module paths) and same arithmetic.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, remat)
 
 
