@@ -84,14 +84,14 @@ def test_demo_task_one_epoch_exact_tokens():
   expected = collections.Counter(
       (tuple(_expected_ids(sp, q, lq)), tuple(_expected_ids(sp, d, lp))) for q, d in pairs)
   batches = list(pipeline.get_train_iterator(
-      demo.TRAIN_TASK, {"queries": lq, "passages": lp}, 16, seed=3,
+      demo.TRAIN_TASK, {"queries": lq, "passages": lp}, 64, seed=3,
       shard_info=seqio.ShardInfo(0, 1), num_epochs=1))
-  assert len(batches) == len(pairs) // 16
+  assert len(batches) == len(pairs) // 64
   got = collections.Counter()
   for b in batches:
-    assert b["queries"].shape == (16, lq) and b["passages"].shape == (16, lp)
+    assert b["queries"].shape == (64, lq) and b["passages"].shape == (64, lp)
     assert b["queries"].dtype == np.int32 and b["query_ids"].dtype == np.int32
     got.update(zip(map(tuple, b["queries"].tolist()), map(tuple, b["passages"].tolist())))
-  assert sum(got.values()) == 16 * (len(pairs) // 16)
+  assert sum(got.values()) == 64 * (len(pairs) // 64)
   assert not got - expected  # every produced example is one of the file's, exactly tokenised
 
