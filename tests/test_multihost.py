@@ -31,10 +31,16 @@ def subprocess_env(num_devices: int) -> dict[str, str]:
   return env
 
 
-def run_processes(commands: list[list[str]], num_devices: int, timeout: float = 300) -> list[str]:
-  """Starts all commands at once (they wait for each other), returns their stdouts."""
+def run_processes(commands: list[list[str]], num_devices: int | list[int], timeout: float = 900,
+                  extra_env: dict[str, str] | None = None) -> list[str]:
+  """Starts all commands at once (they wait for each other), returns their stdouts.
+
+  `num_devices`: CPU devices of every process, or one count per command.
+  """
+  counts = num_devices if isinstance(num_devices, list) else [num_devices] * len(commands)
   procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=subprocess_env(num_devices)) for cmd in commands]
+                            env=dict(subprocess_env(count), **(extra_env or {})))
+           for cmd, count in zip(commands, counts)]
   outputs = []
   try:
     for proc in procs:
@@ -120,6 +126,77 @@ def test_cloud_tpu_detection(monkeypatch, env, expected):
 def test_incomplete_multiprocess_flags_fail_clearly(kwargs, message):
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
     distributed.initialize(**kwargs)
+
+
+# --- The real entry point: 2 processes x 4 devices train like 1 process x 8 --------------------
+
+# The demo task without its shuffle buffer: host i reads examples i, i+2, ... in file order, so
+# the two hosts' local batches together hold exactly the rows of the one-host global batch (a
+# shuffle buffer per host shard would give each host count its own order).
+UNSHUFFLED_TASKS_MODULE = textwrap.dedent("""
+    import functools
+    from samtone_jax.tasks import all as _all  # registers the demo task and vocabulary
+    from samtone_jax.tasks import beir, demo, sources, vocab
+    source = sources.examples_source(
+        {"train": functools.partial(demo.train_pairs, demo.DEMO_DIR)})
+    beir.register_pairs_task("demo_manpages_unshuffled", source, vocab.demo_vocabulary(),
+                             shuffle_buffer_size=None)
+""")
+
+
+def main_command(model_dir, *flags: str) -> list[str]:
+  return [sys.executable, "-m", "samtone_jax.main",
+          "--gin_file=experiments/demo_samtone.gin", f"--gin.MODEL_DIR='{model_dir}'",
+          "--gin.MIXTURE_OR_TASK_NAME='demo_manpages_unshuffled'",
+          "--gin.trainer.DataConfig.tasks_module='unshuffled_demo_tasks'",
+          "--gin.TRAIN_STEPS=5", "--gin.BATCH_SIZE=16",
+          "--gin.TASK_FEATURE_LENGTHS={'queries': 8, 'passages': 16}", "--gin.EVAL_TASKS=[]",
+          "--gin.trainer.LoopConfig.log_period=1", "--gin.trainer.LoopConfig.checkpoint_period=5",
+          *flags]
+
+
+def logged_losses(model_dir) -> list[float]:
+  with open(model_dir / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+def checkpoint_params(model_dir, step: int) -> dict:
+  """The params of MODEL_DIR/checkpoints/<step> as numpy arrays (no devices involved)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = str(model_dir / "checkpoints" / str(step) / "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path)
+  tree = getattr(tree, "item_metadata", tree)
+  tree = getattr(tree, "tree", tree)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))[
+      "params"]
+
+
+def test_two_processes_train_like_one_through_main(tmp_path):
+  (tmp_path / "unshuffled_demo_tasks.py").write_text(UNSHUFFLED_TASKS_MODULE)
+  single, multi = tmp_path / "one_process", tmp_path / "two_processes"
+  address = f"localhost:{free_port()}"
+  multihost = lambda i: [f"--coordinator_address={address}", "--process_count=2",
+                         f"--process_index={i}"]
+  # All three processes at once: the 1 x 8 reference beside the 2 x 4 run.
+  outputs = run_processes(
+      [main_command(single), main_command(multi, *multihost(0)),
+       main_command(multi, *multihost(1))], num_devices=[8, 4, 4],
+      extra_env={"PYTHONPATH": str(tmp_path)})
+  assert all("Finished at step 5" in out for out in outputs)
+  reference = logged_losses(single)
+  assert len(reference) == 5 and np.all(np.isfinite(reference))
+  # Only process 0 writes metrics: one line per step, not two.
+  np.testing.assert_allclose(logged_losses(multi), reference, rtol=1e-5)
+  import jax  # pylint: disable=g-import-not-at-top
+  reference_params = checkpoint_params(single, 5)
+  params = checkpoint_params(multi, 5)
+  assert jax.tree.structure(params) == jax.tree.structure(reference_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params,
+               reference_params)
 
 
 # --- Mesh shapes: the same step on (8, 1), (4, 2) and (2, 4) meshes -----------------------------
