@@ -89,8 +89,12 @@ def axis_rules(rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES):
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES):
-  """`with mesh_context(mesh):` activates both the mesh and the logical axis rules."""
-  with mesh, axis_rules(rules):
+  """`with mesh_context(mesh):` activates both the mesh and the logical axis rules.
+
+  Uses `jax.set_mesh` (`with mesh:` is deprecated in JAX 0.10); flax's logical constraints resolve
+  against it.
+  """
+  with jax.set_mesh(mesh), axis_rules(rules):
     yield
 
 
