@@ -8,8 +8,7 @@ does not fit, then bisecting between the two (on multiples of the topology's dat
 `--bisect_steps` steps. Every compile is appended to a JSONL file as it finishes, so a long run
 can be stopped and resumed (finished compiles are not repeated) and the table printed at any time.
 
-  JAX_PLATFORMS=cpu python benchmarks/aot_memory.py \
-      --experiment=gin/experiments/<experiment>.gin --sizes=base,large,xl \
+  JAX_PLATFORMS=cpu python benchmarks/aot_memory.py --sizes=base,large,xl \
       --topologies=v5e:4x4,v4:2x2x2 --batches=512,2048 --results=benchmarks/results/aot_memory.jsonl
   python benchmarks/aot_memory.py --results=benchmarks/results/aot_memory.jsonl --table_only
 
@@ -28,13 +27,21 @@ AOT_SCRIPT = os.path.join(REPO, "launch", "aot_compile.py")
 GIB = 1024**3
 
 
-def compile_once(experiment: str, size: str, topology: str, batch: int,
+# The run compiled by default: GTR-style SDE, SamToNe loss, the pretraining run's optimizer
+# (Adafactor), lengths 64/256; `{size}` is replaced by the model size.
+DEFAULT_GIN_FILES = ("models/{size}.gin,architectures/sde.gin,losses/samtone.gin,"
+                     "runs/pretrain.gin")
+DEFAULT_GIN = ("--gin.MIXTURE_OR_TASK_NAME='unused_by_aot'",
+               "--gin.TASK_FEATURE_LENGTHS={'queries': 64, 'passages': 256}")
+
+
+def compile_once(gin_files: str, size: str, topology: str, batch: int,
                  extra_gin: list[str], timeout: float) -> dict:
   """Runs launch/aot_compile.py once; returns its JSON report (plus size/batch/status)."""
   out = os.path.join("/tmp", f"aot_{os.getpid()}_{size}_{topology.replace(':', '_')}_{batch}.json")
-  cmd = [sys.executable, AOT_SCRIPT, f"--topology={topology}", f"--gin_file={experiment}",
-         f"--gin_file=models/{size}.gin", f"--gin.BATCH_SIZE={batch}", *extra_gin,
-         f"--json_output={out}"]
+  files = [f"--gin_file={f.format(size=size)}" for f in gin_files.split(",")]
+  cmd = [sys.executable, AOT_SCRIPT, f"--topology={topology}", *files, *DEFAULT_GIN,
+         f"--gin.BATCH_SIZE={batch}", *extra_gin, f"--json_output={out}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   start = time.time()
   try:
@@ -88,7 +95,8 @@ def markdown_table(records: list[dict]) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--experiment", help="Experiment gin file (loss, run, architecture).")
+  parser.add_argument("--gin_files", default=DEFAULT_GIN_FILES,
+                      help="Comma-separated gin files; {size} is replaced by each size.")
   parser.add_argument("--sizes", default="base,large,xl", help="gin/models/<size>.gin names.")
   parser.add_argument("--topologies", default="v5e:4x4,v4:2x2x2")
   parser.add_argument("--batches", default="512,2048", help="Batches always compiled.")
@@ -108,15 +116,13 @@ def main() -> None:
     with open(args.results) as f:
       records = [json.loads(line) for line in f if line.strip()]
   if not args.table_only:
-    if not args.experiment:
-      raise SystemExit("--experiment is required unless --table_only")
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
 
     def measure(size, topology, batch):
       for r in records:
         if (r["size"], r["topology"], r["batch_size"]) == (size, topology, batch):
           return r
-      r = compile_once(args.experiment, size, topology, batch, args.gin, args.timeout)
+      r = compile_once(args.gin_files, size, topology, batch, args.gin, args.timeout)
       records.append(r)
       with open(args.results, "a") as f:
         f.write(json.dumps(r) + "\n")

@@ -46,6 +46,7 @@ from samtone_jax.models import config as model_config_lib  # pylint: disable=g-i
 GIB = 1024**3
 # HBM per chip, by the TPU generation that starts a topology name ("v5e:4x4" -> v5e).
 HBM_BYTES_PER_CHIP = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
+MEGACORE = ("v4", "v5p")
 
 
 # XLA's own compile-time check on TPU when the temporaries alone exceed the chip's HBM.
@@ -125,8 +126,10 @@ def chip_generation(topology: str) -> str:
 
 def topology_devices(topology: str) -> list[jax.Device]:
   """The (compile-only) devices of a TPU topology such as `v5e:4x4` or `v4:4x4x4`."""
-  chip_generation(topology)
-  return list(topologies.get_topology_desc(topology, "tpu").devices)
+  # v4 and v5p chips have two TensorCores that JAX drives as one device (megacore), with the
+  # chip's whole HBM; without this libtpu describes one device per core.
+  kwargs = {"chip_config_name": "megacore"} if chip_generation(topology) in MEGACORE else {}
+  return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
 
 
 def compile_train_step(topology: str, *, model_config: model_config_lib.DualEncoderConfig,
