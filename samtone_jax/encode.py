@@ -23,7 +23,8 @@ SIDES = ("corpus", "queries")
 
 
 def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, eval_set: str,
-           side: str, output_dir: str, batch_size: int = 256, shard_size: int = 1_000_000,
+           side: str, output_dir: str, feature_lengths: dict[str, int] | None = None,
+           batch_size: int = 256, shard_size: int = 1_000_000,
            mesh_shape: tuple[int, int] = (-1, 1),
            tasks_module: str = "samtone_jax.tasks.all") -> list[str]:
   """Embeds the corpus (document tower) or the queries (query tower) of `eval_set`.
@@ -34,6 +35,8 @@ def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
     eval_set: a registered evaluation set name.
     side: "corpus" or "queries".
     output_dir: where the .npy / ids shards go.
+    feature_lengths: {"queries": Lq, "passages": Lp} to tokenise to instead of the set's own
+      lengths (EVAL_FEATURE_LENGTHS); None: the set's lengths.
     batch_size: texts per encoder call.
     shard_size: rows per .npy shard.
     mesh_shape: (data, model) mesh sizes.
@@ -55,6 +58,8 @@ def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
     texts, encode_fn, length = data.corpus, encode_documents, data.document_length
   else:
     texts, encode_fn, length = data.queries, encode_queries, data.query_length
+  if feature_lengths:
+    length = feature_lengths["passages" if side == "corpus" else "queries"]
   ids = list(texts)
   paths = encoding.encode_to_shards(ids, [texts[i] for i in ids], encode_fn, data.vocabulary,
                                     length, output_dir, shard_size=shard_size,
@@ -67,9 +72,13 @@ def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  main_lib.GIN_FILES.value.append(ENCODE_RUN_GIN)
+  # First, so that the experiment's files and --gin bindings override its defaults.
+  main_lib.GIN_FILES.value.insert(0, ENCODE_RUN_GIN)
   main_lib.setup_from_flags()
-  main_lib.call_configured(encode)
+  # By module name: under `python -m` this file is __main__, but gin registered
+  # samtone_jax.encode.encode.
+  from samtone_jax import encode as this_module  # pylint: disable=g-import-not-at-top,import-self
+  main_lib.call_configured(this_module.encode)
 
 
 def console_main() -> None:

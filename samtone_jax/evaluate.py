@@ -4,7 +4,7 @@ r"""Entry point for evaluating a checkpoint on retrieval evaluation sets.
     --gin.CHECKPOINT_PATH=\"/tmp/run\" [--gin.EVAL_TASKS='["demo_manpages_test"]'] \
     [--gin.EVAL_OUTPUT_DIR=\"/tmp/run/eval\"]
 
-The experiment's gin files give the model; `gin/runs/eval.gin` (parsed after them) binds
+The experiment's gin files give the model; `gin/runs/eval.gin` (parsed before them) binds
 `evaluate()`. CHECKPOINT_PATH is a run directory (latest checkpoint), its `checkpoints/`
 directory, or one `checkpoints/<step>` directory. Flags as in `samtone_jax.main`.
 """
@@ -37,7 +37,8 @@ def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
 
 def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
              eval_sets: Sequence[str], output_dir: str | None = None,
-             metrics: Sequence[str] = (), mesh_shape: tuple[int, int] = (-1, 1),
+             metrics: Sequence[str] = (),
+             feature_lengths: dict[str, int] | None = None, mesh_shape: tuple[int, int] = (-1, 1),
              tasks_module: str = "samtone_jax.tasks.all") -> dict[str, float]:
   """Evaluates the checkpoint's dual encoder on each named evaluation set.
 
@@ -47,6 +48,8 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
     eval_sets: registered evaluation set names (EVAL_TASKS).
     output_dir: where run files, per-set JSON and `metrics.json` go; None: nowhere.
     metrics: metric names; empty: each set's protocol defaults.
+    feature_lengths: {"queries": Lq, "passages": Lp} to tokenise to instead of each set's own
+      lengths (EVAL_FEATURE_LENGTHS); None: the sets' lengths.
     mesh_shape: (data, model) mesh sizes.
     tasks_module: imported to register the evaluation sets.
 
@@ -60,7 +63,8 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
   importlib.import_module(tasks_module)
   module, params, mesh = load_model(checkpoint_path, model, mesh_shape)
   results = trainer.evaluate_params(module, params, mesh, eval_sets, output_dir=output_dir,
-                                    metrics=list(metrics) or None)
+                                    metrics=list(metrics) or None,
+                                    feature_lengths=feature_lengths)
   if output_dir:
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
@@ -73,9 +77,13 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  main_lib.GIN_FILES.value.append(EVAL_RUN_GIN)
+  # First, so that the experiment's files and --gin bindings override its defaults.
+  main_lib.GIN_FILES.value.insert(0, EVAL_RUN_GIN)
   main_lib.setup_from_flags()
-  main_lib.call_configured(evaluate)
+  # By module name: under `python -m` this file is __main__, but gin registered
+  # samtone_jax.evaluate.evaluate.
+  from samtone_jax import evaluate as this_module  # pylint: disable=g-import-not-at-top,import-self
+  main_lib.call_configured(this_module.evaluate)
 
 
 def console_main() -> None:
