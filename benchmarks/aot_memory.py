@@ -57,7 +57,8 @@ def compile_once(gin_files: str, size: str, topology: str, batch: int,
     os.remove(out)
     record["status"] = "fits" if record["fits"] else "does_not_fit"
   else:
-    # A compile that fails outright (e.g. XLA's own out-of-memory check) does not fit either.
+    # Not a memory verdict (aot_compile reports XLA's HBM refusal as "does not fit"): a bug or
+    # a bad configuration; the search for this size and topology stops.
     record.update(status="error", error=proc.stderr[-2000:])
   return record
 
@@ -65,7 +66,7 @@ def compile_once(gin_files: str, size: str, topology: str, batch: int,
 def largest_fitting_batch(records: list[dict]) -> tuple[int | None, int | None]:
   """(largest batch that fits, smallest batch that does not) among the records."""
   fits = [r["batch_size"] for r in records if r["status"] == "fits"]
-  fails = [r["batch_size"] for r in records if r["status"] in ("does_not_fit", "error")]
+  fails = [r["batch_size"] for r in records if r["status"] == "does_not_fit"]
   return (max(fits) if fits else None), (min(fails) if fails else None)
 
 
@@ -135,6 +136,9 @@ def main() -> None:
         for batch in map(int, args.batches.split(",")):
           measure(size, topology, batch)
         group = [r for r in records if (r["size"], r["topology"]) == (size, topology)]
+        if any(r["status"] in ("error", "timeout") for r in group):
+          print(f"{size} {topology}: a compile failed (see {args.results}); no search.")
+          continue
         step = args.data_axis or group[0].get("num_chips") or 1
         fit, fail = largest_fitting_batch(group)
         # Double from the largest fit (or halve from the smallest failure) to bracket the limit.
