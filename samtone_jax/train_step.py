@@ -191,10 +191,10 @@ class Built(NamedTuple):
     batch_shardings: dict of NamedSharding, like `batch_spec`.
     rng_sharding: NamedSharding of the [2] uint32 base key (replicated).
     init_state: `init_state(rng [2] uint32) -> TrainState`, jitted with out_shardings (never
-      builds anything unsharded).
+      builds anything unsharded); an `InMesh`.
     train_step: `train_step(state, batch, rng) -> (state, metrics)`, jitted with in/out
-      shardings, state donated. `train_step.lower(abstract_state, batch_spec, rng_spec)` lowers
-      it without running (the AOT compile check).
+      shardings, state donated; an `InMesh`. `train_step.lower(abstract_state, batch_spec,
+      rng_spec)` lowers it without running (the AOT compile check).
   """
 
   model: dual_encoder.DualEncoder
@@ -207,6 +207,28 @@ class Built(NamedTuple):
   rng_sharding: NamedSharding
   init_state: Any
   train_step: Any
+
+
+class InMesh:
+  """A jitted function that is traced, called and lowered with `mesh` and the logical axis rules
+  active (the model's logical sharding constraints resolve against them; `jax.set_mesh` must be
+  entered outside of `jax.jit`, hence this wrapper rather than a context inside the function).
+
+  `InMesh(f, mesh)(*args)` and `InMesh(f, mesh).lower(*args)` behave like `f(*args)` and
+  `f.lower(*args)`.
+  """
+
+  def __init__(self, jitted: Any, mesh: Mesh):
+    self.jitted = jitted
+    self.mesh = mesh
+
+  def __call__(self, *args):
+    with partitioning.mesh_context(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with partitioning.mesh_context(self.mesh):
+      return self.jitted.lower(*args)
 
 
 def _opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: PyTree,
@@ -301,21 +323,14 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossCon
                        if loss_config.learn_temperature else {})}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  def init_in_mesh(rng):
-    with partitioning.mesh_context(mesh):
-      return init_state(rng)
-
   step_fn = functools.partial(train_step, model=model, loss_config=loss_config, tx=tx,
                               schedule=schedule, trainable=trainable, mesh=mesh)
-
-  def step_in_mesh(state, batch_arrays, rng):
-    with partitioning.mesh_context(mesh):
-      return step_fn(state, batch_arrays, rng)
-
   batch_shardings = {k: partitioning.data_sharding(mesh, len(v.shape)) for k, v in batch.items()}
-  jitted_init = jax.jit(init_in_mesh, in_shardings=replicated, out_shardings=state_shardings)
-  jitted_step = jax.jit(step_in_mesh, in_shardings=(state_shardings, batch_shardings, replicated),
-                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  jitted_init = InMesh(jax.jit(init_state, in_shardings=replicated,
+                               out_shardings=state_shardings), mesh)
+  jitted_step = InMesh(jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, replicated),
+                               out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+                       mesh)
   return Built(model=model, tx=tx, schedule=schedule, trainable=trainable,
                abstract_state=abstract_state, state_shardings=state_shardings,
                batch_shardings=batch_shardings, rng_sharding=replicated, init_state=jitted_init,
