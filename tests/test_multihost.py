@@ -3,7 +3,8 @@
 Each process is a subprocess with its own XLA_FLAGS device count; they meet at a coordinator on
 localhost. Checked: `distributed.initialize` wires the processes into one 8-device system whose
 collectives give the numpy answer, the start-up logic picks the right case, and (with the real
-trainer) two processes train exactly like one.
+trainer, through `python -m samtone_jax.main`) two processes train and evaluate exactly like one,
+and meshes (4, 2) and (2, 4) train like (8, 1).
 """
 
 import json
@@ -150,17 +151,21 @@ def main_command(model_dir, *flags: str) -> list[str]:
           "--gin.MIXTURE_OR_TASK_NAME='demo_manpages_unshuffled'",
           "--gin.trainer.DataConfig.tasks_module='unshuffled_demo_tasks'",
           "--gin.TRAIN_STEPS=5", "--gin.BATCH_SIZE=16",
-          "--gin.TASK_FEATURE_LENGTHS={'queries': 8, 'passages': 16}", "--gin.EVAL_TASKS=[]",
+          "--gin.TASK_FEATURE_LENGTHS={'queries': 8, 'passages': 16}",
+          "--gin.EVAL_TASKS=['demo_manpages_test']",
           "--gin.trainer.LoopConfig.log_period=1", "--gin.trainer.LoopConfig.checkpoint_period=5",
           # Rows sit at different global positions with 1 and 2 hosts (host i holds examples
           # i, i+2, ...), and a dropout mask belongs to a position: no dropout here.
           "--gin.DROPOUT_RATE=0.0", *flags]
 
 
-def logged_losses(model_dir) -> list[float]:
+def logged_metrics(model_dir, kind: str) -> list[dict]:
   with open(model_dir / "metrics.jsonl") as f:
-    records = [json.loads(line) for line in f]
-  return [r["loss"] for r in records if r["kind"] == "train"]
+    return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def logged_losses(model_dir) -> list[float]:
+  return [r["loss"] for r in logged_metrics(model_dir, "train")]
 
 
 def checkpoint_params(model_dir, step: int) -> dict:
@@ -193,6 +198,12 @@ def test_two_processes_train_like_one_through_main(tmp_path):
   assert len(reference) == 5 and np.all(np.isfinite(reference))
   # Only process 0 writes metrics: one line per step, not two.
   np.testing.assert_allclose(logged_losses(multi), reference, rtol=1e-5)
+  # The retrieval evaluation at the end (corpus encoded by both hosts) agrees too.
+  [reference_eval], [multi_eval] = logged_metrics(single, "eval"), logged_metrics(multi, "eval")
+  assert set(multi_eval) == set(reference_eval) and "demo_manpages_test/mrr@10" in reference_eval
+  for name, value in reference_eval.items():
+    if "/" in name:  # "<eval set>/<metric>"
+      np.testing.assert_allclose(multi_eval[name], value, rtol=1e-5, err_msg=name)
   import jax  # pylint: disable=g-import-not-at-top
   reference_params = checkpoint_params(single, 5)
   params = checkpoint_params(multi, 5)
