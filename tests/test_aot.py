@@ -28,7 +28,7 @@ def run_aot(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("XLA_FLAGS", None)  # the topology's devices are not host devices
   proc = subprocess.run([sys.executable, str(SCRIPT), *args, f"--json_output={report}"],
-                        capture_output=True, text=True, env=env, check=False, timeout=1800)
+                        capture_output=True, text=True, env=env, check=False, timeout=3600)
   assert report.exists(), proc.stderr[-3000:]
   return proc, json.loads(report.read_text())
 
