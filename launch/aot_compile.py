@@ -204,8 +204,8 @@ def configured_train_arguments() -> dict:
   missing = [name for name in ("model", "loss", "optimizer", "data")
              if name not in bound.arguments]
   if missing:
-    raise ValueError(f"The gin config does not bind trainer.train.{missing[0]} (and {missing[1:]}"
-                     "); pass the experiment's --gin_file.")
+    raise ValueError(f"The gin config does not bind trainer.train's {', '.join(missing)}; pass "
+                     "an experiment's --gin_file (or its model, architecture, loss and run files).")
   return bound.arguments
 
 
