@@ -23,13 +23,16 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from samtone_jax import io_utils
+
 PyTree = Any
 STATE_ITEM = "state"
 META_ITEM = "meta"
 
 
 def checkpoint_dir(model_dir: str) -> str:
-  return os.path.join(os.path.abspath(model_dir), "checkpoints")
+  # abspath only for local paths: on a pod MODEL_DIR is gs://..., which abspath would mangle.
+  return os.path.join(io_utils.abspath(model_dir), "checkpoints")
 
 
 def create_manager(model_dir: str, *, keep: int = 3, best_metric: str | None = None,
@@ -94,12 +97,12 @@ def restore(manager: ocp.CheckpointManager, abstract_state: PyTree, step: int | 
 def _resolve_step_dir(path: str) -> str:
   """A path to a run directory, its `checkpoints/` directory, or one `<step>` directory ->
   the `<step>` directory (the latest when several)."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, STATE_ITEM)):
+  path = io_utils.abspath(path)
+  if io_utils.isdir(os.path.join(path, STATE_ITEM)):
     return path
-  if os.path.isdir(os.path.join(path, "checkpoints")):
+  if io_utils.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
-  steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+  steps = [int(d) for d in io_utils.listdir(path) if d.isdigit()] if io_utils.isdir(path) else []
   if not steps:
     raise FileNotFoundError(f"No samtone_jax checkpoint under {path!r} (expected "
                             "MODEL_DIR, MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step>).")
@@ -163,9 +166,9 @@ def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> Py
     loaded = restore_params(path, abstract)
     return {**init_params, **loaded}
   from samtone_jax.models import hf_import  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(path, "modules.json")):
+  if io_utils.exists(os.path.join(path, "modules.json")):
     _, model_params = hf_import.import_sentence_transformers(path, config=model_config)
-  elif os.path.exists(os.path.join(path, "config.json")):
+  elif io_utils.exists(os.path.join(path, "config.json")):
     _, encoder = hf_import.import_t5_encoder(path, config=model_config.encoder)
     model_params = dict(jax.device_get(init_params["model"]))
     model_params.update(hf_import.dual_encoder_params(model_config, encoder))

@@ -25,6 +25,7 @@ import gin
 import jax
 
 from samtone_jax import bm25
+from samtone_jax import io_utils
 from samtone_jax import main as main_lib
 
 OUTPUT_DIR = flags.DEFINE_string(
@@ -63,7 +64,7 @@ def run_demo(output_dir: str, train_steps: int | None = None) -> dict[str, dict[
   """Trains, evaluates and writes results; returns {system: {metric: value}}."""
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   from samtone_jax.tasks import eval_sets  # pylint: disable=g-import-not-at-top
-  os.makedirs(output_dir, exist_ok=True)
+  io_utils.makedirs(output_dir)
   extra = [] if train_steps is None else [f"TRAIN_STEPS = {train_steps}"]
   start = time.time()
   results: dict[str, dict[str, float]] = {}
@@ -87,13 +88,13 @@ def run_demo(output_dir: str, train_steps: int | None = None) -> dict[str, dict[
   eval_set = eval_sets.get_eval_set(EVAL_SET)
   summary = (f"Demo: {len(eval_set.qrels)} test queries of {EVAL_SET} against "
              f"{len(eval_set.corpus)} man-page documents; {time.time() - start:.0f} s in all.")
-  with open(os.path.join(output_dir, "results.json"), "w") as f:
+  with io_utils.open_file(os.path.join(output_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
-  with open(os.path.join(output_dir, "results.md"), "w") as f:
+  with io_utils.open_file(os.path.join(output_dir, "results.md"), "w") as f:
     f.write(summary + "\n\n" + table + "\n")
   print("\n" + summary + "\n\n" + table, flush=True)
-  print(f"\nResults, checkpoints and TensorBoard logs: {os.path.abspath(output_dir)}\n"
-        f"  tensorboard --logdir {os.path.abspath(output_dir)}", flush=True)
+  print(f"\nResults, checkpoints and TensorBoard logs: {io_utils.abspath(output_dir)}\n"
+        f"  tensorboard --logdir {io_utils.abspath(output_dir)}", flush=True)
   return results
 
 

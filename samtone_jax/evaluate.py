@@ -17,6 +17,7 @@ import os
 from absl import app
 
 from samtone_jax import checkpoints
+from samtone_jax import io_utils
 from samtone_jax import main as main_lib
 from samtone_jax import partitioning
 from samtone_jax import train_step as train_step_lib
@@ -66,8 +67,8 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
                                     metrics=list(metrics) or None,
                                     feature_lengths=feature_lengths)
   if output_dir:
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+    io_utils.makedirs(output_dir)  # gs:// on a pod.
+    with io_utils.open_file(os.path.join(output_dir, "metrics.json"), "w") as f:
       json.dump(results, f, indent=2, sort_keys=True)
   for name, value in sorted(results.items()):
     print(f"{name}: {value:.4f}", flush=True)

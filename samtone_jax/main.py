@@ -96,10 +96,11 @@ def gin_macro(name: str, default=None):
 def write_config(model_dir: str) -> str:
   """Writes the current gin config to MODEL_DIR/config.gin (process 0); returns the path."""
   import jax  # pylint: disable=g-import-not-at-top
+  from samtone_jax import io_utils  # pylint: disable=g-import-not-at-top
   path = os.path.join(model_dir, "config.gin")
   if jax.process_index() == 0:
-    os.makedirs(model_dir, exist_ok=True)
-    with open(path, "w") as f:
+    io_utils.makedirs(model_dir)  # MODEL_DIR may be gs:// on a pod.
+    with io_utils.open_file(path, "w") as f:
       f.write(gin.config_str())
   return path
 

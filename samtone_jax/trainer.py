@@ -34,6 +34,7 @@ import numpy as np
 import seqio
 
 from samtone_jax import checkpoints
+from samtone_jax import io_utils
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as train_step_lib
@@ -174,7 +175,7 @@ class _MetricsLog:
     self.writers[kind].write_scalars(step, metrics)
     self.writers[kind].flush()
     if self.chief:
-      with open(self.jsonl_path, "a") as f:
+      with io_utils.open_file(self.jsonl_path, "a") as f:
         f.write(json.dumps({"kind": kind, "step": step, **metrics}) + "\n")
 
   def close(self):
@@ -278,7 +279,7 @@ def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, da
   if loss.use_hard_negatives and not data.num_negatives:
     raise ValueError("LossConfig.use_hard_negatives=True needs DataConfig.num_negatives > 0 "
                      "(NUM_NEGATIVES) and a task with hard negatives.")
-  os.makedirs(model_dir, exist_ok=True)
+  io_utils.makedirs(model_dir)  # gs:// on a pod.
   importlib.import_module(data.tasks_module)  # registers the tasks and evaluation sets
   mesh = partitioning.create_mesh(*mesh_shape)
   spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
@@ -384,7 +385,7 @@ def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, da
     log.close()
   total = time.time() - run_start
   print(f"Finished at step {int(state.step)} in {_format_duration(total)}"
-        f"{' (preempted)' if preempted else ''}; run directory {os.path.abspath(model_dir)}",
+        f"{' (preempted)' if preempted else ''}; run directory {io_utils.abspath(model_dir)}",
         flush=True)
   return TrainResult(state=state, built=built, mesh=mesh, train_metrics=last_summary,
                      eval_metrics=eval_metrics, preempted=preempted)

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
 
+from samtone_jax import io_utils  # pylint: disable=g-import-not-at-top
 from samtone_jax.evaluation import search  # pylint: disable=g-import-not-at-top
 
 
@@ -124,7 +125,8 @@ def plot_tsne(queries: np.ndarray, documents: np.ndarray, path: str, *, max_poin
   axes.set_yticks([])
   axes.set_title(title or "t-SNE of query and document embeddings")
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  with io_utils.open_file(path, "wb") as f:  # local or gs://
+    figure.savefig(f, format="png", dpi=120)
   plt.close(figure)
   return coordinates
 
@@ -143,7 +145,8 @@ def plot_distance_histograms(distances: dict[str, np.ndarray], path: str, *, bin
   axes.legend()
   axes.set_title(title or "Top-1 distances")
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  with io_utils.open_file(path, "wb") as f:  # local or gs://
+    figure.savefig(f, format="png", dpi=120)
   plt.close(figure)
 
 
@@ -162,7 +165,7 @@ def embedding_probes(queries: np.ndarray, documents: np.ndarray, output_dir: str
   Returns:
     {"mean_query_to_document", "median_query_to_document", ... for the three distributions}.
   """
-  os.makedirs(output_dir, exist_ok=True)
+  io_utils.makedirs(output_dir)
   distances = top1_distances(queries, documents, **search_kwargs)
   plot_distance_histograms(distances, os.path.join(output_dir, f"{prefix}top1_distances.png"))
   plot_tsne(queries, documents, os.path.join(output_dir, f"{prefix}tsne.png"),

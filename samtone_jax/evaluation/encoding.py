@@ -10,7 +10,9 @@ vocabulary's ids cut to `length - 1`, EOS (id 1) appended, padded with 0 to `len
 Batches are data-parallel over the mesh's `data` axis (padded to a multiple of its size). A corpus
 whose embeddings do not fit in memory is written as shards: `embeddings-00000.npy` (float32
 [n_i, P]) with `ids-00000.json` (the n_i document ids) and `manifest.json`; `load_embedding_shards`
-memory-maps them for `search.exact_search`, which reads them shard by shard.
+memory-maps them for `search.exact_search`, which reads them shard by shard. The directory may be
+remote (gs://, through `io_utils`); remote shards are read into memory, since a memmap needs a
+local file.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +26,7 @@ import seqio
 import tensorflow as tf
 import tqdm
 
+from samtone_jax import io_utils
 from samtone_jax import partitioning
 
 EncodeFn = Callable[[jax.Array | np.ndarray], jax.Array]
@@ -148,7 +151,7 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
     raise ValueError(f"{len(ids)} ids but {len(texts)} texts.")
   writer = jax.process_index() == 0
   if writer:
-    os.makedirs(output_dir, exist_ok=True)
+    io_utils.makedirs(output_dir)  # local or gs:// (a directory every host sees)
   paths, shard_sizes, buffer, buffered, dim = [], [], [], 0, None
 
   def flush(rows: np.ndarray):
@@ -156,8 +159,8 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
     path = os.path.join(output_dir, f"embeddings-{shard:05d}.npy")
     begin = sum(shard_sizes)
     if writer:
-      np.save(path, rows)
-      with open(os.path.join(output_dir, f"ids-{shard:05d}.json"), "w") as f:
+      io_utils.save_npy(path, rows)
+      with io_utils.open_file(os.path.join(output_dir, f"ids-{shard:05d}.json"), "w") as f:
         json.dump(list(ids[begin:begin + len(rows)]), f)
     paths.append(path)
     shard_sizes.append(len(rows))
@@ -175,7 +178,7 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
   if buffered:
     flush(np.concatenate(buffer))
   if writer:
-    with open(os.path.join(output_dir, _MANIFEST), "w") as f:
+    with io_utils.open_file(os.path.join(output_dir, _MANIFEST), "w") as f:
       json.dump({"num_documents": len(ids), "dim": dim, "shard_sizes": shard_sizes}, f)
   if jax.process_count() > 1:  # Readers on other hosts wait for the files (shared file system).
     multihost_utils.sync_global_devices(f"encode_to_shards:{output_dir}")
@@ -183,21 +186,23 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
 
 
 def load_embedding_shards(directory: str) -> tuple[list[str], list[np.ndarray]]:
-  """Memory-maps shards written by `encode_to_shards`.
+  """Loads shards written by `encode_to_shards`: memory-mapped from a local directory; from a
+  remote one (gs://) each shard is read whole into memory (a memmap needs a local file).
 
   Returns:
-    (ids, shards): the n document ids in order, and the [n_i, P] float32 memmaps (sum n_i = n).
+    (ids, shards): the n document ids in order, and the [n_i, P] float32 arrays (read-only memmaps
+    for a local directory; sum n_i = n).
   """
   manifest_path = os.path.join(directory, _MANIFEST)
-  if not os.path.exists(manifest_path):
+  if not io_utils.exists(manifest_path):
     raise FileNotFoundError(f"{manifest_path} is missing; write the shards with encode_to_shards.")
-  with open(manifest_path) as f:
+  with io_utils.open_file(manifest_path) as f:
     manifest = json.load(f)
   ids, shards = [], []
   for shard, size in enumerate(manifest["shard_sizes"]):
-    embeddings = np.load(os.path.join(directory, f"embeddings-{shard:05d}.npy"), mmap_mode="r")
+    embeddings = io_utils.load_npy(os.path.join(directory, f"embeddings-{shard:05d}.npy"))
     ids_path = os.path.join(directory, f"ids-{shard:05d}.json")
-    with open(ids_path) as f:
+    with io_utils.open_file(ids_path) as f:
       shard_ids = json.load(f)
     if embeddings.shape[0] != size or len(shard_ids) != size:
       raise ValueError(f"{ids_path}: shard {shard} has {embeddings.shape[0]} rows and "

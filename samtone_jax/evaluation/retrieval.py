@@ -29,6 +29,7 @@ import re
 import jax
 import numpy as np
 
+from samtone_jax import io_utils
 from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import metrics as metrics_lib
 from samtone_jax.evaluation import search
@@ -86,7 +87,7 @@ def write_trec_run(path: str, run: metrics_lib.Run, tag: str = "samtone_jax") ->
   """
   if not tag or _WHITESPACE.search(tag):
     raise ValueError(f"The run tag {tag!r} must be non-empty without whitespace.")
-  with open(path, "w") as f:
+  with io_utils.open_file(path, "w") as f:
     for query_id, ranking in run.items():
       doc_ids = list(ranking)
       if (not query_id or _WHITESPACE.search(query_id) or not all(doc_ids)
@@ -107,7 +108,7 @@ def read_trec_run(path: str) -> dict[str, dict[str, float]]:
     ValueError: naming the file and line of a malformed line or a repeated (qid, docid).
   """
   run: dict[str, dict[str, float]] = {}
-  with open(path) as f:
+  with io_utils.open_file(path) as f:
     for line_number, line in enumerate(f, start=1):
       fields = line.split()
       if not fields:
@@ -220,10 +221,10 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
                  embeddings_dir=embeddings_dir, chunk_size=chunk_size)
   results = metrics_lib.evaluate_run(eval_set.qrels, run, metric_names)
   if output_dir is not None and jax.process_index() == 0:
-    os.makedirs(output_dir, exist_ok=True)
+    io_utils.makedirs(output_dir)  # local or gs://
     run_path = os.path.join(output_dir, f"{eval_set.name}.trec")
     write_trec_run(run_path, run, run_tag)
-    with open(os.path.join(output_dir, f"{eval_set.name}.json"), "w") as f:
+    with io_utils.open_file(os.path.join(output_dir, f"{eval_set.name}.json"), "w") as f:
       json.dump({"eval_set": eval_set.name, "protocol": eval_set.protocol, "metrics": results,
                  "k": k, "num_queries": len(run), "num_documents": len(eval_set.corpus),
                  "ignore_identical_ids": ignore_identical_ids, "run_file": run_path}, f, indent=2)
