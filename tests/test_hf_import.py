@@ -299,3 +299,12 @@ def test_more_blocks_than_config_is_refused(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps({**raw, "num_layers": 2}))
   with pytest.raises(ValueError, match=r"model.safetensors: holds more than 2 encoder blocks"):
     hf_import.import_t5_encoder(tmp_path, config)
+
+
+def test_remote_checkpoint_path_is_refused_with_what_to_do():
+  # pathlib would turn gs://b/x into the local path gs:/b/x; the importer must say so instead.
+  for call in (lambda: hf_import.import_t5_encoder("gs://bucket/t5-base"),
+               lambda: hf_import.import_sentence_transformers("gs://bucket/gtr-t5-base"),
+               lambda: hf_import.t5_config_from_hf("gs://bucket/t5-base/config.json")):
+    with pytest.raises(ValueError, match=r"gs://bucket/.*local directories only.*gsutil -m cp -r"):
+      call()

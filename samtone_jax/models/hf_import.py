@@ -48,6 +48,21 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+
+def _local_path(path: PathLike) -> pathlib.Path:
+  """The path as a local `pathlib.Path`; remote URLs are refused with what to do instead.
+
+  Hugging Face / sentence-transformers checkpoints are read with seeks into safetensors files, which
+  this module does on local files only (a `gs://` path given to pathlib would silently become a
+  wrong local path).
+  """
+  text = os.fspath(path)
+  if "://" in text and not text.startswith("file://"):
+    raise ValueError(f"{text}: weight import reads local directories only; copy the checkpoint "
+                     f"to local disk first (e.g. `gsutil -m cp -r {text} /tmp/`) and pass that path.")
+  return pathlib.Path(text.removeprefix("file://"))
+
+
 def t5_config_from_hf(path: PathLike, **overrides: Any) -> T5Config:
   """Reads a Hugging Face T5 `config.json` (or the directory holding it) into a T5Config.
 
@@ -59,7 +74,7 @@ def t5_config_from_hf(path: PathLike, **overrides: Any) -> T5Config:
   Raises:
     FileNotFoundError, ValueError: naming the file and field.
   """
-  path = pathlib.Path(path)
+  path = _local_path(path)
   if path.is_dir():
     path = path / "config.json"
   raw = _read_json(path)
@@ -223,7 +238,7 @@ def import_t5_encoder(directory: PathLike,
   Raises:
     KeyError / ValueError naming the file and tensor for missing or mis-shaped tensors.
   """
-  directory = pathlib.Path(directory)
+  directory = _local_path(directory)
   from_file = t5_config_from_hf(directory)
   if config is None:
     config = from_file
@@ -335,7 +350,7 @@ def import_sentence_transformers(
   Returns:
     (config, params) with params the `DualEncoder` `params` collection, numpy float32.
   """
-  directory = pathlib.Path(directory)
+  directory = _local_path(directory)
   modules_file = directory / "modules.json"
   modules = _read_json(modules_file)
   by_kind: dict[str, dict[str, Any]] = {}
