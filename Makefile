@@ -21,8 +21,9 @@ install: $(STAMP)
 demo: install
 	$(PY) -m samtone_jax.demo
 
+# Two workers: the suite mixes CPU-bound compiles with subprocess start-ups; -n 2 keeps both cores busy.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
