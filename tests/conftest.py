@@ -9,3 +9,19 @@ if "xla_force_host_platform_device_count" not in _flags:
 # TensorFlow (used by seqio/TFDS) must never grab a GPU or spam the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+  """Turns off most XLA optimisations for a module of tiny programs, where compile time dominates.
+
+  The math is unchanged; opt in with `pytestmark = pytest.mark.usefixtures("fast_compile")`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (after the environment above is set)
+  previous = jax.config.values["jax_disable_most_optimizations"]
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)

@@ -9,11 +9,8 @@ from samtone_jax import partitioning
 from samtone_jax.analysis import probes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
+# Tiny shapes: compile time dominates (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def brute_force(sources, targets, exclude_self=False):

@@ -43,12 +43,8 @@ TINY = T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_he
                 dropout_rate=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  # Tiny shapes: compile time dominates; XLA's optimisations don't pay for themselves here.
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
+# Tiny shapes: compile time dominates (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _gin_config(*files: str) -> DualEncoderConfig:

@@ -27,13 +27,8 @@ DUPLICATE_DOCUMENT_IDS = np.array([0, 1, 1, 2, 3, 4, 4, 5, 6, 7, 7, 7, 8, 9, 10,
 MESH_SHAPES = {"global": None, "mesh8x1": (8, 1), "mesh4x2": (4, 2)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-  """Compilation dominates these tiny shapes; XLA's optimisations do not change the math."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny shapes: compile time dominates (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,11 +23,8 @@ WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu 
          "sigma tau upsilon phi chi psi omega").split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
+# Tiny shapes: compile time dominates (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def write_beir_fixture(root, num_docs=37, num_queries=9, seed=0):

@@ -26,12 +26,8 @@ def integer_embeddings(rng, n, d):
   return rng.integers(-2, 3, size=(n, d)).astype(np.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_compile():
-  # Tiny shapes: compile time dominates, and unoptimised XLA computes the same numbers.
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
+# Tiny shapes: compile time dominates (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

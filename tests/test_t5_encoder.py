@@ -23,11 +23,8 @@ CONFIG = T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_
                   dropout_rate=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
+# Tiny shapes: compile time dominates (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (16, 12), (8, 16), (32, 20),

@@ -76,13 +76,8 @@ def _random_batch(rng: np.random.Generator, batch: int, lq: int, lp: int) -> dic
           features.PASSAGE_IDS: np.arange(100, 100 + batch, dtype=np.int32)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-  """Compilation dominates these tiny programs."""
-  previous = jax.config.values["jax_disable_most_optimizations"]
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+# Tiny shapes: compile time dominates (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,8 @@ LENGTHS = {"queries": 8, "passages": 12}
 BATCH = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", False)
+# Tiny shapes: compile time dominates (conftest.fast_compile).
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def _batch(spec, seed=0):
