@@ -13,7 +13,8 @@ Resuming restores the step, the parameters and optimizer state; the dropout key 
 `fold_in(PRNGKey(seed), step)` and the input stream restarts at the step (`start_step`), so a run
 that is killed and resumed ends with exactly the parameters of an uninterrupted run.
 
-SIGTERM (TPU preemption) makes the loop save a checkpoint after the current step and return. A
+SIGTERM (TPU preemption) makes the loop save a checkpoint after the current step and return; with
+several processes, every host stops at the same step (JAX's preemption sync point). A
 non-finite loss raises `NonFiniteLossError` naming the step and the last good checkpoint; no
 checkpoint is ever written after a non-finite loss.
 """
@@ -30,6 +31,7 @@ from typing import Any
 from absl import logging
 from clu import metric_writers
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import seqio
 
@@ -113,13 +115,34 @@ class TrainResult:
 
 
 class _PreemptionFlag:
-  """Set by SIGTERM; the loop checkpoints and returns at the next step boundary."""
+  """Decides at each step boundary whether to checkpoint and stop for a preemption (SIGTERM).
+
+  One process: our own SIGTERM handler sets a flag, read at the next step boundary.
+
+  Several processes (a pod): hosts can get SIGTERM at different steps, and one host leaving
+  the loop for the (collective) checkpoint save while the others enter the next (collective)
+  train step would hang them all. So there every host asks JAX's preemption sync manager
+  (`multihost_utils.reached_preemption_sync_point`), which returns True on all hosts at the same
+  step once any host got the notice. Its SIGTERM notifier is a C handler installed by
+  `jax.distributed.initialize`; we install no Python handler then, as it would replace that one.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
+    self._multiprocess = False
+    self._sync_service = False
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      # Without the service JAX installs no notifier and reached_preemption_sync_point raises;
+      # a per-host flag of ours would hang the pod, so SIGTERM just ends the process then.
+      self._sync_service = bool(jax.config.jax_enable_preemption_service)
+      self._multiprocess = True
+      if not self._sync_service:
+        logging.warning("jax_enable_preemption_service is off: this multi-process run will not "
+                        "checkpoint on preemption (SIGTERM).")
+      return self
     def handler(signum, frame):
       del frame
       logging.warning("Signal %d received: checkpointing and stopping.", signum)
@@ -129,6 +152,19 @@ class _PreemptionFlag:
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
       self._previous = None
     return self
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to checkpoint `step` and stop; with several processes, the same on every host.
+
+    Multi-process runs must call this at every step (the sync protocol counts on it).
+    """
+    if self._multiprocess:
+      if (not self.requested and self._sync_service
+          and multihost_utils.reached_preemption_sync_point(step)):
+        logging.warning("Preemption sync point reached at step %d on all hosts: checkpointing "
+                        "and stopping.", step)
+        self.requested = True
+    return self.requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -350,7 +386,7 @@ def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, da
   try:
     step = start_step
     while step < loop.train_steps:
-      if preemption.requested:
+      if preemption.should_stop(step):
         preempted = True
         break
       local_batch = next(batches)

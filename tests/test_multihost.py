@@ -294,3 +294,67 @@ def test_model_parallel_meshes_reproduce_data_parallel_training(fast_compile):
     import jax  # pylint: disable=g-import-not-at-top
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                  params, reference_params)
+
+
+# --- Preemption: SIGTERM to one host stops both at the same step -------------------------------
+
+def test_sigterm_to_one_process_checkpoints_both_at_one_step(tmp_path):
+  """JAX's preemption sync point: both hosts leave the loop at one step and save together.
+
+  With per-process SIGTERM flags the signalled host would enter the (collective) checkpoint save
+  while the other entered the next (collective) train step: a hang, here the timeout.
+  """
+  import signal  # pylint: disable=g-import-not-at-top
+  (tmp_path / "unshuffled_demo_tasks.py").write_text(UNSHUFFLED_TASKS_MODULE)
+  model_dir = tmp_path / "run"
+  address = f"localhost:{free_port()}"
+  train_steps = 10_000  # far more than run before the signal: only a preemption ends it
+  commands = [main_command(model_dir, f"--coordinator_address={address}", "--process_count=2",
+                           f"--process_index={i}", f"--gin.TRAIN_STEPS={train_steps}",
+                           "--gin.EVAL_TASKS=[]", "--gin.config.T5Config.num_layers=1",
+                           "--gin.trainer.LoopConfig.checkpoint_period=100000")
+              for i in range(2)]
+  logs = [open(tmp_path / f"process{i}.log", "w") for i in range(2)]  # pylint: disable=consider-using-with
+  procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                            env=dict(subprocess_env(4), PYTHONPATH=str(tmp_path)))
+           for cmd, log in zip(commands, logs)]
+  try:
+    # Process 0 prints a line per step; SIGTERM the other host once training runs.
+    chief_lines = []
+    for line in procs[0].stdout:
+      chief_lines.append(line)
+      if line.startswith("step 2/"):
+        break
+    assert chief_lines and chief_lines[-1].startswith("step 2/"), (
+        "".join(chief_lines) + (tmp_path / "process0.log").read_text()[-4000:])
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = []
+    for index, proc in enumerate(procs):
+      out, _ = proc.communicate(timeout=120)
+      if index == 0:
+        out = "".join(chief_lines) + out
+      log = (tmp_path / f"process{index}.log").read_text()
+      assert proc.returncode == 0, f"process {index}:\n{out}\n{log[-4000:]}"
+      outputs.append(out)
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+    for log in logs:
+      log.close()
+  finished = []
+  for out in outputs:
+    [line] = [l for l in out.splitlines() if l.startswith("Finished at step")]
+    assert "(preempted)" in line, out
+    finished.append(int(line.split()[3]))
+  # Both hosts stopped at one step, after the signal and long before the end.
+  assert finished[0] == finished[1] and 2 <= finished[0] < train_steps, finished
+  step = finished[0]
+  assert all(f"Saved checkpoint step {step}:" in out for out in outputs), outputs
+  assert sorted(os.listdir(model_dir / "checkpoints")) == [str(step)]
+  # The chief logged every step up to there, and the checkpoint restores with finite params.
+  assert [r["step"] for r in logged_metrics(model_dir, "train")] == list(range(1, step + 1))
+  import jax  # pylint: disable=g-import-not-at-top
+  params = checkpoint_params(model_dir, step)
+  leaves = jax.tree.leaves(params)
+  assert leaves and all(np.isfinite(x).all() for x in leaves)
