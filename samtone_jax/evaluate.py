@@ -78,13 +78,7 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # First, so that the experiment's files and --gin bindings override its defaults.
-  main_lib.GIN_FILES.value.insert(0, EVAL_RUN_GIN)
-  main_lib.setup_from_flags()
-  # By module name: under `python -m` this file is __main__, but gin registered
-  # samtone_jax.evaluate.evaluate.
-  from samtone_jax import evaluate as this_module  # pylint: disable=g-import-not-at-top,import-self
-  main_lib.call_configured(this_module.evaluate)
+  main_lib.run_configured_entry_point(EVAL_RUN_GIN, "samtone_jax.evaluate", "evaluate")
 
 
 def console_main() -> None:

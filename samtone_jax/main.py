@@ -22,6 +22,7 @@ and gin's message on stderr; a non-finite loss exits with status 1 and the step.
 """
 
 from collections.abc import Callable, Sequence
+import importlib
 import logging as std_logging
 import os
 import sys
@@ -149,6 +150,19 @@ def main(argv: Sequence[str]) -> None:
     logging.error("%s", e)
     print(f"Training stopped: {e}", file=sys.stderr)
     sys.exit(1)
+
+
+def run_configured_entry_point(run_gin: str, module_name: str, function_name: str) -> None:
+  """`python -m samtone_jax.evaluate` / `.encode`: parse `run_gin` first, then call the function.
+
+  `run_gin` goes first so that the experiment's files and --gin bindings override its defaults. The
+  function is looked up by module name: under `python -m` the entry module is `__main__`, but gin
+  registered it under its package name.
+  """
+  GIN_FILES.value.insert(0, run_gin)
+  setup_from_flags()
+  module = importlib.import_module(module_name)
+  call_configured(getattr(module, function_name))
 
 
 def run(main_fn: Callable[[Sequence[str]], None]) -> None:
