@@ -31,6 +31,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
     ("relpos_buckets", None),
     ("projection", None),
     ("negatives", None),
+    ("layers", None),  # the stacked-layer axis of `scan_layers` params
 )
 
 

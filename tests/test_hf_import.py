@@ -197,6 +197,27 @@ def test_gtr_layout_matches_torch(tmp_path, tower_sharing):
   np.testing.assert_allclose(np.asarray(documents), expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("tower_sharing", ["sde", "ade_fte"])
+def test_gtr_into_scanned_layers_matches_torch(tmp_path, tower_sharing):
+  """With T5Config.scan_layers the import stacks the blocks into the scanned layout."""
+  model = _random_hf_t5("gated-gelu", seed=5)
+  dense_weight = _write_gtr(tmp_path / "gtr", model, projection_dim=24, seed=5)
+  encoder = dataclasses.replace(hf_import.t5_config_from_hf(tmp_path / "gtr" / "0_Transformer"),
+                                scan_layers=True)
+  config = DualEncoderConfig(encoder=encoder, tower_sharing=tower_sharing, projection_dim=24)
+  _, params = hf_import.import_sentence_transformers(tmp_path / "gtr", config=config)
+  tokens, mask = _tokens(5)
+  init = jax.eval_shape(DualEncoder(config).init, jax.random.PRNGKey(0), tokens, tokens)
+  assert jax.tree.structure(nn.meta.unbox(init["params"])) == jax.tree.structure(params)
+  tower = params["encoder"] if tower_sharing == "sde" else params["query_encoder"]
+  assert tower["layers"]["attention"]["query"]["kernel"].shape == (3, 32, 32)
+  expected = _torch_gtr_embeddings(model, dense_weight, tokens, mask)
+  module = DualEncoder(config)
+  for method in (module.encode_queries, module.encode_documents):
+    ours = module.apply({"params": params}, jnp.asarray(tokens), method=method)
+    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_gtr_at_root_with_bin_dense(tmp_path):
   """GTR as published: the T5 encoder at the root (Transformer path ""), Dense as a .bin."""
   model = _random_hf_t5("gated-gelu", seed=4)

@@ -95,7 +95,8 @@ def _tokens():
   return jnp.asarray(tokens)
 
 
-def test_remat_gives_same_values_and_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_same_values_and_gradients(policy):
   tokens = _tokens()
   with_dropout = dataclasses.replace(CONFIG, dropout_rate=0.2)
   params = T5Encoder(with_dropout).init(jax.random.PRNGKey(0), tokens)["params"]
@@ -107,7 +108,7 @@ def test_remat_gives_same_values_and_gradients():
 
   grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
   plain = grad_fn(params, with_dropout)
-  remat = grad_fn(params, dataclasses.replace(with_dropout, remat=True))
+  remat = grad_fn(params, dataclasses.replace(with_dropout, remat=True, remat_policy=policy))
   # Same dropout masks (rngs follow module paths) and same arithmetic.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, remat)
 

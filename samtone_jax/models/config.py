@@ -33,8 +33,18 @@ class T5Config:
   layer_norm_epsilon: float = 1e-6
   # dtype of activations; parameters are always float32.
   dtype: str = "float32"
-  # Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute).
+  # Recompute each layer's activations in the backward pass (less memory, more compute), saving
+  # per `remat_policy`: "full" saves only each layer's input (~1/3 more compute); "dots" also
+  # saves the outputs of the weight matmuls (projections and MLP; not the attention einsums,
+  # which have batch dimensions) and recomputes the rest.
   remat: bool = False
+  remat_policy: Literal["full", "dots"] = "full"
+  # Run the layers as one `nn.scan` over stacked parameters (`layers/...` with a leading
+  # [num_layers] axis, logical name 'layers') instead of `layers_0 ... layers_{n-1}`: the same
+  # function, compiled once per layer body instead of num_layers times (XLA compile time on a pod
+  # drops from minutes per layer to about one layer's worth). Checkpoints of the two layouts
+  # convert with `t5.stack_layers` / `t5.unstack_layers`.
+  scan_layers: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

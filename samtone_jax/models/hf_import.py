@@ -29,6 +29,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from samtone_jax.models import t5
 from samtone_jax.models.config import DualEncoderConfig, T5Config
 
 PathLike = str | os.PathLike
@@ -290,6 +291,8 @@ def import_t5_encoder(directory: PathLike,
                      f"(found {extra}) but {expects} has num_layers={c.num_layers}.")
   params["encoder_norm"] = {
       "scale": store.get("encoder.final_layer_norm.weight", (c.d_model,), expects)}
+  if c.scan_layers:
+    params = t5.stack_layers(params)
   return config, params
 
 

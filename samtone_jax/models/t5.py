@@ -21,6 +21,9 @@ f = d_ff, V = vocab_size, NB = relative_attention_num_buckets), logical axes in 
   layers_{i}/mlp/{wi | wi_0, wi_1}/kernel [d, f]      ('embed', 'mlp')
   layers_{i}/mlp/wo/kernel            [f, d]          ('mlp', 'embed')
   encoder_norm/scale                  [d]             ('embed',)
+With `config.scan_layers` the per-layer entries are one `layers/...` subtree whose leaves have a
+leading [num_layers] axis (logical name 'layers', never sharded); `stack_layers` and
+`unstack_layers` convert between the two layouts anywhere in a params tree.
 The joined `h*k` axis carries the logical name 'heads' (sharded over `model`), so kernels have the
 same shapes as T5X's and as HF's (transposed) and a model-axis size that divides num_heads splits
 whole heads.
@@ -221,13 +224,17 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-  """Pre-norm transformer layer: x + attn(norm(x)); x + mlp(norm(x))."""
+  """Pre-norm transformer layer: x + attn(norm(x)); x + mlp(norm(x)).
+
+  With `scanned`, returns (x, None), the (carry, output) pair that `nn.scan` expects.
+  """
 
   config: T5Config
+  scanned: bool = False
 
   @nn.compact
   def __call__(self, x: Array, position_bias: Array, mask_bias: Array,
-               deterministic: bool) -> Array:
+               deterministic: bool) -> Array | tuple[Array, None]:
     """x: [b, l, d]; biases as for `SelfAttention` -> [b, l, d]."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -238,7 +245,8 @@ class EncoderLayer(nn.Module):
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
     y = MLP(cfg, name="mlp")(y, deterministic)
     x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return (x, None) if self.scanned else x
 
 
 class T5Encoder(nn.Module):
@@ -291,10 +299,75 @@ class T5Encoder(nn.Module):
     if cfg.remat:
       # Recompute each layer's activations in the backward pass (argument 4 is `deterministic`;
       # the module counts as argument 0).
-      layer_cls = nn.remat(EncoderLayer, static_argnums=(4,))
-    for i in range(cfg.num_layers):
-      x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias, mask_bias, deterministic)
+      policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+      if cfg.remat_policy not in policies:
+        raise ValueError(f"T5Config.remat_policy={cfg.remat_policy!r}; expected one of "
+                         f"{sorted(policies)}")
+      # Inside a scan the loop already keeps XLA from merging the recomputation into the
+      # forward pass, so common-subexpression protection is not needed there (flax's advice).
+      layer_cls = nn.remat(EncoderLayer, static_argnums=(4,), policy=policies[cfg.remat_policy],
+                           prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      # One layer body scanned num_layers times: params stacked on a leading 'layers' axis, a
+      # fresh dropout key per layer, the biases and `deterministic` broadcast to every layer.
+      scanned = nn.scan(layer_cls, variable_axes={"params": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(cfg, scanned=True, name="layers")(x, position_bias, mask_bias,
+                                                      deterministic)
+    else:
+      for i in range(cfg.num_layers):
+        x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias, mask_bias, deterministic)
 
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _layer_index(key: str) -> int | None:
+  prefix, _, index = key.partition("_")
+  return int(index) if prefix == "layers" and index.isdigit() else None
+
+
+def stack_layers(tree: Any) -> Any:
+  """Converts every `layers_0 ... layers_{n-1}` group in a params tree into one `layers` subtree
+  with each leaf stacked on a new leading axis (the `scan_layers` layout). Other entries, and
+  trees already stacked, are returned unchanged. Works on numpy and jax arrays."""
+  if not isinstance(tree, dict):
+    return tree
+  indices = sorted(i for i in map(_layer_index, tree) if i is not None)
+  out = {k: stack_layers(v) for k, v in tree.items() if _layer_index(k) is None}
+  if indices:
+    if indices != list(range(len(indices))):
+      raise ValueError(f"layer entries {[f'layers_{i}' for i in indices]} are not "
+                       "layers_0 ... layers_{n-1}")
+    if "layers" in tree:
+      raise ValueError("a params tree has both `layers` and `layers_0 ...` entries")
+    layers = [tree[f"layers_{i}"] for i in indices]
+    stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(layers)) \
+        else jnp.stack
+    out["layers"] = jax.tree.map(lambda *xs: stack(xs), *layers)
+  return out
+
+
+def unstack_layers(tree: Any) -> Any:
+  """The inverse of `stack_layers`: every `layers` subtree (leaves [num_layers, ...]) becomes
+  `layers_0 ... layers_{n-1}`."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: unstack_layers(v) for k, v in tree.items() if k != "layers"}
+  if "layers" in tree:
+    lengths = {x.shape[0] for x in jax.tree.leaves(tree["layers"])}
+    if len(lengths) != 1:
+      raise ValueError(f"stacked layer leaves disagree on the number of layers: {lengths}")
+    for i in range(lengths.pop()):
+      out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
+  return out
+
+
+def stacked_mask(tree: Any) -> Any:
+  """A tree like `tree` of bools: True for leaves inside a `layers` subtree (stacked layers of
+  the `scan_layers` layout, leading axis = layer)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(getattr(k, "key", None) == "layers" for k in path), tree)
