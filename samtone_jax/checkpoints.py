@@ -12,18 +12,22 @@ pipeline is deterministic and resumable at a step), so restoring the state resto
 
 `load_initial_params` starts a run from another run's checkpoint (parameters only, e.g.
 pre-training then MS MARCO fine-tuning) or from public T5 / GTR weights (via
-`samtone_jax.models.hf_import`).
+`samtone_jax.models.hf_import`). Parameters are read into either layer layout
+(`T5Config.scan_layers` or not) whichever layout the checkpoint was written in.
 """
 
+from collections.abc import Mapping
 import os
 from typing import Any
 
 from absl import logging
 import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from samtone_jax import io_utils
+from samtone_jax.models import t5
 
 PyTree = Any
 STATE_ITEM = "state"
@@ -131,18 +135,85 @@ def restore_params(path: str, abstract_params: PyTree) -> PyTree:
   stored_tree = getattr(stored, "item_metadata", stored)
   stored_tree = getattr(stored_tree, "tree", stored_tree)
   stored_params = stored_tree["params"]
-  target = {"params": {k: v for k, v in abstract_params.items() if k in stored_params}}
+  wanted = {k: v for k, v in abstract_params.items() if k in stored_params}
   missing = [k for k, v in abstract_params.items() if k not in stored_params and v]
   if missing:
     raise ValueError(f"Checkpoint {step_dir} has no params[{missing}]")
-  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  # A checkpoint of the other layer layout (T5Config.scan_layers on one side only) is read in its
+  # own layout, sharded like the target's layers, and converted.
+  stored_layout, wanted_layout = _layer_layout(stored_params), _layer_layout(wanted)
+  convert = None
+  if stored_layout == "unrolled" and wanted_layout == "stacked":
+    target, convert = _abstract_unstacked(wanted), t5.stack_layers
+  elif stored_layout == "stacked" and wanted_layout == "unrolled":
+    target, convert = _abstract_stacked(wanted), t5.unstack_layers
+  else:
+    target = wanted
+  restore_args = ocp.checkpoint_utils.construct_restore_args({"params": target})
   restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True))
+      item={"params": target}, restore_args=restore_args, partial_restore=True))
   params = dict(restored["params"])
+  if convert is not None:
+    shardings = jax.tree.map(lambda a: a.sharding, wanted)
+    params = dict(jax.jit(convert, out_shardings=shardings)(params))
+    logging.info("Converted %s layers of %s to the %s layout", stored_layout, step_dir,
+                 wanted_layout)
   for k, v in abstract_params.items():
     params.setdefault(k, v)  # empty subtrees (e.g. {} loss params)
   logging.info("Initial params restored from %s", step_dir)
   return params
+
+
+def _layer_layout(tree: Any) -> str | None:
+  """'stacked' if a params tree has `layers` subtrees (scan_layers), 'unrolled' if it has
+  `layers_0`, None if neither."""
+  if not isinstance(tree, Mapping):
+    return None
+  if "layers" in tree:
+    return "stacked"
+  if "layers_0" in tree:
+    return "unrolled"
+  for value in tree.values():
+    layout = _layer_layout(value)
+    if layout is not None:
+      return layout
+  return None
+
+
+def _with_spec(a: jax.ShapeDtypeStruct, shape: tuple[int, ...], spec: tuple[Any, ...]
+               ) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, a.dtype, sharding=NamedSharding(a.sharding.mesh, P(*spec)))
+
+
+def _spec(a: jax.ShapeDtypeStruct) -> tuple[Any, ...]:
+  spec = tuple(a.sharding.spec)
+  return spec + (None,) * (len(a.shape) - len(spec))
+
+
+def _abstract_unstacked(tree: Any) -> Any:
+  """Abstract stacked `layers` -> `layers_{i}` (each layer sharded like the stacked slice)."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: _abstract_unstacked(v) for k, v in tree.items() if k != "layers"}
+  if "layers" in tree:
+    num_layers = jax.tree.leaves(tree["layers"])[0].shape[0]
+    for i in range(num_layers):
+      out[f"layers_{i}"] = jax.tree.map(lambda a: _with_spec(a, a.shape[1:], _spec(a)[1:]),
+                                        tree["layers"])
+  return out
+
+
+def _abstract_stacked(tree: Any) -> Any:
+  """Abstract `layers_{i}` -> one stacked `layers` (layer axis replicated)."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: _abstract_stacked(v) for k, v in tree.items() if not k.startswith("layers_")}
+  layers = [tree[k] for k in sorted((k for k in tree if k.startswith("layers_")),
+                                    key=lambda k: int(k.split("_")[1]))]
+  if layers:
+    out["layers"] = jax.tree.map(
+        lambda a: _with_spec(a, (len(layers),) + a.shape, (None,) + _spec(a)), layers[0])
+  return out
 
 
 def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> PyTree:

@@ -99,7 +99,38 @@ def _base_optimizer(config: OptimizerConfig, schedule: optax.Schedule) -> optax.
                      eps=config.adam_eps, weight_decay=config.weight_decay)
 
 
-def make_optimizer(config: OptimizerConfig, trainable: Any | None = None
+def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Applies `inner` to each slice [i] of leaves stacked on a leading layers axis, as if every
+  layer were its own parameter (jax.vmap of init and update over axis 0).
+
+  For `T5Config.scan_layers`: Adafactor's factored moments, parameter-scale learning rate and
+  update clipping are per-tensor statistics, so a stacked [L, d, f] kernel must not be treated as
+  one tensor; with this wrapper a scanned model trains exactly like the unrolled one. The state
+  has the structure of `inner`'s, every leaf with a leading [L] axis (counters included).
+  """
+
+  def init(params):
+    leaves = jax.tree.leaves(params)
+    if not leaves:
+      return inner.init(params)
+    if not all(hasattr(x, "shape") for x in leaves):
+      # optax.tree_map_params probes the state structure with a placeholder object; vmap
+      # keeps the structure, so the unmapped one is the same.
+      return inner.init(params)
+    return jax.vmap(inner.init)(params)
+
+  def update(updates, state, params=None):
+    if not jax.tree.leaves(updates):
+      return inner.update(updates, state, params)
+    if params is None:
+      return jax.vmap(lambda u, s: inner.update(u, s))(updates, state)
+    return jax.vmap(inner.update)(updates, state, params)
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(config: OptimizerConfig, trainable: Any | None = None,
+                   stacked: Any | None = None
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer.
 
@@ -108,6 +139,9 @@ def make_optimizer(config: OptimizerConfig, trainable: Any | None = None
     trainable: a pytree of bools with the structure of the params (False: frozen), or None (all
       trainable). Frozen leaves get `optax.set_to_zero()`: no state, zero update, and they do not
       count towards the clipping norm.
+    stacked: a pytree of bools with the structure of the params (True: a leaf stacked on a
+      leading layers axis, `scan_layers`), or None (none). Stacked leaves get the optimizer per
+      layer (`per_layer`); the gradient clipping norm stays global.
 
   Returns:
     (tx, schedule): the transformation and the learning-rate schedule it uses (for logging).
@@ -116,7 +150,14 @@ def make_optimizer(config: OptimizerConfig, trainable: Any | None = None
   parts = []
   if config.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
-  parts.append(_base_optimizer(config, schedule))
+  base = _base_optimizer(config, schedule)
+  if stacked is not None and any(jax.tree.leaves(stacked)):
+    if trainable is not None:
+      # Under the frozen/trainable split below, frozen leaves arrive as optax.MaskedNode.
+      stacked = jax.tree.map(lambda s, t: s if t else optax.MaskedNode(), stacked, trainable)
+    labels = jax.tree.map(lambda s: "stacked" if s else "single", stacked)
+    base = optax.multi_transform({"stacked": per_layer(base), "single": base}, labels)
+  parts.append(base)
   tx = optax.chain(*parts)
   if trainable is not None and not all(jax.tree.leaves(trainable)):
     labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)

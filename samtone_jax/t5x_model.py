@@ -61,10 +61,14 @@ def adafactor_factor_rules() -> Mapping[str, adafactor.FactorDim]:
   """t5x's Adafactor factorisation rules extended by the axis names only our params use.
 
   The projection kernel is [d, P] ('embed', 'projection'): its second moment is factored into a
-  row ('embed') and a column ('projection') vector, like every other [in, out] kernel.
+  row ('embed') and a column ('projection') vector, like every other [in, out] kernel. The
+  stacked-layer axis of `scan_layers` params ('layers') is a batch axis: one set of statistics per
+  layer.
   """
   rules = dict(adafactor.standard_logical_factor_rules())
   rules["projection"] = adafactor.FactorDim.COLUMN
+  # Stacked layers (T5Config.scan_layers): statistics per layer, as if unrolled.
+  rules["layers"] = adafactor.FactorDim.BATCH
   return flax.core.freeze(rules)
 
 

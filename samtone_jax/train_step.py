@@ -26,6 +26,7 @@ from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax.models import config as model_config_lib
 from samtone_jax.models import dual_encoder
+from samtone_jax.models import t5
 from samtone_jax.tasks import features
 
 Array = jax.Array
@@ -305,7 +306,8 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossCon
 
   trainable = {"model": dual_encoder.trainable_mask(model_config, abstract_model_params),
                "loss": jax.tree.map(lambda _: True, loss_params)}
-  tx, schedule = optimizers.make_optimizer(optimizer_config, trainable)
+  tx, schedule = optimizers.make_optimizer(optimizer_config, trainable,
+                                           stacked=t5.stacked_mask(abstract_params))
   abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = _opt_state_shardings(tx, abstract_opt_state, abstract_params, param_shardings,
                                        mesh)
