@@ -9,7 +9,9 @@ does not fit, then bisecting between the two (on multiples of the topology's dat
 can be stopped and resumed (finished compiles are not repeated) and the table printed at any time.
 
   JAX_PLATFORMS=cpu python benchmarks/aot_memory.py --sizes=base,large,xl \
-      --topologies=v5e:4x4,v4:2x2x2 --batches=512,2048 --results=benchmarks/results/aot_memory.jsonl
+      --topologies=v5e:4x4,v4:2x2x2 --batches=512,2048 --results=benchmarks/results/aot_memory.jsonl \
+      --variant=scan_remat_dots --gin=--gin.config.T5Config.scan_layers=True \
+      --gin=--gin.config.T5Config.remat=True --gin=--gin.config.T5Config.remat_policy="'dots'"
   python benchmarks/aot_memory.py --results=benchmarks/results/aot_memory.jsonl --table_only
 
 On two CPU cores a base compile takes minutes and xl much longer; run it in the background.
@@ -70,27 +72,32 @@ def largest_fitting_batch(records: list[dict]) -> tuple[int | None, int | None]:
   return (max(fits) if fits else None), (min(fails) if fails else None)
 
 
+def _variant(record: dict) -> str:
+  return record.get("variant", "default")
+
+
 def markdown_table(records: list[dict]) -> str:
-  groups: dict[tuple[str, str], list[dict]] = {}
+  groups: dict[tuple[str, str, str], list[dict]] = {}
   for r in records:
-    groups.setdefault((r["size"], r["topology"]), []).append(r)
-  lines = ["| size | topology | mesh | batch | args GiB | temps GiB | total GiB | HBM GiB | fits |"
-           " compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for (size, topology), rs in groups.items():
+    groups.setdefault((_variant(r), r["size"], r["topology"]), []).append(r)
+  lines = ["| variant | size | topology | mesh | batch | args GiB | temps GiB | total GiB | HBM GiB |"
+           " fits | compile s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for (variant, size, topology), rs in groups.items():
     for r in sorted(rs, key=lambda r: r["batch_size"]):
       if r["status"] in ("fits", "does_not_fit"):
         lines.append(
-            f"| {size} | {topology} | {tuple(r['mesh_shape'])} | {r['batch_size']} | "
+            f"| {variant} | {size} | {topology} | {tuple(r['mesh_shape'])} | {r['batch_size']} | "
             f"{r['argument_bytes'] / GIB:.2f} | {r['temp_bytes'] / GIB:.2f} | "
             f"{r['total_bytes'] / GIB:.2f} | {r['hbm_bytes'] / GIB:.0f} | "
             f"{'yes' if r['fits'] else 'no'} | {r['compile_seconds']:.0f} |")
       else:
-        lines.append(f"| {size} | {topology} | | {r['batch_size']} | | | | | {r['status']} | |")
-  lines += ["", "| size | topology | largest batch that fits | smallest that does not |",
-            "|---|---|---|---|"]
-  for (size, topology), rs in groups.items():
+        lines.append(f"| {variant} | {size} | {topology} | | {r['batch_size']} | | | | | "
+                     f"{r['status']} | |")
+  lines += ["", "| variant | size | topology | largest batch that fits | smallest that does not |",
+            "|---|---|---|---|---|"]
+  for (variant, size, topology), rs in groups.items():
     fit, fail = largest_fitting_batch(rs)
-    lines.append(f"| {size} | {topology} | {fit} | {fail} |")
+    lines.append(f"| {variant} | {size} | {topology} | {fit} | {fail} |")
   return "\n".join(lines)
 
 
@@ -107,6 +114,9 @@ def main() -> None:
   parser.add_argument("--max_batch", type=int, default=65536)
   parser.add_argument("--gin", action="append", default=[],
                       help="Extra --gin.X=Y overrides for every compile (repeatable).")
+  parser.add_argument("--variant", default="default",
+                      help="A name for this set of --gin overrides; records and the table are "
+                           "keyed by (variant, size, topology, batch).")
   parser.add_argument("--timeout", type=float, default=3600, help="Seconds per compile.")
   parser.add_argument("--results", required=True, help="JSONL file, appended to.")
   parser.add_argument("--table_only", action="store_true")
@@ -121,13 +131,15 @@ def main() -> None:
 
     def measure(size, topology, batch):
       for r in records:
-        if (r["size"], r["topology"], r["batch_size"]) == (size, topology, batch):
+        if (_variant(r), r["size"], r["topology"], r["batch_size"]) == (
+            args.variant, size, topology, batch):
           return r
       r = compile_once(args.gin_files, size, topology, batch, args.gin, args.timeout)
+      r.update(variant=args.variant, extra_gin=args.gin)
       records.append(r)
       with open(args.results, "a") as f:
         f.write(json.dumps(r) + "\n")
-      print(f"{size} {topology} batch {batch}: {r['status']} "
+      print(f"{args.variant} {size} {topology} batch {batch}: {r['status']} "
             f"{r.get('total_bytes', 0) / GIB:.2f} GiB ({r['wall_seconds']:.0f}s)", flush=True)
       return r
 
@@ -135,7 +147,8 @@ def main() -> None:
       for topology in args.topologies.split(","):
         for batch in map(int, args.batches.split(",")):
           measure(size, topology, batch)
-        group = [r for r in records if (r["size"], r["topology"]) == (size, topology)]
+        group = [r for r in records
+                 if (_variant(r), r["size"], r["topology"]) == (args.variant, size, topology)]
         if any(r["status"] in ("error", "timeout") for r in group):
           print(f"{size} {topology}: a compile failed (see {args.results}); no search.")
           continue

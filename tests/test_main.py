@@ -5,6 +5,7 @@ preempted (SIGTERM), then finished in-process; its final parameters must equal a
 run's bit for bit. Subprocesses are slow (JAX + TF imports), so there are only three.
 """
 
+import inspect
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 
 from samtone_jax import checkpoints
 from samtone_jax import main as main_lib
+from samtone_jax.models import config as model_config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = "experiments/demo_samtone.gin"
@@ -162,3 +164,24 @@ def test_missing_gin_file_and_flag_rewriting():
       ["prog", "--gin.MODEL_DIR=\"/x=y\"", "--gin_file=a.gin", "--gin.A.b=[1, 2]"]) == [
           "prog", "--gin_bindings=MODEL_DIR = \"/x=y\"", "--gin_file=a.gin",
           "--gin_bindings=A.b = [1, 2]"]
+
+
+@pytest.mark.parametrize("size,num_layers,d_model", [("base", 12, 768), ("large", 24, 1024),
+                                                     ("xl", 24, 2048), ("xxl", 24, 4096)])
+def test_scan_remat_gin_applies_to_every_size(size, num_layers, d_model):
+  """`--gin_file=models/scan_remat.gin` after a size file keeps the size and scans its layers."""
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    main_lib.parse_gin([f"models/{size}.gin", "models/scan_remat.gin", "architectures/ade.gin",
+                        "losses/samtone.gin", "runs/pretrain.gin"],
+                       ["MIXTURE_OR_TASK_NAME = 'unused'", "MODEL_DIR = '/tmp/unused'"])
+    bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
+    model = bound.arguments["model"]
+  finally:
+    gin.clear_config()
+  assert (model.encoder.num_layers, model.encoder.d_model) == (num_layers, d_model)
+  assert (model.encoder.scan_layers, model.encoder.remat, model.encoder.remat_policy) == (
+      True, True, "dots")
+  assert isinstance(model, model_config_lib.DualEncoderConfig)
+  assert model.tower_sharing == "ade" and model.projection_dim == 768
