@@ -188,7 +188,8 @@ def does_not_fit_message(report: MemoryReport, batch_size: int) -> str:
   # After XLA's own HBM check the need is a lower bound; the summary says so.
   return (f"does not fit: needs {report.total_bytes / GIB:.2f} GiB per chip, {generation} has "
           f"{report.hbm_bytes / GIB:.0f} GiB; try a smaller batch (--gin.BATCH_SIZE="
-          f"{max(batch_size // 2, 1)}), rematerialisation (T5Config.remat=True), more model "
+          f"{max(batch_size // 2, 1)}), rematerialisation (T5Config.remat=True; "
+          "remat_policy='full' keeps the least), more model "
           f"parallelism (mesh model axis > {report.mesh_shape[1]}), bfloat16 activations "
           "(T5Config.dtype='bfloat16'), or a larger topology.")
 

@@ -182,6 +182,6 @@ def test_scan_remat_gin_applies_to_every_size(size, num_layers, d_model):
     gin.clear_config()
   assert (model.encoder.num_layers, model.encoder.d_model) == (num_layers, d_model)
   assert (model.encoder.scan_layers, model.encoder.remat, model.encoder.remat_policy) == (
-      True, True, "dots")
+      True, True, "full")
   assert isinstance(model, model_config_lib.DualEncoderConfig)
   assert model.tower_sharing == "ade" and model.projection_dim == 768
