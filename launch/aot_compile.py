@@ -49,10 +49,27 @@ HBM_BYTES_PER_CHIP = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 3
 MEGACORE = ("v4", "v5p")
 
 
-# XLA's own compile-time check on TPU when the temporaries alone exceed the chip's HBM.
-_XLA_HBM_OOM = re.compile(r"memory required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
-                          r"available HBM \(([0-9.]+)([KMGT])\)")
+# XLA's own refusals on TPU, in two forms: an early check when the temporaries alone exceed the
+# chip's HBM, and buffer assignment running out of HBM for everything together.
+_XLA_TEMPS_OOM = re.compile(r"memory required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
+                            r"available HBM \(([0-9.]+)([KMGT])\)")
+_XLA_HBM_OOM = re.compile(r"Ran out of memory in memory space hbm\. Used ([0-9.]+)([KMGT]) of "
+                          r"([0-9.]+)([KMGT]) hbm")
 _UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def xla_hbm_refusal(message: str) -> tuple[str, int, bool] | None:
+  """Parses XLA's "does not fit in HBM" compile errors.
+
+  Returns:
+    None for any other error, else (the matched text, bytes, whether those bytes are the
+    temporaries alone (True) or everything XLA had placed when it ran out (False)).
+  """
+  for pattern, temporaries_only in ((_XLA_TEMPS_OOM, True), (_XLA_HBM_OOM, False)):
+    match = pattern.search(message)
+    if match:
+      return match.group(0), int(float(match.group(1)) * _UNITS[match.group(2)]), temporaries_only
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +77,10 @@ class MemoryReport:
   """Per-chip memory of the compiled SPMD train step (every chip runs the same program).
 
   The total is what XLA must hold at the peak: arguments + outputs - donated (aliased) buffers +
-  temporaries + generated code. When XLA itself refuses the program (its compile-time HBM check:
-  the temporaries alone exceed the chip), `compile_error` holds its message, `temp_bytes` the
-  temporaries it asked for, `argument_bytes` the per-chip size of the sharded inputs, and the
+  temporaries + generated code. When XLA itself refuses the program (its early check: the
+  temporaries alone exceed the chip; or buffer assignment running out of HBM), `compile_error`
+  holds its message, `argument_bytes` the per-chip size of the sharded inputs, `temp_bytes` the
+  temporaries it asked for (or what it had placed beyond the arguments when it ran out), and the
   other terms are 0: the total is then a lower bound.
   """
 
@@ -167,14 +185,15 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
-    oom = _XLA_HBM_OOM.search(str(e))
-    if not oom:
+    refusal = xla_hbm_refusal(str(e))
+    if refusal is None:
       raise
+    text, needed, temporaries_only = refusal
+    arguments = per_chip_bytes((built.abstract_state, batch_abstract, rng))
     return MemoryReport(
-        argument_bytes=per_chip_bytes((built.abstract_state, batch_abstract, rng)),
-        output_bytes=0, alias_bytes=0, generated_code_bytes=0,
-        temp_bytes=int(float(oom.group(1)) * _UNITS[oom.group(2)]),
-        compile_seconds=time.time() - start, compile_error=oom.group(0), **common)
+        argument_bytes=arguments, output_bytes=0, alias_bytes=0, generated_code_bytes=0,
+        temp_bytes=needed if temporaries_only else max(needed - arguments, 0),
+        compile_seconds=time.time() - start, compile_error=text, **common)
   stats = compiled.memory_analysis()
   return MemoryReport(
       argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,

@@ -90,3 +90,23 @@ def test_unknown_topology_fails_clearly(tmp_path):
                         check=False)
   assert proc.returncode != 0
   assert "Unknown TPU generation in --topology='v9x:4x4'" in proc.stderr
+
+
+def test_both_forms_of_xla_hbm_refusal_are_read():
+  """XLA refuses a program for HBM in two wordings (the matched parts as XLA wrote them in its
+  errors for v5e here): an early check on the temporaries, and buffer assignment running out
+  with everything placed (the second one used to escape as a traceback)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("aot_compile", SCRIPT)
+  aot = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(aot)
+  early = ("RESOURCE_EXHAUSTED: ... memory required for HLO temporaries (29.31G) exceeds "
+           "available HBM (15.75G) ...")
+  late = ("tensorflow.tpu.CompilationResultProto='\\x08\\x08\\x12\\xc4JRan out of memory in "
+          "memory space hbm. Used 15.80G of 15.75G hbm. Exceeded hbm capacity by 53.07M.")
+  assert aot.xla_hbm_refusal(early) == (
+      "memory required for HLO temporaries (29.31G) exceeds available HBM (15.75G)",
+      int(29.31 * GIB), True)
+  assert aot.xla_hbm_refusal(late) == (
+      "Ran out of memory in memory space hbm. Used 15.80G of 15.75G hbm", int(15.80 * GIB), False)
+  assert aot.xla_hbm_refusal("INVALID_ARGUMENT: something else") is None
