@@ -160,29 +160,38 @@ def main() -> None:
           continue
         step = args.data_axis or group[0].get("num_chips") or 1
         fit, fail = largest_fitting_batch(group)
-        # Double from the largest fit (or halve from the smallest failure) to bracket the limit.
-        while fail is None and fit is not None and fit * 2 <= args.max_batch:
-          fit2 = fit * 2
-          if measure(size, topology, fit2)["status"] == "fits":
-            fit = fit2
-          else:
-            fail = fit2
-        while fit is None and fail is not None and fail // 2 >= step:
-          half = fail // 2
-          if measure(size, topology, half)["status"] == "fits":
-            fit = half
-          else:
-            fail = half
-        for _ in range(args.bisect_steps):
-          if fit is None or fail is None:
-            break
-          middle = (fit + fail) // 2 // step * step
-          if middle in (fit, fail):
-            break
-          if measure(size, topology, middle)["status"] == "fits":
-            fit = middle
-          else:
-            fail = middle
+
+        def fits(batch, size=size, topology=topology):
+          status = measure(size, topology, batch)["status"]
+          if status not in ("fits", "does_not_fit"):
+            # Not a memory verdict: stop searching this group rather than count it as a failure.
+            raise RuntimeError(f"batch {batch}: {status}")
+          return status == "fits"
+
+        try:
+          # Double from the largest fit (or halve from the smallest failure) to bracket the limit.
+          while fail is None and fit is not None and fit * 2 <= args.max_batch:
+            if fits(fit * 2):
+              fit *= 2
+            else:
+              fail = fit * 2
+          while fit is None and fail is not None and fail // 2 >= step:
+            if fits(fail // 2):
+              fit = fail // 2
+            else:
+              fail //= 2
+          for _ in range(args.bisect_steps):
+            if fit is None or fail is None:
+              break
+            middle = (fit + fail) // 2 // step * step
+            if middle in (fit, fail):
+              break
+            if fits(middle):
+              fit = middle
+            else:
+              fail = middle
+        except RuntimeError as e:
+          print(f"{size} {topology}: search stopped, {e} (see {args.results}).")
   print(markdown_table(records))
 
 

@@ -12,6 +12,7 @@ skipped otherwise. They check, against our own trainer and against numpy:
     checkpoint's query and passage embeddings.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -137,6 +138,31 @@ def test_params_shard_like_our_trainer_and_adafactor_factors_them(partitioned):
   projection_state = state.param_states["model"]["projection"]["kernel"]
   assert sorted([projection_state.v_row.shape, projection_state.v_col.shape]) == [(8,), (16,)]
   assert projection_state.v.shape == (1,)
+
+
+def test_scanned_layers_shard_like_our_trainer_with_per_layer_adafactor():
+  """T5Config.scan_layers under t5x: the stacked 'layers' axis is replicated, as in our trainer,
+  and t5x's Adafactor keeps one set of factored statistics per layer (its BATCH factor dim)."""
+  cfg = _tiny_config()
+  cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, num_layers=2,
+                                                             scan_layers=True))
+  optimizer_def = adafactor.Adafactor(min_dim_size_to_factor=4,
+                                      logical_factor_rules=t5x_model.adafactor_factor_rules())
+  model = t5x_model.DualEncoderModel(cfg, train_step.LossConfig(temperature=0.05),
+                                     optimizer_def)
+  partitioner = t5x_model.PjitPartitioner(num_partitions=2,
+                                          logical_axis_rules=t5x_model.logical_axis_rules())
+  state = t5x_train_state.FlaxOptimTrainState.create(
+      optimizer_def, model.get_initial_variables(jax.random.PRNGKey(0), _SHAPES))
+  mesh = partitioning.create_mesh(data=4, model=2)
+  built = train_step.build(cfg, model.loss_config, optimizers.OptimizerConfig(), mesh,
+                           train_step.batch_spec(8, {"queries": 6, "passages": 10}))
+  ours = _flat_specs(jax.tree.map(lambda s: s.spec, built.state_shardings.params["model"]))
+  theirs = _flat_specs(partitioner.get_mesh_axes(state).params["model"])
+  assert theirs == ours
+  assert theirs["encoder/layers/mlp/wi_0/kernel"] == (None, None, "model")
+  wi = state.param_states["model"]["encoder"]["layers"]["mlp"]["wi_0"]["kernel"]
+  assert sorted([wi.v_row.shape, wi.v_col.shape]) == [(2, 16), (2, 32)]
 
 
 def test_t5x_loss_equals_our_trainer_loss(partitioned):
