@@ -207,9 +207,9 @@ def _abstract_stacked(tree: Any) -> Any:
   """Abstract `layers_{i}` -> one stacked `layers` (layer axis replicated)."""
   if not isinstance(tree, Mapping):
     return tree
-  out = {k: _abstract_stacked(v) for k, v in tree.items() if not k.startswith("layers_")}
-  layers = [tree[k] for k in sorted((k for k in tree if k.startswith("layers_")),
-                                    key=lambda k: int(k.split("_")[1]))]
+  out = {k: _abstract_stacked(v) for k, v in tree.items() if t5.layer_index(k) is None}
+  layers = [tree[k] for k in sorted((k for k in tree if t5.layer_index(k) is not None),
+                                    key=t5.layer_index)]
   if layers:
     out["layers"] = jax.tree.map(
         lambda a: _with_spec(a, (len(layers),) + a.shape, (None,) + _spec(a)), layers[0])

@@ -92,7 +92,7 @@ def test_stack_and_unstack_layers_round_trip_and_errors():
                                       "projection": {"kernel": False}}
   back = t5.unstack_layers(stacked)
   jax.tree.map(np.testing.assert_array_equal, back, tree)
-  assert t5.stack_layers(stacked) is not None  # already stacked: unchanged
+  # Already stacked: unchanged.
   jax.tree.map(np.testing.assert_array_equal, t5.stack_layers(stacked), stacked)
   with pytest.raises(ValueError, match="layers_0 ... layers_"):
     t5.stack_layers({"layers_0": {"w": np.zeros(1)}, "layers_2": {"w": np.zeros(1)}})
@@ -138,7 +138,6 @@ def test_scanned_model_trains_like_the_unrolled_one_with_adafactor():
   wi = scan_built.abstract_state.params["model"]["query_encoder"]["layers"]["mlp"]["wi_0"]["kernel"]
   assert wi.shape == (3, 32, 64)
   assert wi.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
-  # ... and so are the optimizer's per-layer factored moments' owners: none is sharded wrongly.
   params0 = _host(built.init_state(jax.random.PRNGKey(0)).params)
   state = _state_with(built, params0)
   scan_state = _state_with(scan_built, t5.stack_layers(params0))

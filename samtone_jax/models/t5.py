@@ -325,7 +325,8 @@ class T5Encoder(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
-def _layer_index(key: str) -> int | None:
+def layer_index(key: str) -> int | None:
+  """i for a `layers_{i}` key of the unrolled layout, else None."""
   prefix, _, index = key.partition("_")
   return int(index) if prefix == "layers" and index.isdigit() else None
 
@@ -336,8 +337,8 @@ def stack_layers(tree: Any) -> Any:
   trees already stacked, are returned unchanged. Works on numpy and jax arrays."""
   if not isinstance(tree, dict):
     return tree
-  indices = sorted(i for i in map(_layer_index, tree) if i is not None)
-  out = {k: stack_layers(v) for k, v in tree.items() if _layer_index(k) is None}
+  indices = sorted(i for i in map(layer_index, tree) if i is not None)
+  out = {k: stack_layers(v) for k, v in tree.items() if layer_index(k) is None}
   if indices:
     if indices != list(range(len(indices))):
       raise ValueError(f"layer entries {[f'layers_{i}' for i in indices]} are not "
