@@ -42,7 +42,7 @@ METRICS = ("mrr@10", "recall@10", "ndcg@10")
 def train_experiment(gin_file: str, model_dir: str, extra_bindings: Sequence[str] = ()):
   """Parses one experiment's gin files from scratch and runs `trainer.train`; returns its
   TrainResult."""
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  from samtone_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   main_lib.parse_gin([gin_file], [f"MODEL_DIR = {model_dir!r}", *extra_bindings])
   main_lib.write_config(model_dir)
@@ -62,7 +62,7 @@ def format_table(rows: Sequence[tuple[str, dict[str, float]]], metrics: Sequence
 
 def run_demo(output_dir: str, train_steps: int | None = None) -> dict[str, dict[str, float]]:
   """Trains, evaluates and writes results; returns {system: {metric: value}}."""
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  from samtone_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   from samtone_jax.tasks import eval_sets  # pylint: disable=g-import-not-at-top
   io_utils.makedirs(output_dir)
   extra = [] if train_steps is None else [f"TRAIN_STEPS = {train_steps}"]
@@ -77,7 +77,7 @@ def run_demo(output_dir: str, train_steps: int | None = None) -> dict[str, dict[
   print("\n=== Untrained model and BM25 ===", flush=True)
   # Same architecture and seed: the parameters both runs started from.
   untrained = last.built.init_state(jax.random.PRNGKey(0))
-  untrained_metrics = trainer.evaluate_params(
+  untrained_metrics = runner.evaluate_params(
       last.built.model, untrained.params, last.mesh, [EVAL_SET], metrics=list(METRICS),
       feature_lengths=main_lib.gin_macro("TASK_FEATURE_LENGTHS"))
   results["untrained (same init)"] = {m: untrained_metrics[f"{EVAL_SET}/{m}"] for m in METRICS}

@@ -14,7 +14,6 @@ import importlib
 
 from absl import app
 
-from samtone_jax import evaluate as evaluate_lib
 from samtone_jax import main as main_lib
 from samtone_jax.models import config as model_config_lib
 
@@ -49,21 +48,18 @@ def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
     raise ValueError(f"ENCODE_SIDE={side!r}; expected one of {SIDES}")
   importlib.import_module(tasks_module)
   from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
-  from samtone_jax.tasks import eval_sets  # pylint: disable=g-import-not-at-top
-  module, params, mesh = evaluate_lib.load_model(checkpoint_path, model, mesh_shape)
-  data = eval_sets.get_eval_set(eval_set)
-  encode_queries, encode_documents = encoding.dual_encoder_encode_fns(module, params["model"],
-                                                                      mesh)
+  from samtone_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  loaded = runner.load_model(checkpoint_path, model, mesh_shape)
+  data = runner.get_eval_set(eval_set, feature_lengths)
+  encode_queries, encode_documents = loaded.encode_fns()
   if side == "corpus":
     texts, encode_fn, length = data.corpus, encode_documents, data.document_length
   else:
     texts, encode_fn, length = data.queries, encode_queries, data.query_length
-  if feature_lengths:
-    length = feature_lengths["passages" if side == "corpus" else "queries"]
   ids = list(texts)
   paths = encoding.encode_to_shards(ids, [texts[i] for i in ids], encode_fn, data.vocabulary,
                                     length, output_dir, shard_size=shard_size,
-                                    batch_size=batch_size, mesh=mesh,
+                                    batch_size=batch_size, mesh=loaded.mesh,
                                     description=f"encoding {eval_set} {side}")
   print(f"Wrote {len(ids)} {side} embeddings of {eval_set} to {output_dir}", flush=True)
   return paths

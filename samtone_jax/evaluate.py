@@ -16,24 +16,12 @@ import os
 
 from absl import app
 
-from samtone_jax import checkpoints
 from samtone_jax import io_utils
 from samtone_jax import main as main_lib
-from samtone_jax import partitioning
-from samtone_jax import train_step as train_step_lib
+from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config_lib
-from samtone_jax.models import dual_encoder
 
 EVAL_RUN_GIN = "runs/eval.gin"
-
-
-def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
-               mesh_shape: tuple[int, int] = (-1, 1)):
-  """(DualEncoder, params {"model": ...} sharded on the mesh, mesh) from a checkpoint."""
-  mesh = partitioning.create_mesh(*mesh_shape)
-  abstract = {"model": train_step_lib.abstract_model_params_of(model, mesh)}
-  params = checkpoints.restore_params(checkpoint_path, abstract)
-  return dual_encoder.DualEncoder(model), params, mesh
 
 
 def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
@@ -57,15 +45,14 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
   Returns:
     {"<eval set>/<metric>": value}.
   """
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   if not eval_sets:
     raise ValueError("No evaluation sets: set EVAL_TASKS, e.g. "
                      "--gin.EVAL_TASKS='[\"demo_manpages_test\"]'")
   importlib.import_module(tasks_module)
-  module, params, mesh = load_model(checkpoint_path, model, mesh_shape)
-  results = trainer.evaluate_params(module, params, mesh, eval_sets, output_dir=output_dir,
-                                    metrics=list(metrics) or None,
-                                    feature_lengths=feature_lengths)
+  loaded = runner.load_model(checkpoint_path, model, mesh_shape)
+  results = runner.evaluate_params(loaded.module, loaded.params, loaded.mesh, eval_sets,
+                                   output_dir=output_dir, metrics=list(metrics) or None,
+                                   feature_lengths=feature_lengths)
   if output_dir:
     io_utils.makedirs(output_dir)  # gs:// on a pod.
     with io_utils.open_file(os.path.join(output_dir, "metrics.json"), "w") as f:

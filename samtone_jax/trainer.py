@@ -40,6 +40,7 @@ from samtone_jax import io_utils
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as train_step_lib
+from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config_lib
 
 PyTree = Any
@@ -228,43 +229,6 @@ def input_iterator(data: DataConfig, seed: int, start_step: int) -> Iterator[dic
       start_step=start_step, shard_info=shard_info, split=data.split)
 
 
-def evaluate_params(model, params: PyTree, mesh, eval_sets: Sequence[str], *,
-                    output_dir: str | None = None,
-                    metrics: Sequence[str] | None = None,
-                    feature_lengths: dict[str, int] | None = None) -> dict[str, float]:
-  """Retrieval metrics of the dual encoder `params["model"]` on each named evaluation set.
-
-  Args:
-    model: the DualEncoder module.
-    params: {"model": ..., ...} (a TrainState's params).
-    mesh: the mesh the params live on.
-    eval_sets: registered evaluation set names.
-    output_dir: where run files and result JSON go (None: nowhere).
-    metrics: metric names (e.g. "mrr@10"); None: each set's protocol defaults.
-    feature_lengths: {"queries": Lq, "passages": Lp} to tokenise queries / documents to instead
-      of each set's own lengths; None: the sets' lengths.
-
-  Returns:
-    {"<eval set>/<metric>": value}.
-  """
-  from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
-  from samtone_jax.evaluation import retrieval  # pylint: disable=g-import-not-at-top
-  from samtone_jax.tasks import eval_sets as eval_sets_lib  # pylint: disable=g-import-not-at-top
-
-  def get_eval_set(name):
-    eval_set = eval_sets_lib.get_eval_set(name)
-    if feature_lengths:
-      eval_set = dataclasses.replace(eval_set, query_length=feature_lengths["queries"],
-                                     document_length=feature_lengths["passages"])
-    return eval_set
-
-  encode_queries, encode_documents = encoding.dual_encoder_encode_fns(model, params["model"], mesh)
-  results = retrieval.evaluate_eval_sets(list(eval_sets), encode_queries, encode_documents,
-                                         get_eval_set=get_eval_set, output_dir=output_dir,
-                                         mesh=mesh, metrics=metrics)
-  return {k: float(v) for k, v in results.items()}
-
-
 def initial_state(built: train_step_lib.Built, seed: int, model_config,
                   initial_checkpoint_path: str | None) -> train_step_lib.TrainState:
   """A fresh sharded state; its params replaced by those of `initial_checkpoint_path` if given."""
@@ -401,7 +365,7 @@ def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, da
           is_last or (loop.eval_period and step % loop.eval_period == 0))
       if do_eval:
         flush(step, write=False)
-        eval_metrics = evaluate_params(
+        eval_metrics = runner.evaluate_params(
             built.model, state.params, mesh, loop.eval_sets,
             output_dir=os.path.join(model_dir, "eval_results", str(step)),
             metrics=list(loop.eval_metrics) or None,

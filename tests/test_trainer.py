@@ -17,6 +17,7 @@ from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
 from samtone_jax import trainer
+from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config
 from samtone_jax.tasks import demo
 
@@ -60,7 +61,7 @@ def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
     assert key in records[0]
 
   untrained = result.built.init_state(jax.random.PRNGKey(0))
-  before = trainer.evaluate_params(result.built.model, untrained.params, result.mesh,
+  before = runner.evaluate_params(result.built.model, untrained.params, result.mesh,
                                    [demo.TEST_EVAL_SET], metrics=metrics,
                                    feature_lengths=LENGTHS)
   after = result.eval_metrics
