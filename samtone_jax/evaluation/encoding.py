@@ -4,8 +4,8 @@ Generic over an `encode_fn(tokens: int32 [b, L]) -> float [b, P]` (usually jitte
 evaluation never depends on model internals; `dual_encoder_encode_fns` builds the two functions
 of a `samtone_jax.models.dual_encoder.DualEncoder`.
 
-Tokenisation follows T5's EOS convention, like the training data (tasks/preprocessors.py): the
-vocabulary's ids cut to `length - 1`, EOS (id 1) appended, padded with 0 to `length`.
+Tokenisation is the training data's own (`tasks.preprocessors.tokenize_texts`): the vocabulary's
+ids cut to `length - 1`, EOS (id 1) appended, padded with 0 to `length`.
 
 Batches are data-parallel over the mesh's `data` axis (padded to a multiple of its size). A corpus
 whose embeddings do not fit in memory is written as shards: `embeddings-00000.npy` (float32
@@ -23,11 +23,11 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import seqio
-import tensorflow as tf
 import tqdm
 
 from samtone_jax import io_utils
 from samtone_jax import partitioning
+from samtone_jax.tasks import preprocessors
 
 EncodeFn = Callable[[jax.Array | np.ndarray], jax.Array]
 
@@ -35,31 +35,11 @@ _MANIFEST = "manifest.json"
 
 
 def tokenize(texts: Sequence[str], vocabulary: seqio.Vocabulary, length: int) -> np.ndarray:
-  """Token ids with T5's EOS convention.
+  """int32 [n, L] token ids of `texts`, identical to a training batch's (one tokeniser for both).
 
-  Args:
-    texts: n strings.
-    vocabulary: the seqio vocabulary (its `eos_id` is appended, 0 pads).
-    length: output length L >= 1 (EOS included).
-
-  Returns:
-    int32 [n, L]: ids cut to L - 1, then EOS, then zeros.
+  See `tasks.preprocessors.tokenize_texts`: ids cut to L - 1, then EOS, then zeros.
   """
-  if length < 1:
-    raise ValueError(f"length={length} must be >= 1 (room for EOS).")
-  if not texts:
-    return np.zeros((0, length), np.int32)
-  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
-    # The batched TF op is the one the training pipeline uses (same ids) and much faster.
-    pieces = vocabulary.encode_tf(tf.constant(list(texts), dtype=tf.string)).to_list()
-  else:
-    pieces = [vocabulary.encode(text) for text in texts]
-  tokens = np.zeros((len(texts), length), np.int32)
-  for row, ids in enumerate(pieces):
-    ids = ids[:length - 1]
-    tokens[row, :len(ids)] = ids
-    tokens[row, len(ids)] = vocabulary.eos_id
-  return tokens
+  return preprocessors.tokenize_texts(texts, vocabulary, length)
 
 
 def _global_batch(tokens: np.ndarray, mesh: jax.sharding.Mesh | None):

@@ -9,8 +9,9 @@ Every preprocessor maps one example to one example; `pipeline.get_train_iterator
 to resume a stream by skipping raw examples.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -63,6 +64,36 @@ def _tokenize_trim_append_eos(example, output_features, sequence_length):
                                      feature.vocabulary.eos_id)
     result[key] = value
   return result
+
+
+def tokenize_texts(texts: Sequence[str], vocabulary: seqio.Vocabulary, length: int) -> np.ndarray:
+  """Token ids of `texts` exactly as a training batch holds them: trim, EOS, zero padding.
+
+  The evaluation and encoding path call this so that a text gets the same ids at training and at
+  test time: the same `encode_tf` op, the same `_trim_and_append_eos`, the same padding id as
+  `DualEncoderFeatureConverter`.
+
+  Args:
+    texts: n strings.
+    vocabulary: the task's seqio vocabulary.
+    length: L >= 1, EOS included.
+
+  Returns:
+    int32 [n, L]: ids cut to L - 1, then EOS, then `features.PAD_ID`.
+  """
+  if length < 1:
+    raise ValueError(f"length={length} must be >= 1 (room for EOS).")
+  if not texts:
+    return np.zeros((0, length), np.int32)
+  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    # The batched op gives each string the ids the per-example op gives it, much faster.
+    ragged = vocabulary.encode_tf(tf.constant(list(texts), dtype=tf.string))
+  else:  # e.g. ByteVocabulary's encode_tf takes one string at a time, as the pipeline calls it
+    ragged = tf.ragged.constant(
+        [vocabulary.encode_tf(tf.constant(text)).numpy().tolist() for text in texts],
+        dtype=tf.int32, ragged_rank=1)
+  ragged = _trim_and_append_eos(tf.cast(ragged, tf.int32), length, vocabulary.eos_id)
+  return ragged.to_tensor(default_value=features.PAD_ID, shape=[len(texts), length]).numpy()
 
 
 def tokenize_trim_append_eos(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature],
