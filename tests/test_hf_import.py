@@ -8,6 +8,7 @@ matter), and a GTR directory must give HF encoder + mean pooling + Dense + Norma
 import dataclasses
 import json
 import pathlib
+import struct
 
 import flax.linen as nn
 import jax
@@ -329,3 +330,30 @@ def test_remote_checkpoint_path_is_refused_with_what_to_do():
                lambda: hf_import.t5_config_from_hf("gs://bucket/t5-base/config.json")):
     with pytest.raises(ValueError, match=r"gs://bucket/.*local directories only.*gsutil -m cp -r"):
       call()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header_longer_than_file", "header_not_json",
+                                    "offsets_past_end"])
+def test_damaged_safetensors_is_refused_naming_the_file(tmp_path, damage):
+  _save(_random_hf_t5("relu"), tmp_path, "safetensors")
+  path = tmp_path / "model.safetensors"
+  data = path.read_bytes()
+  (header_size,) = struct.unpack("<Q", data[:8])
+  header = json.loads(data[8:8 + header_size])
+  if damage == "truncated":
+    data = data[:-16]
+  elif damage == "header_longer_than_file":
+    data = struct.pack("<Q", len(data) * 2) + data[8:]
+  elif damage == "header_not_json":
+    data = data[:8] + b"{" * header_size + data[8 + header_size:]
+  else:  # a tensor's data_offsets point past the end of the file (a lying header)
+    name = next(k for k in header if k != "__metadata__")
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end + 10**6]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = struct.pack("<Q", len(text)) + text + data[8 + header_size:]
+  path.write_bytes(data)
+  with pytest.raises(ValueError, match=r"model.safetensors: not a valid safetensors file .*"
+                     r"truncated or corrupt"):
+    hf_import.import_t5_encoder(tmp_path)

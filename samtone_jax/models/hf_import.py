@@ -16,19 +16,17 @@ devices with the shardings of `partitioning.sharded_init`, e.g. `jax.device_put(
 tower-sharing mode, e.g. to start a dual encoder from a T5 1.1 checkpoint (projection from init).
 
 Torch Linear weights are [out, in]; our kernels are [in, out], so they are transposed.
-Reading .bin files needs torch (imported only then); safetensors files are read directly,
-bfloat16 included, only the tensors needed (a full encoder-decoder checkpoint is fine).
+The files are read by `samtone_jax.weight_files` (safetensors, bfloat16 included, or torch .bin),
+only the tensors needed (a full encoder-decoder checkpoint is fine).
 """
 
-import json
 import os
 import pathlib
-import struct
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+from samtone_jax import weight_files
 from samtone_jax.models import t5
 from samtone_jax.models.config import DualEncoderConfig, T5Config
 
@@ -40,30 +38,6 @@ _HF_ARCHITECTURE_FIELDS = {
     "num_heads": 8, "feed_forward_proj": "relu", "relative_attention_num_buckets": 32,
     "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6,
 }
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-
-def _local_path(path: PathLike) -> pathlib.Path:
-  """The path as a local `pathlib.Path`; remote URLs are refused with what to do instead.
-
-  Hugging Face / sentence-transformers checkpoints are read with seeks into safetensors files, which
-  this module does on local files only (a `gs://` path given to pathlib would silently become a
-  wrong local path).
-  """
-  text = os.fspath(path)
-  if "://" in text and not text.startswith("file://"):
-    raise ValueError(f"{text}: weight import reads local directories only; copy the checkpoint "
-                     f"to local disk first (e.g. `gsutil -m cp -r {text} /tmp/`) and pass that path.")
-  return pathlib.Path(text.removeprefix("file://"))
-
-
 def t5_config_from_hf(path: PathLike, **overrides: Any) -> T5Config:
   """Reads a Hugging Face T5 `config.json` (or the directory holding it) into a T5Config.
 
@@ -75,10 +49,10 @@ def t5_config_from_hf(path: PathLike, **overrides: Any) -> T5Config:
   Raises:
     FileNotFoundError, ValueError: naming the file and field.
   """
-  path = _local_path(path)
+  path = weight_files.local_path(path)
   if path.is_dir():
     path = path / "config.json"
-  raw = _read_json(path)
+  raw = weight_files.read_json(path)
   fields = {name: raw.get(name, default) for name, default in _HF_ARCHITECTURE_FIELDS.items()}
   fields["dropout_rate"] = raw.get("dropout_rate", 0.1)
   if fields["feed_forward_proj"] not in ("relu", "gated-gelu"):
@@ -88,124 +62,6 @@ def t5_config_from_hf(path: PathLike, **overrides: Any) -> T5Config:
     raise ValueError(f"{path}: model_type={raw['model_type']!r}; expected 't5' or 'mt5'.")
   fields.update(overrides)
   return T5Config(**fields)
-
-
-class _TensorStore:
-  """Lazy name -> numpy tensor lookup over one checkpoint directory, with precise errors."""
-
-  def __init__(self, directory: pathlib.Path):
-    self.directory = directory
-    present = [name for name in _WEIGHT_FILES if (directory / name).is_file()]
-    if not present:
-      raise FileNotFoundError(
-          f"{directory}: no weights; expected one of {', '.join(_WEIGHT_FILES)}.")
-    self.source = directory / present[0]  # safetensors preferred (the order of _WEIGHT_FILES).
-    if self.source.name.endswith(".index.json"):
-      weight_map = _read_json(self.source).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise ValueError(f"{self.source}: no 'weight_map' object.")
-      self._file_of = {name: directory / file for name, file in weight_map.items()}
-    else:
-      self._file_of = None
-    self._cache: dict[pathlib.Path, dict[str, Any]] = {}
-
-  def _index(self, file: pathlib.Path) -> dict[str, Any]:
-    """name -> lazily readable tensor of one file."""
-    if file not in self._cache:
-      if not file.is_file():
-        raise FileNotFoundError(f"{self.source}: refers to {file.name}, which does not exist.")
-      if file.name.endswith(".safetensors"):
-        self._cache[file] = _safetensors_index(file)
-      else:
-        self._cache[file] = _torch_load(file)
-    return self._cache[file]
-
-  def names(self) -> set[str]:
-    if self._file_of is not None:
-      return set(self._file_of)
-    return set(self._index(self.source))
-
-  def where(self, name: str) -> pathlib.Path:
-    """The file that holds (or would hold) `name`."""
-    if self._file_of is not None and name in self._file_of:
-      return self._file_of[name]
-    return self.source
-
-  def get(self, name: str, expected_shape: tuple[int, ...], expects: str) -> np.ndarray:
-    """The tensor `name` as float32 numpy, checked to have `expected_shape`.
-
-    Args:
-      name: the tensor's name in the checkpoint.
-      expected_shape: its shape as stored (torch layout).
-      expects: who expects it, for the error, e.g. "T5Config(d_model=512, ...)".
-    """
-    if name not in self.names():
-      raise KeyError(f"{self.source}: tensor {name} is missing but {expects} needs it.")
-    file = self.where(name)
-    tensor = self._index(file)[name]
-    shape = tuple(tensor.shape)
-    if shape != tuple(expected_shape):
-      raise ValueError(f"{file}: tensor {name} has shape {shape} but {expects} expects "
-                       f"{tuple(expected_shape)}.")
-    return _to_numpy_float32(tensor)
-
-
-class _SafetensorsTensor:
-  """One tensor of a safetensors file, read on demand (no torch, bfloat16 supported)."""
-
-  def __init__(self, file: pathlib.Path, data_start: int, info: dict[str, Any]):
-    self.file, self.data_start, self.info = file, data_start, info
-    self.shape = tuple(info["shape"])
-
-  def read(self) -> np.ndarray:
-    dtype = _SAFETENSORS_DTYPES.get(self.info["dtype"])
-    if dtype is None:
-      raise ValueError(f"{self.file}: unsupported safetensors dtype {self.info['dtype']}.")
-    begin, end = self.info["data_offsets"]
-    with open(self.file, "rb") as f:
-      f.seek(self.data_start + begin)
-      data = f.read(end - begin)
-    return np.frombuffer(data, dtype=dtype).reshape(self.shape)
-
-
-def _safetensors_index(file: pathlib.Path) -> dict[str, _SafetensorsTensor]:
-  # Format: u64 little-endian header size, JSON header {name: {dtype, shape, data_offsets}}, data.
-  with open(file, "rb") as f:
-    (header_size,) = struct.unpack("<Q", f.read(8))
-    try:
-      header = json.loads(f.read(header_size))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{file}: not a safetensors file ({e}).") from e
-  header.pop("__metadata__", None)
-  return {name: _SafetensorsTensor(file, 8 + header_size, info) for name, info in header.items()}
-
-
-def _torch_load(file: pathlib.Path) -> dict[str, Any]:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f"{file}: reading PyTorch .bin checkpoints needs torch "
-                      "(pip install torch --index-url https://download.pytorch.org/whl/cpu), "
-                      "or convert the checkpoint to model.safetensors.") from e
-  state = torch.load(file, map_location="cpu", weights_only=True)
-  if not isinstance(state, dict):
-    raise ValueError(f"{file}: expected a state dict, got {type(state).__name__}.")
-  return state
-
-
-def _to_numpy_float32(tensor: Any) -> np.ndarray:
-  if isinstance(tensor, _SafetensorsTensor):
-    return np.asarray(tensor.read(), dtype=np.float32)
-  return tensor.detach().float().numpy()  # A torch tensor from a .bin file.
-
-
-def _read_json(path: pathlib.Path) -> Any:
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file.")
-  try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}.") from e
 
 
 def _describe(config: T5Config) -> str:
@@ -239,13 +95,13 @@ def import_t5_encoder(directory: PathLike,
   Raises:
     KeyError / ValueError naming the file and tensor for missing or mis-shaped tensors.
   """
-  directory = _local_path(directory)
+  directory = weight_files.local_path(directory)
   from_file = t5_config_from_hf(directory)
   if config is None:
     config = from_file
   else:
     _check_architecture(config, from_file, directory / "config.json")
-  store = _TensorStore(directory)
+  store = weight_files.TensorStore(directory)
   expects = _describe(config)
   c = config
   inner = c.num_heads * c.d_kv
@@ -353,9 +209,9 @@ def import_sentence_transformers(
   Returns:
     (config, params) with params the `DualEncoder` `params` collection, numpy float32.
   """
-  directory = _local_path(directory)
+  directory = weight_files.local_path(directory)
   modules_file = directory / "modules.json"
-  modules = _read_json(modules_file)
+  modules = weight_files.read_json(modules_file)
   by_kind: dict[str, dict[str, Any]] = {}
   for module in modules:
     kind = str(module.get("type", "")).rsplit(".", 1)[-1]
@@ -371,7 +227,7 @@ def import_sentence_transformers(
       raise ValueError(f"{modules_file}: no {kind} module.")
 
   pooling_file = directory / by_kind["Pooling"].get("path", "") / "config.json"
-  pooling_raw = _read_json(pooling_file)
+  pooling_raw = weight_files.read_json(pooling_file)
   modes = [name for name in ("pooling_mode_mean_tokens", "pooling_mode_cls_token",
                              "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
                              "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
@@ -391,7 +247,7 @@ def import_sentence_transformers(
   if "Dense" in by_kind:
     dense_dir = directory / by_kind["Dense"].get("path", "")
     dense_file = dense_dir / "config.json"
-    dense_raw = _read_json(dense_file)
+    dense_raw = weight_files.read_json(dense_file)
     if dense_raw.get("bias", True):
       raise ValueError(f"{dense_file}: bias=true is not supported (GTR's Dense has no bias).")
     activation = str(dense_raw.get("activation_function", ""))
@@ -402,7 +258,7 @@ def import_sentence_transformers(
       raise ValueError(f"{dense_file}: in_features={dense_raw.get('in_features')} but the "
                        f"encoder has d_model={t5_config.d_model}.")
     projection_dim = int(dense_raw["out_features"])
-    weight = _TensorStore(dense_dir).get(
+    weight = weight_files.TensorStore(dense_dir).get(
         "linear.weight", (projection_dim, t5_config.d_model),
         f"{dense_file.name} (in_features={t5_config.d_model}, out_features={projection_dim})")
     projection_kernel = weight.T
