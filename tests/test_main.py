@@ -185,3 +185,23 @@ def test_scan_remat_gin_applies_to_every_size(size, num_layers, d_model):
       True, True, "full")
   assert isinstance(model, model_config_lib.DualEncoderConfig)
   assert model.tower_sharing == "ade" and model.projection_dim == 768
+
+
+@pytest.mark.parametrize("experiment", ["msmarco", "multireqa"])
+@pytest.mark.parametrize("size,num_layers,d_model", [(None, 12, 768), ("small", 8, 512),
+                                                     ("large", 24, 1024), ("xl", 24, 2048)])
+def test_experiment_size_is_one_more_gin_file(experiment, size, num_layers, d_model):
+  """One experiment per dataset: GTR-Base by default, a models/<size>.gin after it sets the size."""
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  files = [f"experiments/{experiment}.gin"] + ([f"models/{size}.gin"] if size else [])
+  try:
+    main_lib.parse_gin(files, ["MODEL_DIR = '/tmp/unused'", "INITIAL_CHECKPOINT_PATH = None"])
+    bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
+    model, data = bound.arguments["model"], bound.arguments["data"]
+  finally:
+    gin.clear_config()
+  assert (model.encoder.num_layers, model.encoder.d_model) == (num_layers, d_model)
+  assert model.tower_sharing == "sde" and model.projection_dim == 768
+  assert data.batch_size == 512 and dict(data.task_feature_lengths) == {"queries": 64,
+                                                                       "passages": 256}
