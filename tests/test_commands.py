@@ -1,0 +1,107 @@
+"""The `samtone_jax.evaluate` and `samtone_jax.encode` commands, run as a user runs them.
+
+A tiny demo model is trained in-process; each command then runs in a subprocess on its checkpoint.
+References are independent of the commands' code paths: pytrec_eval scores the written run file,
+and the written embeddings equal the trained parameters applied to sentencepiece's token ids.
+"""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+import pytrec_eval
+
+from fixtures import tasks_data
+from samtone_jax import main as main_lib
+from samtone_jax.evaluation import encoding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENT = "experiments/demo_samtone.gin"
+EVAL_SET = "demo_manpages_test"
+LENGTHS = '{"queries": 8, "passages": 16}'
+MODEL_BINDINGS = ("config.T5Config.num_layers=1", f"TASK_FEATURE_LENGTHS={LENGTHS}")
+TRAIN_BINDINGS = MODEL_BINDINGS + ("TRAIN_STEPS=3", "BATCH_SIZE=16", "EVAL_TASKS=[]",
+                                   "WARMUP_STEPS=1", "trainer.LoopConfig.checkpoint_period=3")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(run directory, TrainResult) of a 3-step tiny demo run."""
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  model_dir = str(tmp_path_factory.mktemp("run"))
+  gin.clear_config()
+  main_lib.parse_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *TRAIN_BINDINGS])
+  try:
+    result = gin.get_configurable(trainer.train)()
+  finally:
+    gin.clear_config()
+  return model_dir, result
+
+
+def _run(module, model_dir, *bindings):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+  command = [sys.executable, "-m", module, f"--gin_file={EXPERIMENT}",
+             f'--gin.CHECKPOINT_PATH="{model_dir}"', *[f"--gin.{b}" for b in MODEL_BINDINGS],
+             *[f"--gin.{b}" for b in bindings]]
+  result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def test_evaluate_command_metrics_equal_pytrec_eval_of_its_run_file(trained, tmp_path):
+  model_dir, _ = trained
+  output_dir = tmp_path / "eval"
+  result = _run("samtone_jax.evaluate", model_dir, f"EVAL_TASKS=['{EVAL_SET}']",
+                f'EVAL_OUTPUT_DIR="{output_dir}"', f"EVAL_FEATURE_LENGTHS={LENGTHS}")
+  with open(output_dir / "metrics.json") as f:
+    metrics = json.load(f)
+  assert set(metrics) == {f"{EVAL_SET}/{m}" for m in ("mrr@10", "recall@10", "ndcg@10")}
+  for name, value in metrics.items():
+    assert f"{name}: {value:.4f}" in result.stdout
+
+  qrels = {}
+  with open(os.path.join(REPO, "samtone_jax/tasks/data/manpages/qrels/test.tsv")) as f:
+    next(f)
+    for line in f:
+      query_id, doc_id, score = line.rstrip("\n").split("\t")
+      qrels.setdefault(query_id, {})[doc_id] = int(score)
+  with open(output_dir / f"{EVAL_SET}.trec") as f:
+    run = pytrec_eval.parse_run(f)
+  per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut_10", "recall_10"}).evaluate(run)
+  mean = lambda m: sum(v[m] for v in per_query.values()) / len(qrels)
+  assert metrics[f"{EVAL_SET}/ndcg@10"] == pytest.approx(mean("ndcg_cut_10"), abs=1e-6)
+  assert metrics[f"{EVAL_SET}/recall@10"] == pytest.approx(mean("recall_10"), abs=1e-6)
+  assert metrics[f"{EVAL_SET}/ndcg@10"] > 0
+
+
+def test_encode_command_writes_the_models_query_embeddings(trained, tmp_path):
+  model_dir, train_result = trained
+  output_dir = tmp_path / "queries"
+  _run("samtone_jax.encode", model_dir, f'ENCODE_SET="{EVAL_SET}"', 'ENCODE_SIDE="queries"',
+       f'ENCODE_OUTPUT_DIR="{output_dir}"', f"EVAL_FEATURE_LENGTHS={LENGTHS}")
+  ids, shards = encoding.load_embedding_shards(str(output_dir))
+  embeddings = np.concatenate(shards)
+
+  queries = {}  # the test queries, read from the shipped files (not through the eval set)
+  with open(os.path.join(REPO, "samtone_jax/tasks/data/manpages/qrels/test.tsv")) as f:
+    next(f)
+    test_ids = {line.split("\t")[0] for line in f}
+  with gzip.open(os.path.join(REPO, "samtone_jax/tasks/data/manpages/queries.jsonl.gz"), "rt") as f:
+    for line in f:
+      row = json.loads(line)
+      if row["_id"] in test_ids:
+        queries[row["_id"]] = row["text"].strip()
+  assert sorted(ids) == sorted(queries)
+
+  sp = tasks_data.sp_processor()
+  tokens = np.asarray([tasks_data.expected_ids(sp, queries[i], 8) for i in ids], np.int32)
+  model = train_result.built.model
+  params = jax.device_get(train_result.state.params["model"])
+  expected = model.apply({"params": params}, tokens, method=model.encode_queries)
+  np.testing.assert_allclose(embeddings, np.asarray(expected), rtol=1e-5, atol=1e-5)
