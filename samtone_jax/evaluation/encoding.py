@@ -101,11 +101,17 @@ def encode_texts(texts: Sequence[str], encode_fn: EncodeFn, vocabulary: seqio.Vo
   Returns:
     float32 [n, P].
   """
-  batches = list(iter_encoded_batches(texts, encode_fn, vocabulary, length, batch_size=batch_size,
-                                      mesh=mesh, description=description))
-  if not batches:
+  if not texts:
     raise ValueError("No texts to encode.")
-  return np.concatenate(batches)
+  out, filled = None, 0  # One [n, P] array filled batch by batch: no list of copies to concatenate.
+  for embeddings in iter_encoded_batches(texts, encode_fn, vocabulary, length,
+                                         batch_size=batch_size, mesh=mesh,
+                                         description=description):
+    if out is None:
+      out = np.empty((len(texts), embeddings.shape[1]), np.float32)
+    out[filled:filled + len(embeddings)] = embeddings
+    filled += len(embeddings)
+  return out
 
 
 def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: EncodeFn,
@@ -154,7 +160,8 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
     while buffered >= shard_size:
       rows = np.concatenate(buffer)
       flush(rows[:shard_size])
-      buffer, buffered = [rows[shard_size:]], buffered - shard_size
+      # A copy of the (small) remainder: a view would keep the whole written shard alive.
+      buffer, buffered = [rows[shard_size:].copy()], buffered - shard_size
   if buffered:
     flush(np.concatenate(buffer))
   if writer:
