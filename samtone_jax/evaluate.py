@@ -28,6 +28,7 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
              eval_sets: Sequence[str], output_dir: str | None = None,
              metrics: Sequence[str] = (),
              feature_lengths: dict[str, int] | None = None, mesh_shape: tuple[int, int] = (-1, 1),
+             embeddings_dir: str | None = None,
              tasks_module: str = "samtone_jax.tasks.all") -> dict[str, float]:
   """Evaluates the checkpoint's dual encoder on each named evaluation set.
 
@@ -40,6 +41,9 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
     feature_lengths: {"queries": Lq, "passages": Lp} to tokenise to instead of each set's own
       lengths (EVAL_FEATURE_LENGTHS); None: the sets' lengths.
     mesh_shape: (data, model) mesh sizes.
+    embeddings_dir: where to stream each set's corpus embeddings as .npy shards (local or gs://),
+      searched from there, for corpora whose embeddings do not fit in host memory
+      (EVAL_EMBEDDINGS_DIR); None: in memory.
     tasks_module: imported to register the evaluation sets.
 
   Returns:
@@ -52,7 +56,8 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
   results = runner.evaluate_params(loaded.module, loaded.params, loaded.mesh, eval_sets,
                                    output_dir=output_dir, metrics=list(metrics) or None,
-                                   feature_lengths=feature_lengths)
+                                   feature_lengths=feature_lengths,
+                                   embeddings_dir=embeddings_dir)
   if output_dir:
     io_utils.makedirs(output_dir)  # gs:// on a pod.
     with io_utils.open_file(os.path.join(output_dir, "metrics.json"), "w") as f:

@@ -20,6 +20,7 @@ import pytrec_eval
 from fixtures import tasks_data
 from samtone_jax import main as main_lib
 from samtone_jax.evaluation import encoding
+from samtone_jax.evaluation import runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = "experiments/demo_samtone.gin"
@@ -55,10 +56,14 @@ def _run(module, model_dir, *bindings):
 
 
 def test_evaluate_command_metrics_equal_pytrec_eval_of_its_run_file(trained, tmp_path):
-  model_dir, _ = trained
-  output_dir = tmp_path / "eval"
+  """With EVAL_EMBEDDINGS_DIR: the corpus goes through shards on disk, same metrics as memory."""
+  model_dir, train_result = trained
+  output_dir, embeddings_dir = tmp_path / "eval", tmp_path / "embeddings"
   result = _run("samtone_jax.evaluate", model_dir, f"EVAL_TASKS=['{EVAL_SET}']",
-                f'EVAL_OUTPUT_DIR="{output_dir}"', f"EVAL_FEATURE_LENGTHS={LENGTHS}")
+                f'EVAL_OUTPUT_DIR="{output_dir}"', f"EVAL_FEATURE_LENGTHS={LENGTHS}",
+                f'EVAL_EMBEDDINGS_DIR="{embeddings_dir}"')
+  ids, shards = encoding.load_embedding_shards(str(embeddings_dir / EVAL_SET))
+  assert len(ids) == sum(len(s) for s in shards) == 2579  # the whole man-page corpus
   with open(output_dir / "metrics.json") as f:
     metrics = json.load(f)
   assert set(metrics) == {f"{EVAL_SET}/{m}" for m in ("mrr@10", "recall@10", "ndcg@10")}
@@ -78,6 +83,12 @@ def test_evaluate_command_metrics_equal_pytrec_eval_of_its_run_file(trained, tmp
   assert metrics[f"{EVAL_SET}/ndcg@10"] == pytest.approx(mean("ndcg_cut_10"), abs=1e-6)
   assert metrics[f"{EVAL_SET}/recall@10"] == pytest.approx(mean("recall_10"), abs=1e-6)
   assert metrics[f"{EVAL_SET}/ndcg@10"] > 0
+  # The in-memory evaluation of the same parameters in this process gives the same numbers.
+  in_memory = runner.evaluate_params(train_result.built.model, train_result.state.params,
+                                     train_result.mesh, [EVAL_SET],
+                                     metrics=["mrr@10", "recall@10", "ndcg@10"],
+                                     feature_lengths={"queries": 8, "passages": 16})
+  assert in_memory == pytest.approx(metrics, abs=1e-6)
 
 
 def test_encode_command_writes_the_models_query_embeddings(trained, tmp_path):

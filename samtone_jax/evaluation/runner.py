@@ -10,6 +10,7 @@ model is restored, its eval sets are tokenised and its metrics computed one way 
 
 from collections.abc import Sequence
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -80,7 +81,8 @@ def get_eval_set(name: str, feature_lengths: dict[str, int] | None = None
 def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.sharding.Mesh,
                     eval_sets: Sequence[str], *, output_dir: str | None = None,
                     metrics: Sequence[str] | None = None,
-                    feature_lengths: dict[str, int] | None = None) -> dict[str, float]:
+                    feature_lengths: dict[str, int] | None = None,
+                    embeddings_dir: str | None = None) -> dict[str, float]:
   """Retrieval metrics of the dual encoder `params["model"]` on each named evaluation set.
 
   Args:
@@ -92,13 +94,19 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
     metrics: metric names (e.g. "mrr@10"); None: each set's protocol defaults.
     feature_lengths: {"queries": Lq, "passages": Lp} to tokenise queries / documents to instead
       of each set's own lengths; None: the sets' lengths.
+    embeddings_dir: if given, each set's corpus embeddings are written as shards to
+      `<embeddings_dir>/<eval set>/` (local or gs://) and searched from there, so the corpus
+      embeddings are never all in host memory; None: in memory.
 
   Returns:
     {"<eval set>/<metric>": value}.
   """
   encode_queries, encode_documents = encoding.dual_encoder_encode_fns(model, params["model"], mesh)
-  results = retrieval.evaluate_eval_sets(
-      list(eval_sets), encode_queries, encode_documents,
-      get_eval_set=lambda name: get_eval_set(name, feature_lengths), output_dir=output_dir,
-      mesh=mesh, metrics=metrics)
-  return {k: float(v) for k, v in results.items()}
+  results = {}
+  for name in eval_sets:
+    values = retrieval.evaluate_eval_set(
+        get_eval_set(name, feature_lengths), encode_queries, encode_documents,
+        output_dir=output_dir, mesh=mesh, metrics=metrics,
+        embeddings_dir=None if embeddings_dir is None else os.path.join(embeddings_dir, name))
+    results.update({f"{name}/{metric}": float(value) for metric, value in values.items()})
+  return results
