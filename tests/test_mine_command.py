@@ -238,3 +238,47 @@ def test_mined_file_round_trips_through_the_seqio_task(setup, mined):
     np.testing.assert_array_equal(batch["negatives"][row], negatives)
     seen += 1
   assert seen == 10 == sum(len(v) for v in expected.values())
+
+
+def test_public_gtr_weights_load_for_mining(tmp_path):
+  """`runner.load_model` (what mining loads) on a sentence-transformers GTR directory gives
+  torch's GTR embeddings."""
+  import test_hf_import  # pylint: disable=g-import-not-at-top  (torch reference helpers)
+  from samtone_jax.models import hf_import  # pylint: disable=g-import-not-at-top
+  # pylint: disable=protected-access
+  hf_model = test_hf_import._random_hf_t5("gated-gelu", seed=5)
+  dense = test_hf_import._write_gtr(tmp_path / "gtr", hf_model, projection_dim=24)
+  config, _ = hf_import.import_sentence_transformers(tmp_path / "gtr", "sde")
+  loaded = runner.load_model(str(tmp_path / "gtr"), config)
+  tokens = np.random.default_rng(0).integers(2, 64, size=(8, 12)).astype(np.int32)
+  tokens[:, 9:] = 0  # padding
+  tokens[:, 8] = 1
+  mask = (tokens != 0).astype(np.int64)
+  encode_queries, _ = loaded.encode_fns()
+  expected = test_hf_import._torch_gtr_embeddings(hf_model, dense, tokens, mask)
+  np.testing.assert_allclose(np.asarray(encode_queries(tokens)), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("experiment, num_negatives", [
+    ("experiments/demo_samtone_mined.gin", 2), ("experiments/beir_samtone_mined.gin", 3)])
+def test_stage2_experiments_train_on_the_mined_task(mined, experiment, num_negatives):
+  """The stage-2 gin files turn HARD_NEGATIVES_PATH into the trainer's task with negatives."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from samtone_jax import train_step  # pylint: disable=g-import-not-at-top
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  output_dir, _, _ = mined
+  gin.clear_config()
+  main_lib.parse_gin([experiment], [
+      'MODEL_DIR = "/tmp/unused"', f'HARD_NEGATIVES_PATH = "{output_dir}"',
+      'INITIAL_CHECKPOINT_PATH = "/tmp/stage1"', 'EVAL_TASKS = ["beir_fixture_train"]'])
+  try:
+    data = gin.get_configurable(trainer.DataConfig)()
+    loss = gin.get_configurable(train_step.LossConfig)()
+    initial = gin.query_parameter("%INITIAL_CHECKPOINT_PATH")
+  finally:
+    gin.clear_config()
+  assert data.mixture_or_task_name == "beir_fixture_train_mined"
+  assert data.num_negatives == num_negatives and loss.use_hard_negatives
+  assert loss.same_tower_negatives and initial == "/tmp/stage1"
+  task = seqio.get_mixture_or_task(data.mixture_or_task_name)
+  assert set(task.output_features) == {"queries", "passages", "negatives"}
