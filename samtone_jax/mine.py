@@ -8,9 +8,10 @@ r"""Entry point mining hard negatives for a training set with a trained dual enc
 CHECKPOINT_PATH is a samtone_jax run or checkpoint directory, or public weights (a
 sentence-transformers GTR directory, a Hugging Face T5 directory), loaded by
 `evaluation.runner.load_model`. The experiment's gin files give the model (and
-TASK_FEATURE_LENGTHS, the lengths the texts are tokenised to); `gin/runs/mine.gin` (parsed before them) binds `mining.mine_to_directory` and the
-filters (`mining.MiningConfig`: num_negatives, range_min, range_max, max_score, relative_margin,
-sampling_strategy, seed, skip_fingerprint_duplicates). MINE_TASK is a registered training set
+TASK_FEATURE_LENGTHS, the lengths the texts are tokenised to); `gin/runs/mine.gin` (parsed before
+them) binds `mining.mine_to_directory` and the filters (`mining.MiningConfig`: num_negatives,
+range_min, range_max, max_score, relative_margin, sampling_strategy, seed,
+skip_fingerprint_duplicates). MINE_TASK is a registered training set
 with a corpus and qrels: "beir_<name>_train" for a BEIR directory with qrels/train.tsv (under
 $SAMTONE_DATA_DIR/beir/), or "demo_manpages_train". Writes MINE_OUTPUT_DIR/hard_negatives.jsonl
 and manifest.json (format in `samtone_jax/evaluation/mining.py`), which
