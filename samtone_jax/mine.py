@@ -13,7 +13,7 @@ them) binds `mining.mine_to_directory` and the filters (`mining.MiningConfig`: n
 range_min, range_max, max_score, relative_margin, sampling_strategy, seed,
 skip_fingerprint_duplicates). MINE_TASK is a registered training set
 with a corpus and qrels: "beir_<name>_train" for a BEIR directory with qrels/train.tsv (under
-$SAMTONE_DATA_DIR/beir/), or "demo_manpages_train". Writes MINE_OUTPUT_DIR/hard_negatives.jsonl
+$SAMTONE_DATA_DIR/beir/), "msmarco_passage_train" or "demo_manpages_train". Writes MINE_OUTPUT_DIR/hard_negatives.jsonl
 and manifest.json (format in `samtone_jax/evaluation/mining.py`), which
 `tasks.hard_negatives.register_mined_task` turns into a training task with negatives.
 

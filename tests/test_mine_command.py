@@ -184,9 +184,9 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(setup, case, tmp_path):
   extra, expected = {
       "missing checkpoint": ((f'CHECKPOINT_PATH="{tmp_path}/nowhere"',),
                              "No samtone_jax checkpoint under"),
-      "task without corpus": (('MINE_TASK="msmarco_passage_train"',),
-                              "MINE_TASK='msmarco_passage_train' is a seqio training task "
-                              "without a registered corpus"),
+      "task without corpus": (('MINE_TASK="demo_manpages"',),
+                              "MINE_TASK='demo_manpages' is a seqio training task without a "
+                              "registered corpus and qrels. .* use 'demo_manpages_train'"),
       "range_min > range_max": (("mining.MiningConfig.range_min=9",),
                                 "range_min=9 must be smaller than range_max=8"),
       "positive not in corpus": (('MINE_TASK="fixture_bad_train"',),
@@ -196,7 +196,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(setup, case, tmp_path):
   eval_sets.register_eval_set("fixture_bad_train", lambda: eval_sets.EvalSet(
       "fixture_bad_train", data.queries, data.corpus, {"q0": {"gone": 1}}, data.vocabulary),
       overwrite=True)
-  import samtone_jax.tasks.all  # noqa: F401  (registers msmarco_passage_train)
+  import samtone_jax.tasks.all  # noqa: F401  (registers demo_manpages)
   output_dir = tmp_path / "out"
   with pytest.raises((mining.MiningInputError, FileNotFoundError), match=expected):
     mine_in_process(checkpoint, str(output_dir), *extra)
@@ -282,3 +282,17 @@ def test_stage2_experiments_train_on_the_mined_task(mined, experiment, num_negat
   assert loss.same_tower_negatives and initial == "/tmp/stage1"
   task = seqio.get_mixture_or_task(data.mixture_or_task_name)
   assert set(task.output_features) == {"queries", "passages", "negatives"}
+
+
+def test_embeddings_on_disk_give_the_same_bytes(setup, mined, tmp_path):
+  """MINE_EMBEDDINGS_DIR (shards searched memory-mapped, several of them) == in memory."""
+  _, checkpoint, _, _, _ = setup
+  output_dir = str(tmp_path / "out")
+  mine_in_process(checkpoint, output_dir, f'MINE_EMBEDDINGS_DIR="{tmp_path / "emb"}"',
+                  "mining.mine_to_directory.shard_size = 7")
+  assert sorted(n for n in os.listdir(tmp_path / "emb") if n.startswith("embeddings")) == [
+      "embeddings-00000.npy", "embeddings-00001.npy", "embeddings-00002.npy"]
+  for name in ("hard_negatives.jsonl", "manifest.json"):
+    with open(os.path.join(output_dir, name), "rb") as a, open(os.path.join(mined[0], name),
+                                                             "rb") as b:
+      assert a.read() == b.read(), name

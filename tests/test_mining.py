@@ -6,6 +6,7 @@ product and a stable sort, and ties (planted: equal corpus rows) must come out i
 """
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -168,3 +169,43 @@ def test_training_queries_need_positives_in_the_corpus():
     mining.training_queries(queries, ["d0"], {"a": {"gone": 1}})
   with pytest.raises(mining.MiningInputError, match="no query has a judgement"):
     mining.training_queries(queries, ["d0"], {"c": {"d0": 0}})
+
+
+def test_encoding_resumes_from_complete_shards_after_a_kill(tmp_path):
+  """A run killed while encoding keeps its complete shards; the rerun encodes only the rest and
+  ends with the bytes of an uninterrupted run. Another encoding's directory is refused."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
+  vocabulary = seqio.ByteVocabulary()
+  texts = [f"document number {i} " * (i % 3 + 1) for i in range(23)]
+  ids = [f"d{i}" for i in range(23)]
+  encoded = []
+
+  def encode_fn(tokens, fail_after=None):
+    if fail_after is not None and len(encoded) >= fail_after:
+      raise KeyboardInterrupt("killed")
+    encoded.append(int((np.asarray(tokens)[:, 0] != 0).sum()))
+    return np.asarray(tokens, np.float32)[:, :6] / 7.0
+
+  kwargs = dict(shard_size=8, batch_size=4, resume_key={"checkpoint": "/runs/a/checkpoints/3"})
+  full = str(tmp_path / "full")
+  encoding.encode_to_shards(ids, texts, encode_fn, vocabulary, 12, full, **kwargs)
+  resumed = str(tmp_path / "resumed")
+  # Killed in the 6th encoder call (batch 5 is dispatched before batch 4's rows are written, so
+  # 16 rows, shards 0 and 1, are complete).
+  limit = len(encoded) + 5
+  with pytest.raises(KeyboardInterrupt):
+    encoding.encode_to_shards(ids, texts, lambda t: encode_fn(t, fail_after=limit), vocabulary,
+                              12, resumed, **kwargs)
+  assert sorted(n for n in os.listdir(resumed) if n.startswith("ids")) == [
+      "ids-00000.json", "ids-00001.json"]
+  encoded.clear()
+  encoding.encode_to_shards(ids, texts, encode_fn, vocabulary, 12, resumed, **kwargs)
+  assert sum(encoded) == 23 - 16
+  for name in sorted(os.listdir(full)):
+    with open(os.path.join(full, name), "rb") as a, open(os.path.join(resumed, name), "rb") as b:
+      assert a.read() == b.read(), name
+  assert sorted(os.listdir(full)) == sorted(os.listdir(resumed))
+  with pytest.raises(ValueError, match="holds embeddings of another encoding"):
+    encoding.encode_to_shards(ids, texts, encode_fn, vocabulary, 12, resumed,
+                              **{**kwargs, "resume_key": {"checkpoint": "/runs/a/checkpoints/4"}})

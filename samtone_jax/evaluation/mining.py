@@ -1,7 +1,7 @@
 """Hard-negative mining with a trained dual encoder: encode, exact top-k search, filters, files.
 
 A training set with a corpus (a registered `EvalSet`: queries, corpus and qrels, e.g. the
-`beir_<name>_train` set of a BEIR directory or `demo_manpages_train`) is mined in three steps:
+`beir_<name>_train` set of a BEIR directory, `msmarco_passage_train` or `demo_manpages_train`) is mined in three steps:
 
   1. encode the training queries (query tower) and the corpus (document tower) with the model
      (`encoding.encode_texts`), and fingerprint every corpus text with the loss's own id logic
@@ -55,6 +55,7 @@ from absl import logging
 import jax
 import numpy as np
 import seqio
+import tqdm
 
 from samtone_jax import io_utils
 from samtone_jax.evaluation import encoding
@@ -283,16 +284,41 @@ def select_negatives(scores: np.ndarray, rows: np.ndarray, positive_rows: Sequen
                       num_candidates=num_candidates, num_short_queries=num_short)
 
 
-def mine_embeddings(query_embeddings: np.ndarray, corpus_embeddings: np.ndarray,
+def _gather_rows(shards: Sequence[np.ndarray], rows: np.ndarray) -> np.ndarray:
+  """Rows (global positions) of a corpus held as consecutive shards [n_i, P] -> float32 [r, P]."""
+  starts = np.cumsum([0] + [len(shard) for shard in shards])
+  out = np.zeros((len(rows), shards[0].shape[1]), np.float32)
+  shard_of = np.searchsorted(starts, rows, side="right") - 1
+  for i, (shard, row) in enumerate(zip(shard_of, rows)):
+    out[i] = shards[shard][row - starts[shard]]
+  return out
+
+
+def _with_progress(shards: Sequence[np.ndarray], rows_per_step: int, description: str):
+  """Yields the shards in blocks of rows_per_step rows, advancing a progress bar (with ETA) as the
+  search consumes them."""
+  total = sum(len(shard) for shard in shards)
+  with tqdm.tqdm(total=total, desc=description, unit="doc", leave=False) as progress:
+    for shard in shards:
+      for start in range(0, len(shard), rows_per_step):
+        block = shard[start:start + rows_per_step]
+        yield block
+        progress.update(len(block))
+
+
+def mine_embeddings(query_embeddings: np.ndarray,
+                    corpus_embeddings: np.ndarray | Sequence[np.ndarray],
                     positive_rows: Sequence[np.ndarray], config: MiningConfig, *,
                     fingerprints: np.ndarray | None = None,
                     mesh: jax.sharding.Mesh | None = None,
-                    chunk_size: int = search.DEFAULT_CHUNK_SIZE) -> MiningResult:
+                    chunk_size: int = search.DEFAULT_CHUNK_SIZE,
+                    description: str = "searching") -> MiningResult:
   """Hard negatives from embeddings: exact top-k search, then `select_negatives`.
 
   Args:
     query_embeddings: float32 [Q, P].
-    corpus_embeddings: float32 [N, P].
+    corpus_embeddings: float32 [N, P], or consecutive shards [n_i, P] (e.g. the memory-mapped
+      files of `encoding.load_embedding_shards`), read once by the search.
     positive_rows: Q int arrays, each query's positive corpus positions.
     config: the filters.
     fingerprints: int32 [N] corpus fingerprints (None: no duplicate filter).
@@ -304,24 +330,31 @@ def mine_embeddings(query_embeddings: np.ndarray, corpus_embeddings: np.ndarray,
   """
   config.validate()
   query_embeddings = np.asarray(query_embeddings, np.float32)
-  corpus_embeddings = np.asarray(corpus_embeddings, np.float32)
+  shards = ([np.asarray(corpus_embeddings, np.float32)] if hasattr(corpus_embeddings, "shape")
+            else list(corpus_embeddings))
+  num_documents = sum(len(shard) for shard in shards)
   if len(positive_rows) != len(query_embeddings):
     raise ValueError(f"{len(positive_rows)} positive lists for {len(query_embeddings)} queries.")
   if fingerprints is None:
     config = dataclasses.replace(config, skip_fingerprint_duplicates=False)
   excluded = _excluded_counts(positive_rows, fingerprints, config.skip_fingerprint_duplicates)
-  k = int(min(len(corpus_embeddings), config.range_max + excluded.max()))
-  scores, rows = search.exact_search(query_embeddings, corpus_embeddings, k, mesh=mesh,
-                                     chunk_size=min(chunk_size, len(corpus_embeddings)))
+  k = int(min(num_documents, config.range_max + excluded.max()))
+  chunk_size = min(chunk_size, num_documents)
+  num_devices = 1 if mesh is None else mesh.devices.size
+  scores, rows = search.exact_search(
+      query_embeddings, _with_progress(shards, chunk_size * num_devices, description), k,
+      mesh=mesh, chunk_size=chunk_size)
   # The positives' scores, for relative_margin and the manifest: one float32 dot per pair.
-  positive_scores = [corpus_embeddings[rows_q] @ query_embeddings[q]
+  positive_scores = [_gather_rows(shards, rows_q) @ query_embeddings[q]
                      for q, rows_q in enumerate(positive_rows)]
   return select_negatives(scores, rows, positive_rows, positive_scores, fingerprints, config)
 
 
 def mine(encode_queries: encoding.EncodeFn, encode_documents: encoding.EncodeFn, eval_set,
          config: MiningConfig, *, mesh: jax.sharding.Mesh | None = None,
-         batch_size: int = 256, chunk_size: int = search.DEFAULT_CHUNK_SIZE) -> MiningResult:
+         batch_size: int = 256, chunk_size: int = search.DEFAULT_CHUNK_SIZE,
+         embeddings_dir: str | None = None, shard_size: int = 1_000_000,
+         resume_key: Mapping[str, Any] | None = None) -> MiningResult:
   """Mines hard negatives for the training queries of `eval_set` with a dual encoder.
 
   Args:
@@ -331,6 +364,11 @@ def mine(encode_queries: encoding.EncodeFn, encode_documents: encoding.EncodeFn,
     mesh: the mesh the encoders run on; the search shards the corpus over it too.
     batch_size: texts per encoder call.
     chunk_size: corpus rows scored per device per search step.
+    embeddings_dir: None: the corpus embeddings are held in memory. Else they are written there
+      as `.npy` shards (`encoding.encode_to_shards`) and searched memory-mapped, and a run killed
+      while encoding resumes from the complete shards (when `resume_key` is the same).
+    shard_size: corpus rows per shard.
+    resume_key: what makes two encodings of the corpus equal (checkpoint, lengths, ...).
 
   Returns:
     The MiningResult, query_ids filled.
@@ -344,15 +382,29 @@ def mine(encode_queries: encoding.EncodeFn, encode_documents: encoding.EncodeFn,
       [eval_set.queries[q] for q in query_ids], encode_queries, eval_set.vocabulary,
       eval_set.query_length, batch_size=batch_size, mesh=mesh,
       description=f"encoding {eval_set.name} queries")
-  corpus_embeddings = encoding.encode_texts(
-      corpus_texts, encode_documents, eval_set.vocabulary, eval_set.document_length,
-      batch_size=batch_size, mesh=mesh, description=f"encoding {eval_set.name} corpus")
+  description = f"encoding {eval_set.name} corpus"
+  if embeddings_dir is None:
+    corpus_embeddings = encoding.encode_texts(
+        corpus_texts, encode_documents, eval_set.vocabulary, eval_set.document_length,
+        batch_size=batch_size, mesh=mesh, description=description)
+  else:
+    key = {"task": eval_set.name, "document_length": eval_set.document_length,
+           "num_documents": len(corpus_ids), **dict(resume_key or {})}
+    encoding.encode_to_shards(corpus_ids, corpus_texts, encode_documents, eval_set.vocabulary,
+                              eval_set.document_length, embeddings_dir, shard_size=shard_size,
+                              batch_size=batch_size, mesh=mesh, description=description,
+                              resume_key=key)
+    stored_ids, corpus_embeddings = encoding.load_embedding_shards(embeddings_dir)
+    if stored_ids != corpus_ids:
+      raise MiningInputError(f"{embeddings_dir} holds the embeddings of other documents; delete "
+                             "it or choose another MINE_EMBEDDINGS_DIR.")
   fingerprints = None
   if config.skip_fingerprint_duplicates:
     fingerprints = corpus_fingerprints(corpus_texts, eval_set.vocabulary,
                                        eval_set.document_length)
   result = mine_embeddings(query_embeddings, corpus_embeddings, positive_rows, config,
-                           fingerprints=fingerprints, mesh=mesh, chunk_size=chunk_size)
+                           fingerprints=fingerprints, mesh=mesh, chunk_size=chunk_size,
+                           description=f"searching {eval_set.name}")
   result.query_ids = query_ids
   return result
 
@@ -427,6 +479,7 @@ def write_hard_negatives(result: MiningResult, corpus_ids: Sequence[str], output
 def mine_to_directory(*, checkpoint_path: str, model, task: str, output_dir: str,
                       filters: MiningConfig, feature_lengths: dict[str, int] | None = None,
                       batch_size: int = 256, chunk_size: int = search.DEFAULT_CHUNK_SIZE,
+                      embeddings_dir: str | None = None, shard_size: int = 1_000_000,
                       mesh_shape: tuple[int, int] = (-1, 1),
                       tasks_module: str = "samtone_jax.tasks.all") -> dict[str, Any]:
   """What `python -m samtone_jax.mine` runs (gin/runs/mine.gin binds it): load, mine, write.
@@ -437,14 +490,17 @@ def mine_to_directory(*, checkpoint_path: str, model, task: str, output_dir: str
     checkpoint_path: a samtone_jax run directory, its checkpoints/ or one checkpoints/<step>
       directory (CHECKPOINT_PATH).
     model: the DualEncoderConfig the checkpoint was trained with.
-    task: a registered training set with a corpus and qrels (MINE_TASK), e.g. "beir_<name>_train"
-      or "demo_manpages_train".
+    task: a registered training set with a corpus and qrels (MINE_TASK), e.g. "beir_<name>_train",
+      "msmarco_passage_train" or "demo_manpages_train".
     output_dir: where hard_negatives.jsonl and manifest.json go (MINE_OUTPUT_DIR).
     filters: the MiningConfig.
     feature_lengths: {"queries": Lq, "passages": Lp}, the training lengths (TASK_FEATURE_LENGTHS);
       None: the set's own.
     batch_size: texts per encoder call.
     chunk_size: corpus rows scored per device per search step.
+    embeddings_dir: where the corpus embeddings go as resumable `.npy` shards
+      (MINE_EMBEDDINGS_DIR); None: in memory (fine up to a few million documents per host).
+    shard_size: corpus rows per shard.
     mesh_shape: (data, model) mesh sizes.
     tasks_module: imported to register the sets.
 
@@ -452,6 +508,7 @@ def mine_to_directory(*, checkpoint_path: str, model, task: str, output_dir: str
     The manifest.
   """
   import importlib  # pylint: disable=g-import-not-at-top
+  from samtone_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from samtone_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   from samtone_jax.tasks import eval_sets  # pylint: disable=g-import-not-at-top
   filters.validate()
@@ -460,19 +517,26 @@ def mine_to_directory(*, checkpoint_path: str, model, task: str, output_dir: str
     import seqio as seqio_lib  # pylint: disable=g-import-not-at-top
     kind = ("a seqio training task without a registered corpus and qrels"
             if task in seqio_lib.TaskRegistry.names() else "not registered")
+    suggestion = (f"use {task + '_train'!r}" if task + "_train" in eval_sets.registered_eval_sets()
+                  else "use a BEIR-layout training split (\"beir_<name>_train\", registered for "
+                  "directories with qrels/train.tsv), \"msmarco_passage_train\" or "
+                  "\"demo_manpages_train\"")
     raise MiningInputError(
         f"MINE_TASK={task!r} is {kind}. Mining needs the training queries, their qrels and the "
-        "corpus: use a BEIR-layout training split (\"beir_<name>_train\", registered for "
-        "directories with qrels/train.tsv) or \"demo_manpages_train\". Registered sets: "
-        f"{eval_sets.registered_eval_sets()}")
+        f"corpus: {suggestion}. Registered sets: {eval_sets.registered_eval_sets()}")
   eval_set = runner.get_eval_set(task, feature_lengths)
   corpus_ids = list(eval_set.corpus)
   training_queries(eval_set.queries, corpus_ids, eval_set.qrels, task=task)  # fail before load
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
   encode_queries, encode_documents = loaded.encode_fns()
+  # The step directory, not the run directory: a run that saved a newer step is another model.
+  checkpoint = (checkpoints.step_directory(checkpoint_path)
+                if checkpoints.is_samtone_checkpoint(checkpoint_path)
+                else io_utils.abspath(checkpoint_path))
   result = mine(encode_queries, encode_documents, eval_set, filters, mesh=loaded.mesh,
-                batch_size=batch_size, chunk_size=chunk_size)
-  metadata = {"task": task, "checkpoint_path": checkpoint_path,
+                batch_size=batch_size, chunk_size=chunk_size, embeddings_dir=embeddings_dir,
+                shard_size=shard_size, resume_key={"checkpoint": checkpoint})
+  metadata = {"task": task, "checkpoint_path": checkpoint_path, "checkpoint": checkpoint,
               "query_length": eval_set.query_length,
               "document_length": eval_set.document_length}
   manifest = write_hard_negatives(result, corpus_ids, output_dir, config=filters,
