@@ -425,7 +425,7 @@ def write_hard_negatives(result: MiningResult, corpus_ids: Sequence[str], output
   """Writes `hard_negatives.jsonl` and `manifest.json` to `output_dir` (see the module docstring).
 
   Each file is written to `<name>.tmp` and renamed when complete (the manifest last), so a
-  crashed run leaves no half-written output under the final names.
+  crashed run leaves no half-written output under the final names. Only process 0 writes.
 
   Args:
     result: the mined negatives (query_ids filled).
@@ -437,7 +437,6 @@ def write_hard_negatives(result: MiningResult, corpus_ids: Sequence[str], output
   Returns:
     The manifest.
   """
-  io_utils.makedirs(output_dir)
   lines = []
   for q, query_id in enumerate(result.query_ids):
     lines.append(json.dumps({
@@ -465,6 +464,9 @@ def write_hard_negatives(result: MiningResult, corpus_ids: Sequence[str], output
           "negative_scores": _histogram(result.negative_scores),
       },
   }
+  if jax.process_index() != 0:  # every process mined the same; one writes
+    return manifest
+  io_utils.makedirs(output_dir)
   negatives_path = os.path.join(output_dir, NEGATIVES_FILE)
   manifest_path = os.path.join(output_dir, MANIFEST_FILE)
   for path, text in ((negatives_path, "".join(line + "\n" for line in lines)),
