@@ -296,3 +296,25 @@ def test_embeddings_on_disk_give_the_same_bytes(setup, mined, tmp_path):
     with open(os.path.join(output_dir, name), "rb") as a, open(os.path.join(mined[0], name),
                                                              "rb") as b:
       assert a.read() == b.read(), name
+
+
+def test_bad_negatives_file_names_file_line_and_fix(setup, mined, tmp_path):
+  """The data layer's errors: an unknown negative id (file and line), no manifest, too few."""
+  from samtone_jax.tasks import readers  # pylint: disable=g-import-not-at-top
+  output_dir, _, lines = mined
+  data = runner.get_eval_set(TASK)
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "manifest.json").write_text(json.dumps({"task": TASK}))
+  rows = [dict(line) for line in lines]
+  rows[2]["negative_ids"] = ["doc3", "no_such_doc"]
+  (bad / "hard_negatives.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  with pytest.raises(readers.DataFormatError,
+                     match=r"hard_negatives.jsonl, line 3: negative id 'no_such_doc' is not in the "
+                     "corpus of beir_fixture_train"):
+    list(hard_negatives.mined_examples(str(bad / "hard_negatives.jsonl"), data, 2))
+  (bad / "manifest.json").unlink()
+  with pytest.raises(readers.MissingDataError, match="hard negatives manifest.*samtone_jax.mine"):
+    hard_negatives.register_mined_task(negatives_path=str(bad), num_negatives=2)
+  with pytest.raises(readers.DataFormatError, match="no query has 9 hard negatives"):
+    list(hard_negatives.mined_examples(os.path.join(output_dir, "hard_negatives.jsonl"), data, 9))
