@@ -88,8 +88,13 @@ def _final_run(model_dir: str) -> dict[str, dict[str, float]]:
   """The TREC run of the test set written by the run's last evaluation."""
   from samtone_jax.evaluation import retrieval  # pylint: disable=g-import-not-at-top
   results = os.path.join(model_dir, "eval_results")
-  last = max(int(step) for step in io_utils.listdir(results) if step.isdigit())
-  return retrieval.read_trec_run(os.path.join(results, str(last), f"{EVAL_SET}.trec"))
+  steps = ([int(step) for step in io_utils.listdir(results) if step.isdigit()]
+           if io_utils.isdir(results) else [])
+  path = os.path.join(results, str(max(steps, default=0)), f"{EVAL_SET}.trec")
+  if not io_utils.exists(path):
+    raise FileNotFoundError(f"{model_dir} has no evaluation run of {EVAL_SET} ({path}); pass a "
+                            f"run of {STAGE1_GIN} as --stage1_dir, or none to train one.")
+  return retrieval.read_trec_run(path)
 
 
 def _table(rows: Sequence[tuple[str, dict[str, float]]]) -> str:
