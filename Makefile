@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-mining test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 demo: install
 	$(PY) -m samtone_jax.demo
+
+# Stage 1 -> mine hard negatives with it -> stage 2 (and a control), on the embedded man pages.
+demo-mining: install
+	$(PY) -m samtone_jax.demo_mining
 
 # Two workers: the suite mixes CPU-bound compiles with subprocess start-ups; -n 2 keeps both cores busy.
 test: install

@@ -113,6 +113,12 @@ def _resolve_step_dir(path: str) -> str:
   return os.path.join(path, str(max(steps)))
 
 
+def step_directory(path: str) -> str:
+  """The `checkpoints/<step>` directory that `path` (a run directory, its `checkpoints/` or one
+  step directory) names: the latest step when several. FileNotFoundError when there is none."""
+  return _resolve_step_dir(path)
+
+
 def is_samtone_checkpoint(path: str) -> bool:
   try:
     _resolve_step_dir(path)

@@ -41,6 +41,11 @@ def exists(path: str) -> bool:
   return tf.io.gfile.exists(path)
 
 
+def rename(source: str, destination: str) -> None:
+  """Renames `source` to `destination`, replacing it if it exists (atomic on a local disk)."""
+  tf.io.gfile.rename(source, destination, overwrite=True)
+
+
 def isdir(path: str) -> bool:
   return tf.io.gfile.isdir(path)
 

@@ -49,6 +49,17 @@ def test_dev_eval_set(tmp_path):
   assert es.qrels == {"1048585": {"1": 1}, "2": {"4": 1, "0": 1}}
 
 
+def test_train_queries_as_a_set_to_mine_from(tmp_path):
+  tasks_data.write_msmarco(str(tmp_path))
+  msmarco.register(str(tmp_path), vocabulary=vocab.demo_vocabulary())
+  from samtone_jax.tasks import eval_sets  # pylint: disable=g-import-not-at-top
+  es = eval_sets.get_eval_set(msmarco.TRAIN_EVAL_SET)
+  assert es.name == "msmarco_passage_train"
+  assert es.queries == {str(q): t for q, t in tasks_data.MSMARCO_TRAIN_QUERIES.items()}
+  assert es.corpus == {str(p): t for p, t in tasks_data.MSMARCO_COLLECTION.items()}
+  assert es.qrels == {str(q): {str(p): 1} for q, p in tasks_data.MSMARCO_TRAIN_QRELS.items()}
+
+
 def test_paths_configuration_is_read_lazily(tmp_path, monkeypatch):
   from samtone_jax.tasks import paths  # pylint: disable=g-import-not-at-top
   tasks_data.write_msmarco(str(tmp_path / "msmarco"))

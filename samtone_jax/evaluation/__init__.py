@@ -8,4 +8,7 @@ Modules (imported individually, so that metrics and search do not pull in Tensor
              dual_encoder_encode_fns.
   retrieval  evaluate_eval_set, evaluate_eval_sets: the MS MARCO, MultiReQA and BEIR protocols,
              results JSON and TREC run files.
+  mining     MiningConfig, mine, mine_embeddings, select_negatives, write_hard_negatives,
+             mine_to_directory: hard negatives for a training set (samtone-mine).
+  runner     load_model, get_eval_set, evaluate_params: the one checkpoint loader.
 """

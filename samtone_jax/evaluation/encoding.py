@@ -15,9 +15,10 @@ remote (gs://, through `io_utils`); remote shards are read into memory, since a 
 local file.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import json
 import os
+from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
@@ -32,6 +33,7 @@ from samtone_jax.tasks import preprocessors
 EncodeFn = Callable[[jax.Array | np.ndarray], jax.Array]
 
 _MANIFEST = "manifest.json"
+_RESUME_KEY = "resume_key.json"
 
 
 def tokenize(texts: Sequence[str], vocabulary: seqio.Vocabulary, length: int) -> np.ndarray:
@@ -114,14 +116,42 @@ def encode_texts(texts: Sequence[str], encode_fn: EncodeFn, vocabulary: seqio.Vo
   return out
 
 
+def _resumable_shards(output_dir: str, ids: Sequence[str], shard_size: int,
+                      resume_key: Mapping[str, Any]) -> int:
+  """How many leading full shards of an earlier `encode_to_shards` with the same key and ids can
+  be kept (0 when there are none); raises if the directory holds another encoding."""
+  key_path = os.path.join(output_dir, _RESUME_KEY)
+  if not io_utils.exists(key_path):
+    return 0
+  with io_utils.open_file(key_path) as f:
+    stored = json.load(f)
+  if stored != json.loads(json.dumps(dict(resume_key))):
+    raise ValueError(f"{output_dir} holds embeddings of another encoding ({key_path}: {stored}; "
+                     f"this one: {dict(resume_key)}); delete it or choose another directory.")
+  shard = 0
+  while (shard + 1) * shard_size <= len(ids):
+    ids_path = os.path.join(output_dir, f"ids-{shard:05d}.json")
+    if not io_utils.exists(ids_path):  # written after its embeddings: the shard is complete
+      break
+    with io_utils.open_file(ids_path) as f:
+      if json.load(f) != list(ids[shard * shard_size:(shard + 1) * shard_size]):
+        raise ValueError(f"{ids_path} lists other documents than this corpus's rows "
+                         f"{shard * shard_size}..; delete {output_dir} or choose another.")
+    shard += 1
+  return shard
+
+
 def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: EncodeFn,
                      vocabulary: seqio.Vocabulary, length: int, output_dir: str, *,
                      shard_size: int = 1_000_000, batch_size: int = 256,
                      mesh: jax.sharding.Mesh | None = None,
-                     description: str = "encoding") -> list[str]:
+                     description: str = "encoding",
+                     resume_key: Mapping[str, Any] | None = None) -> list[str]:
   """Embeds a corpus into `.npy` shards of at most `shard_size` rows, never holding more than one.
 
-  Only process 0 writes files (every process computes the same embeddings).
+  Only process 0 writes files (every process computes the same embeddings). Each file is written
+  under a temporary name and renamed, the ids file after its embeddings, so a shard whose ids
+  file exists is complete.
 
   Args:
     ids: n document ids, written next to the embeddings.
@@ -129,6 +159,10 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
     encode_fn, vocabulary, length, batch_size, mesh: as for `encode_texts`.
     output_dir: created if missing; holds embeddings-XXXXX.npy, ids-XXXXX.json, manifest.json.
     shard_size: rows per shard (a multiple of the batch size is best; any value works).
+    resume_key: JSON-serialisable facts that make two encodings equal (checkpoint, lengths, ...).
+      Given, it is stored in the directory, and a later call with the same key and ids keeps the
+      complete full shards an interrupted call left and encodes only the rest; a directory with
+      another key raises. None: everything is encoded.
 
   Returns:
     The paths of the embedding shards, in order.
@@ -138,20 +172,34 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
   writer = jax.process_index() == 0
   if writer:
     io_utils.makedirs(output_dir)  # local or gs:// (a directory every host sees)
-  paths, shard_sizes, buffer, buffered, dim = [], [], [], 0, None
+  done = 0
+  if resume_key is not None:
+    done = _resumable_shards(output_dir, ids, shard_size, resume_key)
+    if writer:
+      with io_utils.open_file(os.path.join(output_dir, _RESUME_KEY), "w") as f:
+        json.dump(dict(resume_key), f, sort_keys=True)
+  paths = [os.path.join(output_dir, f"embeddings-{shard:05d}.npy") for shard in range(done)]
+  shard_sizes, buffer, buffered, dim = [shard_size] * done, [], 0, None
+  if done:
+    dim = int(io_utils.load_npy(paths[-1]).shape[1])
+    print(f"{description}: resuming after {done * shard_size} documents already in "
+          f"{output_dir}", flush=True)
 
   def flush(rows: np.ndarray):
     shard = len(paths)
     path = os.path.join(output_dir, f"embeddings-{shard:05d}.npy")
     begin = sum(shard_sizes)
     if writer:
-      io_utils.save_npy(path, rows)
-      with io_utils.open_file(os.path.join(output_dir, f"ids-{shard:05d}.json"), "w") as f:
+      io_utils.save_npy(path + ".tmp", rows)
+      io_utils.rename(path + ".tmp", path)
+      ids_path = os.path.join(output_dir, f"ids-{shard:05d}.json")
+      with io_utils.open_file(ids_path + ".tmp", "w") as f:
         json.dump(list(ids[begin:begin + len(rows)]), f)
+      io_utils.rename(ids_path + ".tmp", ids_path)
     paths.append(path)
     shard_sizes.append(len(rows))
 
-  for embeddings in iter_encoded_batches(texts, encode_fn, vocabulary, length,
+  for embeddings in iter_encoded_batches(texts[done * shard_size:], encode_fn, vocabulary, length,
                                          batch_size=batch_size, mesh=mesh,
                                          description=description):
     dim = embeddings.shape[1]

@@ -14,8 +14,10 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from samtone_jax import checkpoints
+from samtone_jax import io_utils
 from samtone_jax import partitioning
 from samtone_jax import train_step as train_step_lib
 from samtone_jax.evaluation import encoding
@@ -46,20 +48,38 @@ class LoadedModel:
     return encoding.dual_encoder_encode_fns(self.module, self.params["model"], self.mesh)
 
 
+def is_public_weights(path: str) -> bool:
+  """True for a sentence-transformers (modules.json) or Hugging Face T5 (config.json) directory."""
+  return any(io_utils.exists(os.path.join(path, name)) for name in ("modules.json", "config.json"))
+
+
 def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
                mesh_shape: tuple[int, int] = (-1, 1)) -> LoadedModel:
   """Restores the DualEncoder params of `checkpoint_path`, sharded on a new mesh.
 
   Args:
     checkpoint_path: a run directory (its latest checkpoint), its checkpoints/ directory, or one
-      checkpoints/<step> directory.
-    model: the architecture the checkpoint was trained with.
+      checkpoints/<step> directory; or public weights, imported like INITIAL_CHECKPOINT_PATH
+      (`checkpoints.load_initial_params`): a sentence-transformers GTR directory (encoder and
+      projection), or a Hugging Face T5 directory (encoder only: the projection keeps its seed-0
+      initialisation).
+    model: the architecture the checkpoint was trained with (for public weights: matching them).
     mesh_shape: (data, model) mesh sizes; -1 fills.
   """
   mesh = partitioning.create_mesh(*mesh_shape)
+  module = dual_encoder.DualEncoder(model)
+  if not checkpoints.is_samtone_checkpoint(checkpoint_path) and is_public_weights(
+      checkpoint_path):
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    variables, _ = partitioning.sharded_init(
+        lambda rng: module.init({"params": rng, "dropout": rng}, dummy, dummy), mesh,
+        jax.random.PRNGKey(0))
+    params = checkpoints.load_initial_params(checkpoint_path, {"model": variables["params"]},
+                                             model)
+    return LoadedModel(module, params, mesh)
   abstract = {"model": train_step_lib.abstract_model_params_of(model, mesh)}
   params = checkpoints.restore_params(checkpoint_path, abstract)
-  return LoadedModel(dual_encoder.DualEncoder(model), params, mesh)
+  return LoadedModel(module, params, mesh)
 
 
 def get_eval_set(name: str, feature_lengths: dict[str, int] | None = None

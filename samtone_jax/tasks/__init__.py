@@ -9,5 +9,6 @@
   readers.py           line-numbered TSV/JSONL readers, DataFormatError, MissingDataError
   sources.py           seqio sources over Python readers
   demo.py, msmarco.py, multireqa.py, beir.py   the datasets
+  hard_negatives.py    training tasks from mined hard negatives (hard_negatives.jsonl)
   eval_sets.py         the EvalSet registry read by samtone_jax.evaluation
 """

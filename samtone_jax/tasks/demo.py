@@ -6,6 +6,8 @@ perl-doc, split 90/10 by page (see scripts/build_manpages_demo.py and data/manpa
 
   task "demo_manpages"            train pairs from train.tsv.gz, demo vocabulary (8000 pieces)
   eval set "demo_manpages_test"   test queries against the whole corpus (protocol "beir")
+  eval set "demo_manpages_train"  the train queries (qrels/train.tsv) against the whole corpus:
+                                  what hard-negative mining reads (samtone_jax.mine)
 """
 
 import functools
@@ -21,6 +23,7 @@ from samtone_jax.tasks import vocab
 DEMO_DIR = vocab.DEMO_DATA_DIR
 TRAIN_TASK = "demo_manpages"
 TEST_EVAL_SET = "demo_manpages_test"
+TRAIN_EVAL_SET = "demo_manpages_train"
 _MISSING_HELP = ("The demo data ships inside the package; reinstall samtone_jax (pip install -e .) "
                  "or rebuild it with scripts/build_manpages_demo.py.")
 
@@ -41,3 +44,5 @@ def register(directory: str = DEMO_DIR) -> None:
   beir.register_pairs_task(TRAIN_TASK, source, vocabulary, shuffle_buffer_size=10_000)
   loader = functools.partial(beir.beir_eval_set, TEST_EVAL_SET, directory, "test", vocabulary)
   eval_sets.register_eval_set(TEST_EVAL_SET, loader, overwrite=True)
+  loader = functools.partial(beir.beir_eval_set, TRAIN_EVAL_SET, directory, "train", vocabulary)
+  eval_sets.register_eval_set(TRAIN_EVAL_SET, loader, overwrite=True)

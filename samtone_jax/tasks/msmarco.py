@@ -16,6 +16,9 @@ Registered names:
                                 queries.train.tsv (+ qrels.train.tsv to check each positive).
   "msmarco_passage_train_tfds"  (query, positive) pairs of TFDS beir/msmarco, split "train".
   eval set "msmarco_passage_dev_small"   protocol "msmarco", corpus = collection.tsv.
+  eval set "msmarco_passage_train"       queries.train.tsv + qrels.train.tsv against
+                                         collection.tsv: what hard-negative mining reads
+                                         (samtone_jax.mine, MINE_TASK="msmarco_passage_train").
 """
 
 import functools
@@ -34,6 +37,8 @@ from samtone_jax.tasks import vocab
 TRAIN_TASK = "msmarco_passage_train"
 TRAIN_TASK_TFDS = "msmarco_passage_train_tfds"
 DEV_EVAL_SET = "msmarco_passage_dev_small"
+# The training queries as a set with a corpus (same name as the task): what mining reads.
+TRAIN_EVAL_SET = "msmarco_passage_train"
 TEXT_TRIPLES = "triples.train.small.tsv"
 ID_TRIPLES = "qidpidtriples.train.full.2.tsv"
 _HOW_TO_GET = ("Download the MS MARCO passage ranking files from "
@@ -117,13 +122,16 @@ def train_triples(directory: str | None = None):
                                  _HOW_TO_GET)
 
 
-def dev_eval_set(directory: str | None, vocabulary: seqio.Vocabulary) -> eval_sets.EvalSet:
+def dev_eval_set(directory: str | None, vocabulary: seqio.Vocabulary, *,
+                 name: str = DEV_EVAL_SET, queries_file: str = "queries.dev.small.tsv",
+                 qrels_file: str = "qrels.dev.small.tsv") -> eval_sets.EvalSet:
+  """The dev-small set (or, with the train files, the train queries: TRAIN_EVAL_SET)."""
   directory = directory or paths.msmarco_dir()
   collection = read_id_texts(_file(directory, "collection.tsv"), "pid")
-  queries = read_id_texts(_file(directory, "queries.dev.small.tsv"), "qid")
-  qrels = read_qrels(_file(directory, "qrels.dev.small.tsv"), queries, collection)
+  queries = read_id_texts(_file(directory, queries_file), "qid")
+  qrels = read_qrels(_file(directory, qrels_file), queries, collection)
   return eval_sets.EvalSet(
-      name=DEV_EVAL_SET,
+      name=name,
       queries={str(q): queries[q] for q in sorted(qrels)},
       corpus={str(p): text for p, text in collection.items()},
       qrels={str(q): {str(p): r for p, r in docs.items()} for q, docs in qrels.items()},
@@ -139,3 +147,6 @@ def register(directory: str | None = None, vocabulary: seqio.Vocabulary | None =
   beir.register_pairs_task(TRAIN_TASK_TFDS, beir.tfds_pairs_source("msmarco"), vocabulary)
   loader = functools.partial(dev_eval_set, directory, vocabulary)
   eval_sets.register_eval_set(DEV_EVAL_SET, loader, overwrite=True)
+  loader = functools.partial(dev_eval_set, directory, vocabulary, name=TRAIN_EVAL_SET,
+                             queries_file="queries.train.tsv", qrels_file="qrels.train.tsv")
+  eval_sets.register_eval_set(TRAIN_EVAL_SET, loader, overwrite=True)
