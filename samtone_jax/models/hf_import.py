@@ -29,6 +29,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+import jax
+
+from samtone_jax.models import dual_encoder
 from samtone_jax.models import t5
 from samtone_jax.models.config import DualEncoderConfig, T5Config
 
@@ -311,27 +314,48 @@ def dual_encoder_params(config: DualEncoderConfig, encoder_params: dict[str, Any
   Returns:
     The `params` collection of `DualEncoder(config)` (see dual_encoder.py for the layout).
   """
-  body = {k: v for k, v in encoder_params.items() if k != "token_embedder"}
-  embedder = encoder_params["token_embedder"]
-  sharing = config.tower_sharing
-  if sharing == "sde":
-    params = {"token_embedder": embedder, "encoder": body}
-  else:
-    params = {"query_encoder": body, "document_encoder": body}
-    if sharing in ("ade_ste", "ade_fte"):
-      params["token_embedder"] = embedder
-    else:
-      params["query_token_embedder"] = params["document_token_embedder"] = embedder
   if projection_kernel is not None:
     expected = (config.encoder.d_model, config.projection_dim)
     if tuple(projection_kernel.shape) != expected:
       raise ValueError(f"projection kernel has shape {tuple(projection_kernel.shape)} but "
                        f"DualEncoderConfig expects {expected} (d_model, projection_dim).")
-    projection = {"kernel": projection_kernel}
-    if sharing in ("sde", "ade_spl"):
-      params["projection"] = projection
-    else:
-      params["query_projection"] = params["document_projection"] = projection
+  return dual_encoder_params_per_tower(config, {side: (encoder_params, projection_kernel)
+                                                for side in dual_encoder.SIDES})
+
+
+def dual_encoder_params_per_tower(
+    config: DualEncoderConfig,
+    towers: dict[str, tuple[dict[str, Any], np.ndarray | None]]) -> dict[str, Any]:
+  """Lays each tower's encoder (and projection) into the `DualEncoder` tree (the inverse of
+  `hf_export.tower_params`).
+
+  Args:
+    config: the dual encoder config.
+    towers: {"query": (encoder_params, projection_kernel), "document": (...)}; encoder_params a
+      standalone `T5Encoder` tree with `token_embedder`; projection_kernel [d_model, P] or None
+      (left out). A part that `config.tower_sharing` shares must be equal in both towers.
+
+  Raises:
+    ValueError: a shared part differs between the towers, naming the part.
+  """
+  params: dict[str, Any] = {}
+  for side in dual_encoder.SIDES:
+    encoder_params, projection_kernel = towers[side]
+    parts = {"token_embedder": encoder_params["token_embedder"],
+             "encoder": {k: v for k, v in encoder_params.items() if k != "token_embedder"}}
+    if projection_kernel is not None:
+      parts["projection"] = {"kernel": projection_kernel}
+    for part, name in dual_encoder.tower_parameter_names(config.tower_sharing, side).items():
+      if part not in parts:
+        continue
+      if name in params:  # Shared, already laid out by the other tower.
+        equal = jax.tree.all(jax.tree.map(lambda a, b: a is b or np.array_equal(a, b),
+                                          params[name], parts[part]))
+        if not equal:
+          raise ValueError(f"tower_sharing={config.tower_sharing!r} shares the {part} but the "
+                           "query and document towers have different values for it.")
+        continue
+      params[name] = parts[part]
   return params
 
 
