@@ -113,6 +113,16 @@ def _resolve_step_dir(path: str) -> str:
   return os.path.join(path, str(max(steps)))
 
 
+def resolve_step_dir(path: str) -> str:
+  """The checkpoints/<step> directory that `restore_params(path, ...)` reads (the latest step of
+  a run directory or its checkpoints/ directory).
+
+  Raises:
+    FileNotFoundError: no samtone_jax checkpoint under `path`.
+  """
+  return _resolve_step_dir(path)
+
+
 def is_samtone_checkpoint(path: str) -> bool:
   try:
     _resolve_step_dir(path)

@@ -34,11 +34,13 @@ class LoadedModel:
     module: the DualEncoder.
     params: {"model": DualEncoder params}, sharded on `mesh`.
     mesh: the (data, model) mesh the params live on.
+    step_dir: the checkpoints/<step> directory they were read from.
   """
 
   module: dual_encoder.DualEncoder
   params: PyTree
   mesh: jax.sharding.Mesh
+  step_dir: str | None = None
 
   def encode_fns(self) -> tuple[encoding.EncodeFn, encoding.EncodeFn]:
     """(encode_queries, encode_documents): token ids [n, L] -> embeddings, on the mesh."""
@@ -57,8 +59,9 @@ def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
   """
   mesh = partitioning.create_mesh(*mesh_shape)
   abstract = {"model": train_step_lib.abstract_model_params_of(model, mesh)}
-  params = checkpoints.restore_params(checkpoint_path, abstract)
-  return LoadedModel(dual_encoder.DualEncoder(model), params, mesh)
+  step_dir = checkpoints.resolve_step_dir(checkpoint_path)
+  params = checkpoints.restore_params(step_dir, abstract)
+  return LoadedModel(dual_encoder.DualEncoder(model), params, mesh, step_dir)
 
 
 def get_eval_set(name: str, feature_lengths: dict[str, int] | None = None
