@@ -27,7 +27,8 @@ EVAL_RUN_GIN = "runs/eval.gin"
 def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
              eval_sets: Sequence[str], output_dir: str | None = None,
              metrics: Sequence[str] = (),
-             feature_lengths: dict[str, int] | None = None, mesh_shape: tuple[int, int] = (-1, 1),
+             feature_lengths: dict[str, int] | None = None,
+             ignore_identical_ids: bool | None = None, mesh_shape: tuple[int, int] = (-1, 1),
              tasks_module: str = "samtone_jax.tasks.all") -> dict[str, float]:
   """Evaluates the checkpoint's dual encoder on each named evaluation set.
 
@@ -39,6 +40,8 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
     metrics: metric names; empty: each set's protocol defaults.
     feature_lengths: {"queries": Lq, "passages": Lp} to tokenise to instead of each set's own
       lengths (EVAL_FEATURE_LENGTHS); None: the sets' lengths.
+    ignore_identical_ids: drop a retrieved document whose id equals the query id
+      (EVAL_IGNORE_IDENTICAL_IDS); None: each set's protocol decides (on for BEIR, as BEIR does).
     mesh_shape: (data, model) mesh sizes.
     tasks_module: imported to register the evaluation sets.
 
@@ -52,7 +55,8 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
   results = runner.evaluate_params(loaded.module, loaded.params, loaded.mesh, eval_sets,
                                    output_dir=output_dir, metrics=list(metrics) or None,
-                                   feature_lengths=feature_lengths)
+                                   feature_lengths=feature_lengths,
+                                   ignore_identical_ids=ignore_identical_ids)
   if output_dir:
     io_utils.makedirs(output_dir)  # gs:// on a pod.
     with io_utils.open_file(os.path.join(output_dir, "metrics.json"), "w") as f:

@@ -83,7 +83,8 @@ def get_eval_set(name: str, feature_lengths: dict[str, int] | None = None
 def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.sharding.Mesh,
                     eval_sets: Sequence[str], *, output_dir: str | None = None,
                     metrics: Sequence[str] | None = None,
-                    feature_lengths: dict[str, int] | None = None) -> dict[str, float]:
+                    feature_lengths: dict[str, int] | None = None,
+                    ignore_identical_ids: bool | None = None) -> dict[str, float]:
   """Retrieval metrics of the dual encoder `params["model"]` on each named evaluation set.
 
   Args:
@@ -95,6 +96,8 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
     metrics: metric names (e.g. "mrr@10"); None: each set's protocol defaults.
     feature_lengths: {"queries": Lq, "passages": Lp} to tokenise queries / documents to instead
       of each set's own lengths; None: the sets' lengths.
+    ignore_identical_ids: drop a retrieved document whose id equals the query id; None: each
+      set's protocol decides (BEIR's rule for "beir" sets; see evaluation/retrieval.py).
 
   Returns:
     {"<eval set>/<metric>": value}.
@@ -103,5 +106,5 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
   results = retrieval.evaluate_eval_sets(
       list(eval_sets), encode_queries, encode_documents,
       get_eval_set=lambda name: get_eval_set(name, feature_lengths), output_dir=output_dir,
-      mesh=mesh, metrics=metrics)
+      mesh=mesh, metrics=metrics, ignore_identical_ids=ignore_identical_ids)
   return {k: float(v) for k, v in results.items()}
