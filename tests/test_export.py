@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import seqio
 
 from samtone_jax import checkpoints
 from samtone_jax import export as export_entry
@@ -130,6 +131,9 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
                         **common)
   assert os.listdir(occupied) == ["keep.txt"]
 
+  # A vocabulary that no exported tokenizer can express.
+  with pytest.raises(exporting.ExportError, match="task 'bytes' uses a ByteVocabulary"):
+    exporting.sentencepiece_model_of(seqio.ByteVocabulary(), "bytes")
   with pytest.raises(exporting.ExportError, match="EXPORT_FORMAT='onnx'"):
     export_entry.export(checkpoint_path=str(tmp_path / "run"), export_dir=str(tmp_path / "o"),
                         export_format="onnx", **common)
@@ -160,3 +164,24 @@ def test_command_exits_1_with_message(tmp_path):
   assert result.returncode == 1
   assert "Export failed" in result.stderr and "EXPORT_OVERWRITE=True" in result.stderr
   assert os.listdir(occupied) == ["keep.txt"]
+
+
+def test_saved_model_strings_to_embeddings(tmp_path, tower_sharing="ade_spl"):
+  """`tf.saved_model.load(dir).signatures[...]` on strings equals our embeddings (1e-4), per
+  tower (ADE-SPL: the towers differ; SDE is the same code with one tower)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import  (the tokenizer op)
+  config = _config(tower_sharing)
+  params = _random_params(config, seed=3)
+  _write_run(tmp_path / "run", params, {})
+  export_dir = tmp_path / "saved_model"
+  export_entry.export(checkpoint_path=str(tmp_path / "run"), model=config,
+                      export_dir=str(export_dir), task="demo_manpages", feature_lengths=LENGTHS,
+                      export_format="saved_model")
+  loaded = tf.saved_model.load(str(export_dir))
+  assert {"encode_queries", "encode_documents", "serving_default"} <= set(loaded.signatures)
+  for name, side, length in (("encode_queries", "query", LENGTHS["queries"]),
+                             ("encode_documents", "document", LENGTHS["passages"])):
+    got = loaded.signatures[name](tf.constant(TEXTS))["embeddings"].numpy()
+    np.testing.assert_allclose(got, _ours(config, params, TEXTS, side, length), atol=1e-4, rtol=0)
+  assert "encode_queries" in (export_dir / "README.md").read_text()
