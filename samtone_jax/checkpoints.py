@@ -98,6 +98,28 @@ def restore(manager: ocp.CheckpointManager, abstract_state: PyTree, step: int | 
   return restored[STATE_ITEM], restored[META_ITEM]
 
 
+class UnsupportedCheckpointError(ValueError):
+  """A checkpoint in a format samtone_jax cannot read (e.g. one written by `t5x.train`)."""
+
+
+T5X_STEP_PREFIX = "checkpoint_"
+
+
+def is_t5x_checkpoint(path: str) -> bool:
+  """Whether `path` is a t5x model directory or one of its `checkpoint_<step>` directories
+  (t5x writes MODEL_DIR/checkpoint_<step>/checkpoint, msgpack or orbax)."""
+  path = io_utils.abspath(path)
+  if io_utils.exists(os.path.join(path, "checkpoint")) and os.path.basename(
+      path.rstrip("/")).startswith(T5X_STEP_PREFIX):
+    return True
+  if not io_utils.isdir(path):
+    return False
+  return any(d.rstrip("/").startswith(T5X_STEP_PREFIX)
+             and d.rstrip("/")[len(T5X_STEP_PREFIX):].isdigit()
+             and io_utils.exists(os.path.join(path, d.rstrip("/"), "checkpoint"))
+             for d in io_utils.listdir(path))
+
+
 def _resolve_step_dir(path: str) -> str:
   """A path to a run directory, its `checkpoints/` directory, or one `<step>` directory ->
   the `<step>` directory (the latest when several)."""
@@ -108,6 +130,12 @@ def _resolve_step_dir(path: str) -> str:
     path = os.path.join(path, "checkpoints")
   steps = [int(d) for d in io_utils.listdir(path) if d.isdigit()] if io_utils.isdir(path) else []
   if not steps:
+    if is_t5x_checkpoint(path):
+      raise UnsupportedCheckpointError(
+          f"{path!r} is a t5x checkpoint (checkpoint_<step>/checkpoint); samtone_jax commands "
+          "read only their own checkpoints (MODEL_DIR/checkpoints/<step>). Evaluate it with "
+          "t5x itself (gin/t5x/score.gin, see docs/t5x.md), or train with "
+          "`python -m samtone_jax.main` to get a checkpoint these commands read.")
     raise FileNotFoundError(f"No samtone_jax checkpoint under {path!r} (expected "
                             "MODEL_DIR, MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step>).")
   return os.path.join(path, str(max(steps)))
@@ -119,6 +147,7 @@ def resolve_step_dir(path: str) -> str:
 
   Raises:
     FileNotFoundError: no samtone_jax checkpoint under `path`.
+    UnsupportedCheckpointError: `path` is a t5x checkpoint.
   """
   return _resolve_step_dir(path)
 
@@ -127,7 +156,7 @@ def is_samtone_checkpoint(path: str) -> bool:
   try:
     _resolve_step_dir(path)
     return True
-  except FileNotFoundError:
+  except (FileNotFoundError, UnsupportedCheckpointError):
     return False
 
 

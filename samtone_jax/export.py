@@ -79,7 +79,7 @@ def main(argv: Sequence[str]) -> None:
   from samtone_jax import exporting  # pylint: disable=g-import-not-at-top
   try:
     main_lib.run_configured_entry_point(EXPORT_RUN_GIN, "samtone_jax.export", "export")
-  except (exporting.ExportError, FileNotFoundError) as e:
+  except exporting.ExportError as e:
     print(f"Export failed: {e}", file=sys.stderr)
     sys.exit(1)
 

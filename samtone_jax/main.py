@@ -169,7 +169,13 @@ def run_configured_entry_point(run_gin: str, module_name: str, function_name: st
   GIN_FILES.value.insert(0, run_gin)
   setup_from_flags()
   module = importlib.import_module(module_name)
-  call_configured(getattr(module, function_name))
+  from samtone_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    call_configured(getattr(module, function_name))
+  except (FileNotFoundError, checkpoints.UnsupportedCheckpointError) as e:
+    # A missing or unreadable checkpoint / file: the message says which and what to do.
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")

@@ -22,6 +22,7 @@ from samtone_jax import checkpoints
 from samtone_jax import export as export_entry
 from samtone_jax import exporting
 from samtone_jax.evaluation import encoding
+from samtone_jax.evaluation import runner
 from samtone_jax.models import hf_import
 from samtone_jax.models.config import DualEncoderConfig, T5Config
 from samtone_jax.models.dual_encoder import DualEncoder
@@ -121,6 +122,18 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
                         export_dir=str(tmp_path / "out"), **common)
   assert sorted(os.listdir(tmp_path)) == []
 
+  # A t5x model directory (MODEL_DIR/checkpoint_<step>/checkpoint): named as such, for every
+  # command (they all load through evaluation.runner.load_model).
+  t5x_run = tmp_path / "t5x_run"
+  (t5x_run / "checkpoint_100").mkdir(parents=True)
+  (t5x_run / "checkpoint_100" / "checkpoint").write_bytes(b"\x82")
+  for path in (t5x_run, t5x_run / "checkpoint_100"):
+    with pytest.raises(checkpoints.UnsupportedCheckpointError, match="is a t5x checkpoint"):
+      export_entry.export(checkpoint_path=str(path), export_dir=str(tmp_path / "out"), **common)
+    with pytest.raises(checkpoints.UnsupportedCheckpointError, match="is a t5x checkpoint"):
+      runner.load_model(str(path), config)
+  assert sorted(os.listdir(tmp_path)) == ["t5x_run"]
+
   params = _random_params(config, seed=0)
   _write_run(tmp_path / "run", params, {})
   occupied = tmp_path / "occupied"
@@ -148,7 +161,7 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
     export_entry.export(checkpoint_path=str(tmp_path / "run"), export_dir=str(occupied),
                         overwrite=True, **common)
   assert os.listdir(occupied) == ["keep.txt"]
-  assert sorted(os.listdir(tmp_path)) == ["occupied", "run"]
+  assert sorted(os.listdir(tmp_path)) == ["occupied", "run", "t5x_run"]
 
 
 def test_command_exits_1_with_message(tmp_path):
