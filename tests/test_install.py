@@ -72,11 +72,16 @@ def test_wheel_ships_gin_and_trains_outside_checkout(tmp_path):
   assert where[0] == str(venv_site / "samtone_jax" / "main.py")
   assert where[1] == str(venv_site / "samtone_jax" / "gin")
 
-  # --help prints the entry's docstring and our flags, not only "Try --helpfull".
-  help_text = subprocess.run([str(venv / "bin" / "samtone-evaluate"), "--help"], check=True,
-                             capture_output=True, text=True, env=env, cwd=work).stdout
-  assert help_text.startswith("Entry point for evaluating a checkpoint")
-  assert "--gin_file" in help_text and "--coordinator_address" in help_text
+  # Every console script's --help prints its entry module's docstring and our flags, not only
+  # "Try --helpfull".
+  scripts = {"samtone-train": "main", "samtone-evaluate": "evaluate", "samtone-encode": "encode",
+             "samtone-export": "export"}
+  for script, module in scripts.items():
+    help_text = subprocess.run([str(venv / "bin" / script), "--help"], check=True,
+                               capture_output=True, text=True, env=env, cwd=work).stdout
+    doc = (REPO / "samtone_jax" / f"{module}.py").read_text().split('"""')[1].strip()
+    assert help_text.startswith(doc), (script, help_text[:200])
+    assert "--gin_file" in help_text and "--coordinator_address" in help_text
 
   model_dir = work / "run"
   overrides = ["TRAIN_STEPS=2", "BATCH_SIZE=8", 'TASK_FEATURE_LENGTHS={"queries": 8, '
