@@ -6,7 +6,8 @@ r"""Entry point for evaluating a checkpoint on retrieval evaluation sets.
 
 The experiment's gin files give the model; `gin/runs/eval.gin` (parsed before them) binds
 `evaluate()`. CHECKPOINT_PATH is a run directory (latest checkpoint), its `checkpoints/`
-directory, or one `checkpoints/<step>` directory. Flags as in `samtone_jax.main`.
+directory, or one `checkpoints/<step>` directory; or a t5x MODEL_DIR / `checkpoint_<step>` directory
+of this model (docs/t5x.md). Flags as in `samtone_jax.main`.
 """
 
 from collections.abc import Sequence

@@ -7,7 +7,8 @@ r"""Entry point exporting a checkpoint to sentence-transformers / Hugging Face o
 The experiment's gin files give the model, the training task (whose SentencePiece vocabulary
 becomes the tokenizer) and TASK_FEATURE_LENGTHS (the token lengths texts are cut to);
 `gin/runs/export.gin` (parsed before them) binds `export()`. CHECKPOINT_PATH is a run directory
-(latest checkpoint), its `checkpoints/` directory, or one `checkpoints/<step>` directory.
+(latest checkpoint), its `checkpoints/` directory, or one `checkpoints/<step>` directory; or a t5x
+MODEL_DIR / `checkpoint_<step>` directory of this model (docs/t5x.md).
 
   sentence_transformers  `SentenceTransformer(EXPORT_DIR)` loads it (ADE variants: a `Router`;
                          `encode_query` / `encode_document` pick the tower). Needs torch,

@@ -117,20 +117,21 @@ def test_sentence_transformers_round_trip(tmp_path, tower_sharing, pooling):
 def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
   config = _config("sde")
   common = dict(model=config, task="demo_manpages", feature_lengths=LENGTHS)
-  with pytest.raises(FileNotFoundError, match="No samtone_jax checkpoint"):
+  with pytest.raises(FileNotFoundError, match="No samtone_jax or t5x checkpoint"):
     export_entry.export(checkpoint_path=str(tmp_path / "missing"),
                         export_dir=str(tmp_path / "out"), **common)
   assert sorted(os.listdir(tmp_path)) == []
 
-  # A t5x model directory (MODEL_DIR/checkpoint_<step>/checkpoint): named as such, for every
-  # command (they all load through evaluation.runner.load_model).
+  # A legacy t5x model directory (MODEL_DIR/checkpoint_<step>/checkpoint, msgpack): named as
+  # such, for every command (they all load through evaluation.runner.load_model). t5x's current
+  # orbax checkpoints are read: tests/test_t5x.py.
   t5x_run = tmp_path / "t5x_run"
   (t5x_run / "checkpoint_100").mkdir(parents=True)
   (t5x_run / "checkpoint_100" / "checkpoint").write_bytes(b"\x82")
   for path in (t5x_run, t5x_run / "checkpoint_100"):
-    with pytest.raises(checkpoints.UnsupportedCheckpointError, match="is a t5x checkpoint"):
+    with pytest.raises(checkpoints.UnsupportedCheckpointError, match="t5x checkpoint in t5x's legacy msgpack format"):
       export_entry.export(checkpoint_path=str(path), export_dir=str(tmp_path / "out"), **common)
-    with pytest.raises(checkpoints.UnsupportedCheckpointError, match="is a t5x checkpoint"):
+    with pytest.raises(checkpoints.UnsupportedCheckpointError, match="t5x checkpoint in t5x's legacy msgpack format"):
       runner.load_model(str(path), config)
   assert sorted(os.listdir(tmp_path)) == ["t5x_run"]
 

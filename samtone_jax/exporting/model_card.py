@@ -33,9 +33,12 @@ class CheckpointRecord:
 def checkpoint_record(step_dir: str) -> CheckpointRecord:
   """Reads the step, config.gin and eval metrics of the checkpoint in `step_dir`."""
   name = os.path.basename(step_dir.rstrip("/"))
-  step = int(name) if name.isdigit() else None
-  checkpoints_dir = os.path.dirname(step_dir.rstrip("/"))
-  run_dir = os.path.dirname(checkpoints_dir)
+  if name.startswith("checkpoint_"):  # t5x: MODEL_DIR/checkpoint_<step>.
+    step = int(name[len("checkpoint_"):]) if name[len("checkpoint_"):].isdigit() else None
+    run_dir = os.path.dirname(step_dir.rstrip("/"))
+  else:  # samtone_jax: MODEL_DIR/checkpoints/<step>.
+    step = int(name) if name.isdigit() else None
+    run_dir = os.path.dirname(os.path.dirname(step_dir.rstrip("/")))
   config_gin = None
   config_path = os.path.join(run_dir, "config.gin")
   if io_utils.exists(config_path):
