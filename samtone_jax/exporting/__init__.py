@@ -1,9 +1,11 @@
 """Writing a trained dual encoder in other ecosystems' formats (`python -m samtone_jax.export`).
 
-  staging.py                 the export directory: refuse a non-empty one, write beside it, rename.
-  model_card.py              README.md of an export: architecture, step, eval metrics, config.gin.
-  sentence_transformers.py   a sentence-transformers / Hugging Face directory (PyTorch).
-  saved_model.py             a TF SavedModel, strings in, embeddings out (jax2tf + tf-text).
+  staging.py                    the export directory: refuse a non-empty one, write beside it,
+                                rename.
+  model_card.py                 README.md of an export: architecture, step, eval metrics,
+                                config.gin.
+  sentence_transformers_dir.py  a sentence-transformers / Hugging Face directory (PyTorch).
+  saved_model.py                a TF SavedModel, strings in, embeddings out (jax2tf + tf-text).
 
 The tensor mapping itself is model code (`samtone_jax.models.hf_export`); these modules only write.
 """
