@@ -38,11 +38,12 @@ TEXTS = ["list directory contents", "copy files and directories, recursively if 
          "grep: print lines that match patterns in files; ÄÖ café", ""]
 
 
-def _config(tower_sharing: str, pooling: str = "mean") -> DualEncoderConfig:
+def _config(tower_sharing: str, pooling: str = "mean",
+            scan_layers: bool = False) -> DualEncoderConfig:
   # vocab_size covers the demo vocabulary's 8000 pieces.
   encoder = T5Config(vocab_size=8000, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
                      relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                     dropout_rate=0.0)
+                     dropout_rate=0.0, scan_layers=scan_layers)
   return DualEncoderConfig(encoder=encoder, tower_sharing=tower_sharing, pooling=pooling,
                            projection_dim=16)
 
@@ -76,11 +77,13 @@ def _ours(config, params, texts, side, length) -> np.ndarray:
   return np.asarray(DualEncoder(config).apply({"params": params}, tokens, method=method))
 
 
-@pytest.mark.parametrize("tower_sharing,pooling", [("sde", "mean"), ("ade", "first"),
-                                                   ("ade_spl", "mean")])
-def test_sentence_transformers_round_trip(tmp_path, tower_sharing, pooling):
+# ADE-SPL with scanned layers (exported unrolled, imported stacked); ADE-FTE shares its embedder.
+@pytest.mark.parametrize("tower_sharing,pooling,scan_layers", [
+    ("sde", "mean", False), ("ade", "first", False), ("ade_spl", "mean", True),
+    ("ade_fte", "mean", False)])
+def test_sentence_transformers_round_trip(tmp_path, tower_sharing, pooling, scan_layers):
   import sentence_transformers  # pylint: disable=g-import-not-at-top
-  config = _config(tower_sharing, pooling)
+  config = _config(tower_sharing, pooling, scan_layers)
   params = _random_params(config, seed=len(tower_sharing))
   metrics = {"demo_manpages_test/mrr@10": 0.25, "demo_manpages_test/ndcg@10": 0.5}
   _write_run(tmp_path / "run", params, metrics)
@@ -102,8 +105,11 @@ def test_sentence_transformers_round_trip(tmp_path, tower_sharing, pooling):
   if tower_sharing != "sde":  # The towers really differ, so the routing is tested.
     assert np.abs(got["query"] - got["document"]).max() > 1e-2
 
-  imported_config, imported = hf_import.import_sentence_transformers(
-      export_dir, tower_sharing=tower_sharing)
+  if scan_layers:
+    imported_config, imported = hf_import.import_sentence_transformers(export_dir, config=config)
+  else:
+    imported_config, imported = hf_import.import_sentence_transformers(
+        export_dir, tower_sharing=tower_sharing)
   assert imported_config == config
   assert jax.tree.structure(imported) == jax.tree.structure(params)
   jax.tree.map(np.testing.assert_array_equal, imported, params)
