@@ -10,6 +10,10 @@ killed mid-save leaves the previous checkpoints intact); the last `keep` are kep
 by an eval metric when one is named. The input stream position is the step itself (the data
 pipeline is deterministic and resumable at a step), so restoring the state restores everything.
 
+`restore_params` also reads the checkpoints that `python -m t5x.train --gin_file=gin/t5x/...` writes
+(MODEL_DIR/checkpoint_<step>/state: t5x's orbax format, the same params tree under "target"), so
+every command and INITIAL_CHECKPOINT_PATH accept them.
+
 `load_initial_params` starts a run from another run's checkpoint (parameters only, e.g.
 pre-training then MS MARCO fine-tuning) or from public T5 / GTR weights (via
 `samtone_jax.models.hf_import`). Parameters are read into either layer layout
@@ -98,49 +102,117 @@ def restore(manager: ocp.CheckpointManager, abstract_state: PyTree, step: int | 
   return restored[STATE_ITEM], restored[META_ITEM]
 
 
-def _resolve_step_dir(path: str) -> str:
-  """A path to a run directory, its `checkpoints/` directory, or one `<step>` directory ->
-  the `<step>` directory (the latest when several)."""
-  path = io_utils.abspath(path)
-  if io_utils.isdir(os.path.join(path, STATE_ITEM)):
+class UnsupportedCheckpointError(ValueError):
+  """A checkpoint in a format samtone_jax cannot read (e.g. a legacy msgpack t5x checkpoint)."""
+
+
+T5X_STEP_PREFIX = "checkpoint_"
+# Where each format keeps the parameters inside its orbax state item.
+_PARAMS_KEY = {"samtone_jax": "params", "t5x": "target"}
+
+
+def _t5x_step(name: str) -> int | None:
+  name = name.rstrip("/")
+  suffix = name[len(T5X_STEP_PREFIX):]
+  return int(suffix) if name.startswith(T5X_STEP_PREFIX) and suffix.isdigit() else None
+
+
+def _is_t5x_step_dir(path: str) -> bool:
+  """t5x writes MODEL_DIR/checkpoint_<step>/state (orbax) or, before orbax, a msgpack
+  MODEL_DIR/checkpoint_<step>/checkpoint."""
+  return _t5x_step(os.path.basename(path.rstrip("/"))) is not None and (
+      io_utils.isdir(os.path.join(path, STATE_ITEM))
+      or io_utils.exists(os.path.join(path, "checkpoint")))
+
+
+def _resolve_t5x_step_dir(path: str) -> str | None:
+  """A t5x model directory or one checkpoint_<step> directory -> that (or the latest) step
+  directory; None when `path` is neither."""
+  if _is_t5x_step_dir(path):
     return path
+  if not io_utils.isdir(path):
+    return None
+  steps = [(_t5x_step(d), d.rstrip("/")) for d in io_utils.listdir(path)]
+  steps = sorted((s, d) for s, d in steps
+                 if s is not None and _is_t5x_step_dir(os.path.join(path, d)))
+  return os.path.join(path, steps[-1][1]) if steps else None
+
+
+def is_t5x_checkpoint(path: str) -> bool:
+  """Whether `path` is a t5x model directory or one of its checkpoint_<step> directories."""
+  return _resolve_t5x_step_dir(io_utils.abspath(path)) is not None
+
+
+def _resolve_checkpoint(path: str) -> tuple[str, str]:
+  """A checkpoint path -> (step directory, format "samtone_jax" or "t5x").
+
+  samtone_jax: a run directory, its `checkpoints/` directory, or one `<step>` directory (the
+  latest step when several). t5x (`python -m t5x.train` with gin/t5x/*.gin): its MODEL_DIR or
+  one `checkpoint_<step>` directory, in t5x's orbax format (`checkpoint_<step>/state`).
+  """
+  path = io_utils.abspath(path)
+  if io_utils.isdir(os.path.join(path, STATE_ITEM)) and _t5x_step(os.path.basename(path)) is None:
+    return path, "samtone_jax"
+  run_path = path
   if io_utils.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   steps = [int(d) for d in io_utils.listdir(path) if d.isdigit()] if io_utils.isdir(path) else []
-  if not steps:
-    raise FileNotFoundError(f"No samtone_jax checkpoint under {path!r} (expected "
-                            "MODEL_DIR, MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step>).")
-  return os.path.join(path, str(max(steps)))
+  if steps:
+    return os.path.join(path, str(max(steps))), "samtone_jax"
+  t5x_step_dir = _resolve_t5x_step_dir(run_path)
+  if t5x_step_dir is not None:
+    if not io_utils.isdir(os.path.join(t5x_step_dir, STATE_ITEM)):
+      raise UnsupportedCheckpointError(
+          f"{t5x_step_dir!r} is a t5x checkpoint in t5x's legacy msgpack format "
+          "(checkpoint_<step>/checkpoint), which samtone_jax does not read; evaluate it with "
+          "t5x itself (docs/t5x.md), or rewrite it with t5x in its orbax format "
+          "(checkpoint_<step>/state, what current t5x writes).")
+    return t5x_step_dir, "t5x"
+  raise FileNotFoundError(f"No samtone_jax or t5x checkpoint under {run_path!r} (expected "
+                          "MODEL_DIR, MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step> of "
+                          "samtone_jax, or a t5x MODEL_DIR or MODEL_DIR/checkpoint_<step>).")
 
 
-def step_directory(path: str) -> str:
-  """The `checkpoints/<step>` directory that `path` (a run directory, its `checkpoints/` or one
-  step directory) names: the latest step when several. FileNotFoundError when there is none."""
-  return _resolve_step_dir(path)
+def resolve_step_dir(path: str) -> str:
+  """The step directory that `restore_params(path, ...)` reads: checkpoints/<step> of a
+  samtone_jax run (the latest of a run or checkpoints/ directory), or checkpoint_<step> of a t5x
+  run.
+
+  Raises:
+    FileNotFoundError: no checkpoint under `path`.
+    UnsupportedCheckpointError: `path` is a legacy (msgpack) t5x checkpoint.
+  """
+  return _resolve_checkpoint(path)[0]
 
 
 def is_samtone_checkpoint(path: str) -> bool:
+  """Whether `restore_params` reads `path` (a samtone_jax or an orbax-format t5x checkpoint)."""
   try:
-    _resolve_step_dir(path)
+    _resolve_checkpoint(path)
     return True
-  except FileNotFoundError:
+  except (FileNotFoundError, UnsupportedCheckpointError):
     return False
 
 
 def restore_params(path: str, abstract_params: PyTree) -> PyTree:
-  """Restores only `params` of a samtone_jax checkpoint (any optimizer), sharded like
+  """Restores only `params` of a samtone_jax or t5x checkpoint (any optimizer), sharded like
   `abstract_params` (a tree of ShapeDtypeStruct with shardings: {"model": ..., "loss": ...}).
+
+  `path` is resolved by `resolve_step_dir`. A t5x checkpoint of `t5x_model.DualEncoderModel`
+  holds the same params tree (under "target"); a fixed temperature leaves out "loss".
 
   Parameters of `abstract_params` missing from the checkpoint (e.g. a learned temperature that the
   earlier stage did not have) raise an error naming them.
   """
-  step_dir = _resolve_step_dir(path)
+  step_dir, checkpoint_format = _resolve_checkpoint(path)
+  # t5x keeps the params tree ({"model": ..., ["loss": ...]}, see t5x_model.py) under "target".
+  params_key = _PARAMS_KEY[checkpoint_format]
   checkpointer = ocp.PyTreeCheckpointer()
   item_dir = os.path.join(step_dir, STATE_ITEM)
   stored = checkpointer.metadata(item_dir)
   stored_tree = getattr(stored, "item_metadata", stored)
   stored_tree = getattr(stored_tree, "tree", stored_tree)
-  stored_params = stored_tree["params"]
+  stored_params = stored_tree[params_key]
   wanted = {k: v for k, v in abstract_params.items() if k in stored_params}
   missing = [k for k, v in abstract_params.items() if k not in stored_params and v]
   if missing:
@@ -155,10 +227,10 @@ def restore_params(path: str, abstract_params: PyTree) -> PyTree:
     target, convert = _abstract_stacked(wanted), t5.unstack_layers
   else:
     target = wanted
-  restore_args = ocp.checkpoint_utils.construct_restore_args({"params": target})
+  restore_args = ocp.checkpoint_utils.construct_restore_args({params_key: target})
   restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-      item={"params": target}, restore_args=restore_args, partial_restore=True))
-  params = dict(restored["params"])
+      item={params_key: target}, restore_args=restore_args, partial_restore=True))
+  params = dict(restored[params_key])
   if convert is not None:
     shardings = jax.tree.map(lambda a: a.sharding, wanted)
     params = dict(jax.jit(convert, out_shardings=shardings)(params))
@@ -226,7 +298,7 @@ def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> Py
   """Initial parameters from `path`: a samtone_jax checkpoint, or public T5 / GTR weights.
 
   Args:
-    path: a samtone_jax run / checkpoint directory (params only are read); a sentence-transformers
+    path: a samtone_jax or t5x run / checkpoint directory (params only are read); a sentence-transformers
       GTR directory (modules.json: encoder, projection); or a Hugging Face T5 / T5 1.1 directory
       (config.json + weights: encoder only, the projection keeps its fresh initialisation).
     init_params: the freshly initialised, sharded {"model": ..., "loss": ...}; gives the
@@ -237,7 +309,7 @@ def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> Py
     {"model": ..., "loss": ...} placed with the shardings of `init_params`.
   """
   shardings = jax.tree.map(lambda a: a.sharding, init_params)
-  if is_samtone_checkpoint(path):
+  if is_samtone_checkpoint(path) or is_t5x_checkpoint(path):  # (a legacy t5x one is refused)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             init_params)
     loaded = restore_params(path, abstract)

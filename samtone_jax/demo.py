@@ -42,7 +42,7 @@ METRICS = ("mrr@10", "recall@10", "ndcg@10")
 def train_experiment(gin_file: str, model_dir: str, extra_bindings: Sequence[str] = ()):
   """Parses one experiment's gin files from scratch and runs `trainer.train`; returns its
   TrainResult."""
-  from samtone_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   main_lib.parse_gin([gin_file], [f"MODEL_DIR = {model_dir!r}", *extra_bindings])
   main_lib.write_config(model_dir)

@@ -6,7 +6,8 @@ r"""Entry point for evaluating a checkpoint on retrieval evaluation sets.
 
 The experiment's gin files give the model; `gin/runs/eval.gin` (parsed before them) binds
 `evaluate()`. CHECKPOINT_PATH is a run directory (latest checkpoint), its `checkpoints/`
-directory, or one `checkpoints/<step>` directory. Flags as in `samtone_jax.main`.
+directory, or one `checkpoints/<step>` directory; or a t5x MODEL_DIR / `checkpoint_<step>` directory
+of this model (docs/t5x.md). Flags as in `samtone_jax.main`.
 """
 
 from collections.abc import Sequence
@@ -27,7 +28,8 @@ EVAL_RUN_GIN = "runs/eval.gin"
 def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
              eval_sets: Sequence[str], output_dir: str | None = None,
              metrics: Sequence[str] = (),
-             feature_lengths: dict[str, int] | None = None, mesh_shape: tuple[int, int] = (-1, 1),
+             feature_lengths: dict[str, int] | None = None,
+             ignore_identical_ids: bool | None = None, mesh_shape: tuple[int, int] = (-1, 1),
              embeddings_dir: str | None = None,
              tasks_module: str = "samtone_jax.tasks.all") -> dict[str, float]:
   """Evaluates the checkpoint's dual encoder on each named evaluation set.
@@ -40,6 +42,8 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
     metrics: metric names; empty: each set's protocol defaults.
     feature_lengths: {"queries": Lq, "passages": Lp} to tokenise to instead of each set's own
       lengths (EVAL_FEATURE_LENGTHS); None: the sets' lengths.
+    ignore_identical_ids: drop a retrieved document whose id equals the query id
+      (EVAL_IGNORE_IDENTICAL_IDS); None: each set's protocol decides (on for BEIR, as BEIR does).
     mesh_shape: (data, model) mesh sizes.
     embeddings_dir: where to stream each set's corpus embeddings as .npy shards (local or gs://),
       searched from there, for corpora whose embeddings do not fit in host memory
@@ -57,6 +61,7 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
   results = runner.evaluate_params(loaded.module, loaded.params, loaded.mesh, eval_sets,
                                    output_dir=output_dir, metrics=list(metrics) or None,
                                    feature_lengths=feature_lengths,
+                                   ignore_identical_ids=ignore_identical_ids,
                                    embeddings_dir=embeddings_dir)
   if output_dir:
     io_utils.makedirs(output_dir)  # gs:// on a pod.

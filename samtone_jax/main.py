@@ -6,7 +6,9 @@ r"""Entry point for training: flags in t5x's spelling -> gin -> `trainer.train()
 
 Flags:
   --gin_file          repeatable; parsed in order (later files override earlier ones). Relative
-                      paths are looked up in --gin_search_paths.
+                      paths are looked up in the current directory, then --gin_search_paths,
+                      then the gin files shipped in the package, so `experiments/X.gin` and
+                      `gin/experiments/X.gin` work from any directory, installed or not.
   --gin.NAME=VALUE    a gin binding (t5x's shorthand for --gin_bindings='NAME = VALUE'), applied
                       after the files; e.g. --gin.MODEL_DIR=\"/tmp/run\", --gin.BATCH_SIZE=64,
                       --gin.train_step.LossConfig.same_tower_negatives=False.
@@ -34,8 +36,13 @@ import gin
 
 from samtone_jax import distributed
 
-# The repository's gin/ directory (next to the package in a source / editable install).
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+# The gin files, inside the package so that a wheel ships them: in the checkout `samtone_jax/gin` is
+# a symlink to the top-level `gin/` (the one copy in git, where T5X users look for it), which
+# setuptools follows into the wheel.
+GIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin")
+# Searched after GIN_DIR so that the checkout's spelling `gin/experiments/X.gin` (and the t5x gin
+# files' `include 'gin/...'`) resolves from any directory too.
+_PACKAGE_DIR = os.path.dirname(GIN_DIR)
 
 GIN_FILES = flags.DEFINE_multi_string(
     "gin_file", [], "Gin config file(s), parsed in order; relative to --gin_search_paths.")
@@ -43,8 +50,8 @@ GIN_BINDINGS = flags.DEFINE_multi_string(
     "gin_bindings", [], "Individual gin bindings (also given as --gin.NAME=VALUE).")
 GIN_SEARCH_PATHS = flags.DEFINE_list(
     "gin_search_paths", [GIN_DIR],
-    "Comma-separated directories searched for gin files and includes (the repository's gin/ "
-    "directory is always added).")
+    "Comma-separated directories searched for gin files and includes (the package's gin/ "
+    "directory, the repository's top-level gin/, is always added).")
 TFDS_DATA_DIR = flags.DEFINE_string(
     "tfds_data_dir", None, "TFDS data directory; overrides seqio's default when set.")
 
@@ -79,8 +86,8 @@ std_logging.getLogger().addFilter(_QuietGinResourceReader())
 
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> None:
-  """Parses gin files then bindings (later wins), searching `search_paths` and the repo's gin/."""
-  for path in list(search_paths) + [GIN_DIR]:
+  """Parses gin files then bindings (later wins), searching `search_paths` and GIN_DIR."""
+  for path in list(search_paths) + [GIN_DIR, _PACKAGE_DIR]:
     if path:
       gin.add_config_file_search_path(os.path.abspath(path))
   gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
@@ -162,11 +169,40 @@ def run_configured_entry_point(run_gin: str, module_name: str, function_name: st
   GIN_FILES.value.insert(0, run_gin)
   setup_from_flags()
   module = importlib.import_module(module_name)
-  call_configured(getattr(module, function_name))
+  from samtone_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  try:
+    call_configured(getattr(module, function_name))
+  except (FileNotFoundError, checkpoints.UnsupportedCheckpointError) as e:
+    # A missing or unreadable checkpoint / file: the message says which and what to do.
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+
+
+def usage(doc: str) -> str:
+  """`doc` (the entry module's docstring) and the help of every samtone_jax flag.
+
+  absl's own --help prints the docstring and flags of `__main__`; under a console script that is
+  the generated wrapper, which has neither, so the usage would be only "Try --helpfull".
+  """
+  by_module = flags.FLAGS.flags_by_module_dict()
+  # Flags of a module run with `python -m` are registered under sys.argv[0].
+  ours = sorted(m for m in by_module if m.startswith("samtone_jax") or m == sys.argv[0])
+  sections = [flags.FLAGS.module_help(m).strip() for m in ours]
+  return (doc.strip() + "\n\nflags:\n\n" + "\n\n".join(s for s in sections if s) +
+          "\n\n(--helpfull also lists absl's and JAX's own flags.)\n")
 
 
 def run(main_fn: Callable[[Sequence[str]], None]) -> None:
-  """`app.run` with `--gin.NAME=VALUE` rewritten first."""
+  """`app.run` with `--gin.NAME=VALUE` rewritten first; --help prints the entry's real usage.
+
+  The usage is the docstring of `main_fn`'s module (the entry module) and our flags.
+  """
+  if any(arg in HELP_ARGS for arg in sys.argv[1:]):
+    print(usage(sys.modules[main_fn.__module__].__doc__ or ""), end="")
+    sys.exit(0)
   app.run(main_fn, flags_parser=lambda args: app.parse_flags_with_usage(rewrite_gin_args(args)))
 
 

@@ -86,6 +86,8 @@ class LoopConfig:
       set's protocol defaults.
     eval_feature_lengths: {"queries": Lq, "passages": Lp} to truncate the eval sets' queries and
       documents to (e.g. TASK_FEATURE_LENGTHS); None: each set's own lengths.
+    eval_ignore_identical_ids: drop a retrieved document whose id equals the query id
+      (EVAL_IGNORE_IDENTICAL_IDS); None: each set's protocol decides (on for BEIR sets).
     best_metric: also keep the checkpoint with the best value of this eval metric, e.g.
       "demo_manpages_test/mrr@10" (checkpoint_period should divide eval_period).
     best_mode: "max" or "min".
@@ -99,6 +101,7 @@ class LoopConfig:
   eval_sets: Sequence[str] = ()
   eval_metrics: Sequence[str] = ()
   eval_feature_lengths: dict[str, int] | None = None
+  eval_ignore_identical_ids: bool | None = None
   best_metric: str | None = None
   best_mode: str = "max"
 
@@ -369,7 +372,8 @@ def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, da
             built.model, state.params, mesh, loop.eval_sets,
             output_dir=os.path.join(model_dir, "eval_results", str(step)),
             metrics=list(loop.eval_metrics) or None,
-            feature_lengths=loop.eval_feature_lengths)
+            feature_lengths=loop.eval_feature_lengths,
+            ignore_identical_ids=loop.eval_ignore_identical_ids)
         log.write("eval", step, eval_metrics)
         print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
                                                sorted(eval_metrics.items())), flush=True)

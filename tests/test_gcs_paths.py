@@ -118,7 +118,7 @@ def test_resolve_checkpoint_dir_on_ram():
     io_utils.makedirs(f"{run}/checkpoints/{step}/{checkpoints.STATE_ITEM}")
   step_dir = f"{run}/checkpoints/12"
   for path in (run, f"{run}/checkpoints", step_dir):
-    assert checkpoints._resolve_step_dir(path) == step_dir  # pylint: disable=protected-access
+    assert checkpoints.resolve_step_dir(path) == step_dir
   assert not checkpoints.is_samtone_checkpoint(_ram_dir("empty"))
 
 

@@ -144,6 +144,51 @@ def test_beir_end_to_end_run_file_scores_identically(tmp_path, tiny_model):
   np.testing.assert_allclose(np.concatenate(shards), d, rtol=1e-6, atol=1e-6)
 
 
+def test_beir_protocol_drops_identical_ids_like_beir(tmp_path, tiny_model):
+  """BEIR's rule by default on BEIR sets: the scores equal pytrec_eval on the unfiltered exact run
+  with each query's own id removed by the test (then cut to k); other protocols keep it."""
+  _, _, mesh, query_fn, document_fn = tiny_model
+  root = tmp_path / "beir_ids"
+  write_beir_fixture(root, seed=1)
+  beir.register_beir_dataset("identical_ids", str(root), vocabulary=seqio.ByteVocabulary())
+  eval_set = dataclasses.replace(eval_sets.get_eval_set("beir_identical_ids_test"),
+                                 query_length=8, document_length=16)
+  n = len(eval_set.corpus)
+  common = dict(batch_size=8, mesh=mesh)
+  # Every document retrieved, so the query "doc3" surely finds the document "doc3".
+  unfiltered = retrieval.retrieve(eval_set, query_fn, document_fn, k=n,
+                                  ignore_identical_ids=False, **common)
+  assert "doc3" in unfiltered["doc3"]
+  k = 20
+  filtered = {}
+  for query_id, ranking in unfiltered.items():
+    kept = sorted(((score, doc) for doc, score in ranking.items() if doc != query_id),
+                  reverse=True)[:k]
+    filtered[query_id] = {doc: score for score, doc in kept}
+  per_query = pytrec_eval.RelevanceEvaluator(
+      eval_set.qrels, {"ndcg_cut_10", "recall_100", "recip_rank"}).evaluate(filtered)
+  expected = {m: np.mean([v[m] for v in per_query.values()])
+              for m in ("ndcg_cut_10", "recall_100", "recip_rank")}
+
+  output_dir = tmp_path / "results"
+  results = retrieval.evaluate_eval_set(eval_set, query_fn, document_fn, k=k,
+                                        metrics=["ndcg@10", "recall@100", "mrr"],
+                                        output_dir=str(output_dir), **common)
+  assert results["ndcg@10"] == pytest.approx(expected["ndcg_cut_10"], abs=1e-6)
+  assert results["recall@100"] == pytest.approx(expected["recall_100"], abs=1e-6)
+  assert results["mrr"] == pytest.approx(expected["recip_rank"], abs=1e-6)
+  with open(output_dir / "beir_identical_ids_test.json") as f:
+    assert json.load(f)["ignore_identical_ids"] is True
+  run = retrieval.read_trec_run(output_dir / "beir_identical_ids_test.trec")
+  assert run == filtered
+
+  # Another protocol keeps the document unless told otherwise; the binding overrides both ways.
+  as_msmarco = dataclasses.replace(eval_set, protocol="msmarco")
+  assert "doc3" in retrieval.retrieve(as_msmarco, query_fn, document_fn, k=n, **common)["doc3"]
+  assert "doc3" not in retrieval.retrieve(as_msmarco, query_fn, document_fn, k=n,
+                                          ignore_identical_ids=True, **common)["doc3"]
+
+
 def test_msmarco_protocol_and_several_sets(tiny_model):
   _, _, mesh, query_fn, document_fn = tiny_model
   vocabulary = seqio.ByteVocabulary()

@@ -35,11 +35,14 @@ import seqio
 from t5x import adafactor
 from t5x import train_state as t5x_train_state
 
+from samtone_jax import checkpoints
+from samtone_jax import evaluate
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import t5x_model
 from samtone_jax import train_step
 from samtone_jax.models import config as config_lib
+from samtone_jax.evaluation import runner
 from samtone_jax.models import dual_encoder
 from samtone_jax.tasks import feature_converter
 from samtone_jax.tasks import features
@@ -338,3 +341,30 @@ def test_t5x_infer_scores_are_the_checkpoint_similarities(t5x_runs):
   cosine = np.sum(q * p, 1) / np.linalg.norm(q, axis=1) / np.linalg.norm(p, axis=1)
   np.testing.assert_allclose(scores[:NUM_CHECKED_SCORES], cosine, atol=1e-5)
   assert all(-1.0 - 1e-5 <= s <= 1.0 + 1e-5 for s in scores)
+
+
+def test_t5x_checkpoint_evaluates_like_our_checkpoint_with_the_same_params(t5x_runs, tmp_path):
+  """samtone-evaluate (and encode / export, which load the same way) read t5x's checkpoint: the
+  params are t5x's as orbax restores them, and the metrics equal those of our own checkpoint
+  holding the same params."""
+  model_dir = t5x_runs["model_dir"]
+  t5x_params = _restore_numpy(os.path.join(model_dir, "checkpoint_8", "state"))["target"]["model"]
+  config = config_lib.DualEncoderConfig(
+      encoder=config_lib.T5Config(vocab_size=8000, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                  num_heads=4, dropout_rate=0.0),
+      projection_dim=64)  # gin/models/tiny.gin with the demo vocabulary (gin/t5x/demo.gin)
+  for path in (model_dir, os.path.join(model_dir, "checkpoint_8")):
+    loaded = runner.load_model(path, config)
+    assert loaded.step_dir == os.path.join(model_dir, "checkpoint_8")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params["model"]),
+                 t5x_params)
+
+  ours = str(tmp_path / "ours")
+  manager = checkpoints.create_manager(ours)
+  checkpoints.save(manager, 8, {"params": {"model": jax.device_put(t5x_params)}}, {"step": 8})
+  manager.close()
+  common = dict(model=config, eval_sets=["demo_manpages_test"], feature_lengths=LENGTHS)
+  theirs_metrics = evaluate.evaluate(checkpoint_path=model_dir, **common)
+  our_metrics = evaluate.evaluate(checkpoint_path=ours, **common)
+  assert theirs_metrics and all(name.startswith("demo_manpages_test/") for name in theirs_metrics)
+  assert theirs_metrics == our_metrics

@@ -532,7 +532,7 @@ def mine_to_directory(*, checkpoint_path: str, model, task: str, output_dir: str
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
   encode_queries, encode_documents = loaded.encode_fns()
   # The step directory, not the run directory: a run that saved a newer step is another model.
-  checkpoint = (checkpoints.step_directory(checkpoint_path)
+  checkpoint = (checkpoints.resolve_step_dir(checkpoint_path)
                 if checkpoints.is_samtone_checkpoint(checkpoint_path)
                 else io_utils.abspath(checkpoint_path))
   result = mine(encode_queries, encode_documents, eval_set, filters, mesh=loaded.mesh,

@@ -15,9 +15,12 @@ queries). With `output_dir`, each evaluation writes `<name>.trec`, a TREC run fi
 descending; scores written exactly, so trec_eval/pytrec_eval reading the file reproduce the
 numbers), and `<name>.json` with the metrics and the settings.
 
-Nothing is excluded by default. BEIR's own evaluation removes a document whose id equals the
-query id from that query's results (it matters for ArguAna and Quora, whose queries are also in
-the corpus): pass `ignore_identical_ids=True` to do the same.
+BEIR's identical-id rule: BEIR's own evaluation (`EvaluateRetrieval.evaluate`, whose
+`ignore_identical_ids` defaults to True) removes a document whose id equals the query id from that
+query's results, on every dataset; it changes the numbers of ArguAna and Quora, whose queries are
+also in the corpus. The "beir" protocol does the same by default, so that our numbers compare with
+published ones; the others keep every document. `ignore_identical_ids=True/False` overrides the
+protocol (gin: EVAL_IGNORE_IDENTICAL_IDS). The search fetches one extra result so that k remain.
 """
 
 from collections.abc import Callable, Sequence
@@ -41,16 +44,18 @@ _WHITESPACE = re.compile(r"\s")
 
 @dataclasses.dataclass(frozen=True)
 class Protocol:
-  """Metrics reported for an evaluation set and the default number of results per query."""
+  """Metrics reported for an evaluation set, the default number of results per query, and
+  whether a document whose id equals the query id is dropped from its results (BEIR's rule)."""
 
   metrics: tuple[str, ...]
   k: int
+  ignore_identical_ids: bool = False
 
 
 PROTOCOLS: dict[str, Protocol] = {
     "msmarco": Protocol(("mrr@10", "recall@1000"), 1000),
     "multireqa": Protocol(("p@1", "mrr"), 1000),
-    "beir": Protocol(("ndcg@10", "recall@100"), 100),
+    "beir": Protocol(("ndcg@10", "recall@100"), 100, ignore_identical_ids=True),
 }
 
 
@@ -147,7 +152,7 @@ def _check_eval_set(eval_set: eval_sets.EvalSet) -> Protocol:
 def retrieve(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
              encode_documents_fn: encoding.EncodeFn, *, k: int | None = None,
              batch_size: int = 256, mesh: jax.sharding.Mesh | None = None,
-             ignore_identical_ids: bool = False, embeddings_dir: str | None = None,
+             ignore_identical_ids: bool | None = None, embeddings_dir: str | None = None,
              chunk_size: int = search.DEFAULT_CHUNK_SIZE) -> dict[str, dict[str, float]]:
   """Encodes the judged queries and the corpus and returns the exact top-k run.
 
@@ -158,6 +163,8 @@ def retrieve(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
   """
   protocol = _check_eval_set(eval_set)
   k = protocol.k if k is None else k
+  if ignore_identical_ids is None:
+    ignore_identical_ids = protocol.ignore_identical_ids
   # Only judged queries are encoded: metrics average over the qrels' queries.
   query_ids = list(eval_set.qrels)
   query_embeddings = encoding.encode_texts(
@@ -187,7 +194,7 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
                       batch_size: int = 256, k: int | None = None,
                       mesh: jax.sharding.Mesh | None = None,
                       metrics: Sequence[str] | None = None,
-                      ignore_identical_ids: bool = False,
+                      ignore_identical_ids: bool | None = None,
                       embeddings_dir: str | None = None,
                       chunk_size: int = search.DEFAULT_CHUNK_SIZE,
                       run_tag: str = "samtone_jax") -> dict[str, float]:
@@ -203,8 +210,8 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
     mesh: encoding is data-parallel over its `data` axis and the search is sharded over all its
       devices; None: one device.
     metrics: metric names; default the protocol's.
-    ignore_identical_ids: drop a document whose id equals the query id from its results (BEIR
-      convention for ArguAna/Quora); off by default.
+    ignore_identical_ids: drop a document whose id equals the query id from its results (BEIR's
+      rule); None: the protocol's default (on for "beir", off otherwise).
     embeddings_dir: if given, corpus embeddings are streamed to `.npy` shards there and searched
       shard by shard from disk (for corpora whose embeddings do not fit in memory).
     chunk_size: corpus rows per device per search step.
@@ -216,6 +223,8 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
   protocol = _check_eval_set(eval_set)
   metric_names = tuple(protocol.metrics if metrics is None else metrics)
   k = protocol.k if k is None else k
+  if ignore_identical_ids is None:
+    ignore_identical_ids = protocol.ignore_identical_ids
   run = retrieve(eval_set, encode_queries_fn, encode_documents_fn, k=k, batch_size=batch_size,
                  mesh=mesh, ignore_identical_ids=ignore_identical_ids,
                  embeddings_dir=embeddings_dir, chunk_size=chunk_size)

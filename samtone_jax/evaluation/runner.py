@@ -37,11 +37,13 @@ class LoadedModel:
     module: the DualEncoder.
     params: {"model": DualEncoder params}, sharded on `mesh`.
     mesh: the (data, model) mesh the params live on.
+    step_dir: the checkpoints/<step> directory they were read from.
   """
 
   module: dual_encoder.DualEncoder
   params: PyTree
   mesh: jax.sharding.Mesh
+  step_dir: str | None = None
 
   def encode_fns(self) -> tuple[encoding.EncodeFn, encoding.EncodeFn]:
     """(encode_queries, encode_documents): token ids [n, L] -> embeddings, on the mesh."""
@@ -78,8 +80,9 @@ def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
                                              model)
     return LoadedModel(module, params, mesh)
   abstract = {"model": train_step_lib.abstract_model_params_of(model, mesh)}
-  params = checkpoints.restore_params(checkpoint_path, abstract)
-  return LoadedModel(module, params, mesh)
+  step_dir = checkpoints.resolve_step_dir(checkpoint_path)
+  params = checkpoints.restore_params(step_dir, abstract)
+  return LoadedModel(module, params, mesh, step_dir)
 
 
 def get_eval_set(name: str, feature_lengths: dict[str, int] | None = None
@@ -102,6 +105,7 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
                     eval_sets: Sequence[str], *, output_dir: str | None = None,
                     metrics: Sequence[str] | None = None,
                     feature_lengths: dict[str, int] | None = None,
+                    ignore_identical_ids: bool | None = None,
                     embeddings_dir: str | None = None) -> dict[str, float]:
   """Retrieval metrics of the dual encoder `params["model"]` on each named evaluation set.
 
@@ -114,6 +118,8 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
     metrics: metric names (e.g. "mrr@10"); None: each set's protocol defaults.
     feature_lengths: {"queries": Lq, "passages": Lp} to tokenise queries / documents to instead
       of each set's own lengths; None: the sets' lengths.
+    ignore_identical_ids: drop a retrieved document whose id equals the query id; None: each
+      set's protocol decides (BEIR's rule for "beir" sets; see evaluation/retrieval.py).
     embeddings_dir: if given, each set's corpus embeddings are written as shards to
       `<embeddings_dir>/<eval set>/` (local or gs://) and searched from there, so the corpus
       embeddings are never all in host memory; None: in memory.
@@ -127,6 +133,7 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
     values = retrieval.evaluate_eval_set(
         get_eval_set(name, feature_lengths), encode_queries, encode_documents,
         output_dir=output_dir, mesh=mesh, metrics=metrics,
+        ignore_identical_ids=ignore_identical_ids,
         embeddings_dir=None if embeddings_dir is None else os.path.join(embeddings_dir, name))
     results.update({f"{name}/{metric}": float(value) for metric, value in values.items()})
   return results

@@ -35,6 +35,29 @@ Array = jax.Array
 
 # Top-level names of the shared token embedder (modes that share it).
 TOKEN_EMBEDDER = "token_embedder"
+SIDES = ("query", "document")
+TOWER_PARTS = ("token_embedder", "encoder", "projection")
+# The tower-sharing table: which of a tower's parts each mode shares between the two towers. A
+# shared part is one top-level entry with the plain part name; an unshared one is
+# `{side}_{part}`. `DualEncoder`, the importer and the exporter read it through
+# `tower_parameter_names`.
+SHARED_PARTS = {
+    "sde": frozenset(TOWER_PARTS),
+    "ade": frozenset(),
+    "ade_ste": frozenset({"token_embedder"}),
+    "ade_fte": frozenset({"token_embedder"}),
+    "ade_spl": frozenset({"projection"}),
+}
+
+
+def tower_parameter_names(tower_sharing: str, side: str) -> dict[str, str]:
+  """{part: top-level params name} of one tower, e.g. ("ade_spl", "query") ->
+  {"token_embedder": "query_token_embedder", "encoder": "query_encoder",
+  "projection": "projection"}."""
+  if side not in SIDES:
+    raise ValueError(f"side={side!r}; expected one of {SIDES}")
+  shared = SHARED_PARTS[tower_sharing]
+  return {part: part if part in shared else f"{side}_{part}" for part in TOWER_PARTS}
 
 
 def pool(hidden: Array, tokens: Array, pooling: str) -> Array:
@@ -109,11 +132,8 @@ class DualEncoder(nn.Module):
 
   def _tower(self, side: str) -> tuple[nn.Module, nn.Module]:
     """(encoder, projection) of the 'query' or 'document' tower; shared ones are the same."""
-    sharing = self.config.tower_sharing
-    encoder = self.encoder if sharing == "sde" else getattr(self, f"{side}_encoder")
-    if sharing in ("sde", "ade_spl"):
-      return encoder, self.projection
-    return encoder, getattr(self, f"{side}_projection")
+    names = tower_parameter_names(self.config.tower_sharing, side)
+    return getattr(self, names["encoder"]), getattr(self, names["projection"])
 
   def _encode(self, side: str, tokens: Array, deterministic: bool) -> Array:
     encoder, projection = self._tower(side)

@@ -6,11 +6,12 @@ devices with the shardings of `partitioning.sharded_init`, e.g. `jax.device_put(
   import_t5_encoder(directory)      a Hugging Face T5 directory (config.json + model.safetensors,
                                     a sharded model.safetensors.index.json, or pytorch_model.bin)
                                     -> (T5Config, params of a standalone `T5Encoder`).
-  import_sentence_transformers(directory, tower_sharing)
+  import_sentence_transformers(directory[, tower_sharing])
                                     a sentence-transformers GTR directory (modules.json, the T5
                                     encoder at the Transformer module's path, 1_Pooling, 2_Dense,
                                     3_Normalize) -> (DualEncoderConfig, `DualEncoder` params).
-                                    ADE modes get the same weights in both towers.
+                                    ADE modes get the same weights in both towers, except from
+                                    a query/document `Router` (our ADE exports): one route each.
 
 `dual_encoder_params` lays an encoder (and projection) into the dual-encoder tree of any
 tower-sharing mode, e.g. to start a dual encoder from a T5 1.1 checkpoint (projection from init).
@@ -26,7 +27,10 @@ from typing import Any
 
 import numpy as np
 
+import jax
+
 from samtone_jax import weight_files
+from samtone_jax.models import dual_encoder
 from samtone_jax.models import t5
 from samtone_jax.models.config import DualEncoderConfig, T5Config
 
@@ -167,42 +171,68 @@ def dual_encoder_params(config: DualEncoderConfig, encoder_params: dict[str, Any
   Returns:
     The `params` collection of `DualEncoder(config)` (see dual_encoder.py for the layout).
   """
-  body = {k: v for k, v in encoder_params.items() if k != "token_embedder"}
-  embedder = encoder_params["token_embedder"]
-  sharing = config.tower_sharing
-  if sharing == "sde":
-    params = {"token_embedder": embedder, "encoder": body}
-  else:
-    params = {"query_encoder": body, "document_encoder": body}
-    if sharing in ("ade_ste", "ade_fte"):
-      params["token_embedder"] = embedder
-    else:
-      params["query_token_embedder"] = params["document_token_embedder"] = embedder
   if projection_kernel is not None:
     expected = (config.encoder.d_model, config.projection_dim)
     if tuple(projection_kernel.shape) != expected:
       raise ValueError(f"projection kernel has shape {tuple(projection_kernel.shape)} but "
                        f"DualEncoderConfig expects {expected} (d_model, projection_dim).")
-    projection = {"kernel": projection_kernel}
-    if sharing in ("sde", "ade_spl"):
-      params["projection"] = projection
-    else:
-      params["query_projection"] = params["document_projection"] = projection
+  return dual_encoder_params_per_tower(config, {side: (encoder_params, projection_kernel)
+                                                for side in dual_encoder.SIDES})
+
+
+def dual_encoder_params_per_tower(
+    config: DualEncoderConfig,
+    towers: dict[str, tuple[dict[str, Any], np.ndarray | None]]) -> dict[str, Any]:
+  """Lays each tower's encoder (and projection) into the `DualEncoder` tree (the inverse of
+  `hf_export.tower_params`).
+
+  Args:
+    config: the dual encoder config.
+    towers: {"query": (encoder_params, projection_kernel), "document": (...)}; encoder_params a
+      standalone `T5Encoder` tree with `token_embedder`; projection_kernel [d_model, P] or None
+      (left out). A part that `config.tower_sharing` shares must be equal in both towers.
+
+  Raises:
+    ValueError: a shared part differs between the towers, naming the part.
+  """
+  params: dict[str, Any] = {}
+  for side in dual_encoder.SIDES:
+    encoder_params, projection_kernel = towers[side]
+    parts = {"token_embedder": encoder_params["token_embedder"],
+             "encoder": {k: v for k, v in encoder_params.items() if k != "token_embedder"}}
+    if projection_kernel is not None:
+      parts["projection"] = {"kernel": projection_kernel}
+    for part, name in dual_encoder.tower_parameter_names(config.tower_sharing, side).items():
+      if part not in parts:
+        continue
+      if name in params:  # Shared, already laid out by the other tower.
+        equal = jax.tree.all(jax.tree.map(lambda a, b: a is b or np.array_equal(a, b),
+                                          params[name], parts[part]))
+        if not equal:
+          raise ValueError(f"tower_sharing={config.tower_sharing!r} shares the {part} but the "
+                           "query and document towers have different values for it.")
+        continue
+      params[name] = parts[part]
   return params
 
 
 def import_sentence_transformers(
-    directory: PathLike, tower_sharing: str = "sde",
+    directory: PathLike, tower_sharing: str | None = None,
     config: DualEncoderConfig | None = None) -> tuple[DualEncoderConfig, dict[str, Any]]:
   """Loads a GTR-style sentence-transformers model (T5 encoder, pooling, Dense, Normalize).
 
   Supported modules.json pipelines: Transformer (T5) -> Pooling (mean tokens or CLS/first token)
   -> [Dense without bias, identity activation] -> [Normalize]. Without a Dense module the
-  projection is the identity (projection_dim = d_model).
+  projection is the identity (projection_dim = d_model). A `Router` with "query" and "document"
+  routes of such pipelines (what `samtone_jax.export` writes for ADE models) loads each route into
+  its tower. Both the pre-5 (`pooling_mode_mean_tokens`) and the current (`pooling_mode`) Pooling
+  configs are read.
 
   Args:
     directory: the sentence-transformers directory (with modules.json).
-    tower_sharing: the tower-sharing mode to lay the weights out for (ignored if `config`).
+    tower_sharing: the tower-sharing mode to lay the weights out for (ignored if `config`);
+      default "sde" for one pipeline, "ade" for a Router. Parts the mode shares must be equal in
+      both routes.
     config: the DualEncoderConfig to load into; its pooling, normalisation and projection_dim
       must match the files. Default: read from the files.
 
@@ -212,37 +242,107 @@ def import_sentence_transformers(
   directory = weight_files.local_path(directory)
   modules_file = directory / "modules.json"
   modules = weight_files.read_json(modules_file)
-  by_kind: dict[str, dict[str, Any]] = {}
-  for module in modules:
-    kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-    if kind not in ("Transformer", "Pooling", "Dense", "Normalize"):
-      raise ValueError(f"{modules_file}: module {module.get('path')!r} of type "
-                       f"{module.get('type')!r} is not supported (Transformer, Pooling, Dense, "
-                       "Normalize).")
-    if kind in by_kind:
-      raise ValueError(f"{modules_file}: more than one {kind} module.")
-    by_kind[kind] = module
-  for kind in ("Transformer", "Pooling"):
-    if kind not in by_kind:
-      raise ValueError(f"{modules_file}: no {kind} module.")
+  if not isinstance(modules, list):
+    raise ValueError(f"{modules_file}: expected a JSON list of modules.")
+  kinds = [str(module.get("type", "")).rsplit(".", 1)[-1] for module in modules]
+  t5_config = config.encoder if config is not None else None
+  if kinds == ["Router"]:
+    router_dir = directory / modules[0].get("path", "")
+    router_file = router_dir / "router_config.json"
+    router = weight_files.read_json(router_file)
+    structure, types = router.get("structure", {}), router.get("types", {})
+    if sorted(structure) != ["document", "query"]:
+      raise ValueError(f"{router_file}: routes {sorted(structure)}; expected 'query' and "
+                       "'document'.")
+    towers = {}
+    for side in dual_encoder.SIDES:
+      route = [{"type": types.get(module_id, ""), "path": module_id}
+               for module_id in structure[side]]
+      towers[side] = _read_pipeline(router_dir, route, f"{router_file} route {side!r}",
+                                    t5_config)
+    found = {side: towers[side][1:4] for side in towers}  # pooling, projection_dim, normalize
+    if found["query"] != found["document"]:
+      raise ValueError(f"{router_file}: the routes differ in pooling / projection size / "
+                       f"normalisation ({found}); a dual encoder has one of each.")
+    if towers["query"][0][0] != towers["document"][0][0]:
+      raise ValueError(f"{router_file}: the routes' T5 encoders have different architectures.")
+    default_sharing = "ade"
+  else:
+    towers = {"query": _read_pipeline(directory, modules, str(modules_file), t5_config)}
+    towers["document"] = towers["query"]
+    default_sharing = "sde"
+  (t5_config, _), pooling, projection_dim, normalize = towers["query"][:4]
+  if config is None:
+    config = DualEncoderConfig(encoder=t5_config, tower_sharing=tower_sharing or default_sharing,
+                               pooling=pooling, projection_dim=projection_dim,
+                               normalize=normalize)
+  else:
+    found = {"pooling": pooling, "projection_dim": projection_dim, "normalize": normalize}
+    for name, value in found.items():
+      if getattr(config, name) != value:
+        raise ValueError(f"{directory}: the checkpoint has {name}={value!r} but the given "
+                         f"DualEncoderConfig has {name}={getattr(config, name)!r}.")
+  expected = (config.encoder.d_model, config.projection_dim)
+  for side, tower in towers.items():
+    if tuple(tower[4].shape) != expected:
+      raise ValueError(f"{directory}: the {side} projection has shape {tuple(tower[4].shape)} "
+                       f"but DualEncoderConfig expects {expected} (d_model, projection_dim).")
+  return config, dual_encoder_params_per_tower(
+      config, {side: (tower[0][1], tower[4]) for side, tower in towers.items()})
 
-  pooling_file = directory / by_kind["Pooling"].get("path", "") / "config.json"
-  pooling_raw = weight_files.read_json(pooling_file)
-  modes = [name for name in ("pooling_mode_mean_tokens", "pooling_mode_cls_token",
-                             "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
-                             "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
-           if pooling_raw.get(name)]
+
+def _read_pooling(pooling_file: pathlib.Path) -> str:
+  """"mean" or "first" from a Pooling module's config.json (either sentence-transformers format)."""
+  raw = weight_files.read_json(pooling_file)
+  if "pooling_mode" in raw:  # sentence-transformers >= 5.x: "mean", "cls", ... or a list.
+    mode = raw["pooling_mode"]
+    modes = [mode] if isinstance(mode, str) else list(mode)
+    modes = ["pooling_mode_cls_token" if m == "cls" else f"pooling_mode_{m}_tokens"
+             for m in modes]
+  else:
+    modes = [name for name in ("pooling_mode_mean_tokens", "pooling_mode_cls_token",
+                               "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens",
+                               "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+             if raw.get(name)]
   pooling = {("pooling_mode_mean_tokens",): "mean", ("pooling_mode_cls_token",): "first"}.get(
       tuple(modes))
   if pooling is None:
     raise ValueError(f"{pooling_file}: pooling modes {modes} are not supported; expected exactly "
                      "one of pooling_mode_mean_tokens, pooling_mode_cls_token.")
+  return pooling
 
+
+def _read_pipeline(directory: pathlib.Path, modules: list[dict[str, Any]], source: str,
+                   t5_config: T5Config | None):
+  """One Transformer -> Pooling -> [Dense] -> [Normalize] pipeline.
+
+  Args:
+    directory: the directory the modules' paths are relative to.
+    modules: [{"type": ..., "path": ...}] in order.
+    source: the file that lists them, for errors.
+    t5_config: the T5Config to load into, or None (from config.json).
+
+  Returns:
+    ((t5_config, encoder_params), pooling, projection_dim, normalize, projection_kernel).
+  """
+  by_kind: dict[str, dict[str, Any]] = {}
+  for module in modules:
+    kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+    if kind not in ("Transformer", "Pooling", "Dense", "Normalize"):
+      raise ValueError(f"{source}: module {module.get('path')!r} of type "
+                       f"{module.get('type')!r} is not supported (Transformer, Pooling, Dense, "
+                       "Normalize).")
+    if kind in by_kind:
+      raise ValueError(f"{source}: more than one {kind} module.")
+    by_kind[kind] = module
+  for kind in ("Transformer", "Pooling"):
+    if kind not in by_kind:
+      raise ValueError(f"{source}: no {kind} module.")
+
+  pooling = _read_pooling(directory / by_kind["Pooling"].get("path", "") / "config.json")
   transformer_dir = directory / by_kind["Transformer"].get("path", "")
-  t5_config = config.encoder if config is not None else None
   t5_config, encoder_params = import_t5_encoder(transformer_dir, t5_config)
 
-  projection_kernel = None
   projection_dim = t5_config.d_model
   if "Dense" in by_kind:
     dense_dir = directory / by_kind["Dense"].get("path", "")
@@ -254,6 +354,8 @@ def import_sentence_transformers(
     if not activation.endswith("Identity"):
       raise ValueError(f"{dense_file}: activation_function={activation!r}; only the identity "
                        "is supported.")
+    if dense_raw.get("use_residual", False):
+      raise ValueError(f"{dense_file}: use_residual=true is not supported.")
     if dense_raw.get("in_features") != t5_config.d_model:
       raise ValueError(f"{dense_file}: in_features={dense_raw.get('in_features')} but the "
                        f"encoder has d_model={t5_config.d_model}.")
@@ -266,15 +368,4 @@ def import_sentence_transformers(
     # No Dense module: an identity projection keeps one model structure for every checkpoint.
     projection_kernel = np.eye(t5_config.d_model, dtype=np.float32)
   normalize = "Normalize" in by_kind
-
-  if config is None:
-    config = DualEncoderConfig(encoder=t5_config, tower_sharing=tower_sharing, pooling=pooling,
-                               projection_dim=projection_dim, normalize=normalize)
-  else:
-    found = {"pooling": pooling, "projection_dim": projection_dim, "normalize": normalize}
-    for name, value in found.items():
-      if getattr(config, name) != value:
-        raise ValueError(f"{directory}: the checkpoint has {name}={value!r} but the given "
-                         f"DualEncoderConfig has {name}={getattr(config, name)!r}.")
-  return config, dual_encoder_params(config, encoder_params, projection_kernel)
-
+  return (t5_config, encoder_params), pooling, projection_dim, normalize, projection_kernel

@@ -1,0 +1,207 @@
+"""`samtone_jax.export`: a checkpoint as a sentence-transformers directory (PyTorch) and back.
+
+For tiny SDE, ADE and ADE-SPL models (every weight random) saved as orbax checkpoints with a run's
+config.gin and metrics.jsonl, the export must give, in sentence-transformers (torch), the query and
+document embeddings of our encoder to 1e-4 on the demo vocabulary, and `hf_import` must read it
+back to the same parameters. Bad input is refused before anything is written.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import seqio
+
+from samtone_jax import checkpoints
+from samtone_jax import export as export_entry
+from samtone_jax import exporting
+from samtone_jax.evaluation import encoding
+from samtone_jax.evaluation import runner
+from samtone_jax.models import hf_import
+from samtone_jax.models.config import DualEncoderConfig, T5Config
+from samtone_jax.models.dual_encoder import DualEncoder
+from samtone_jax.tasks import vocab
+
+pytestmark = pytest.mark.usefixtures("fast_compile")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LENGTHS = {"queries": 8, "passages": 16}
+STEP = 7
+TEXTS = ["list directory contents", "copy files and directories, recursively if asked to",
+         "   display the manual  pages of a command, with a  long description that is cut",
+         "grep: print lines that match patterns in files; ÄÖ café", ""]
+
+
+def _config(tower_sharing: str, pooling: str = "mean",
+            scan_layers: bool = False) -> DualEncoderConfig:
+  # vocab_size covers the demo vocabulary's 8000 pieces.
+  encoder = T5Config(vocab_size=8000, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                     relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                     dropout_rate=0.0, scan_layers=scan_layers)
+  return DualEncoderConfig(encoder=encoder, tower_sharing=tower_sharing, pooling=pooling,
+                           projection_dim=16)
+
+
+def _random_params(config: DualEncoderConfig, seed: int) -> dict:
+  """Initialised params with every leaf perturbed (layer norms and position biases matter)."""
+  tokens = np.ones((1, 4), np.int32)
+  params = nn.unbox(DualEncoder(config).init(jax.random.PRNGKey(seed), tokens, tokens)["params"])
+  leaves, treedef = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(treedef, [
+      np.asarray(x, np.float32) + 0.2 * rng.standard_normal(x.shape).astype(np.float32)
+      for x in leaves])
+
+
+def _write_run(run_dir: pathlib.Path, params: dict, metrics: dict[str, float]) -> None:
+  """A run directory as trainer.train leaves it: checkpoints/<STEP>, config.gin, metrics.jsonl."""
+  manager = checkpoints.create_manager(str(run_dir))
+  checkpoints.save(manager, STEP, {"params": {"model": jax.device_put(params)}}, {"step": STEP})
+  manager.close()
+  (run_dir / "config.gin").write_text("# the run's config\nTRAIN_STEPS = 7\n")
+  with open(run_dir / "metrics.jsonl", "w") as f:
+    f.write(json.dumps({"kind": "train", "step": STEP, "loss": 1.0}) + "\n")
+    f.write(json.dumps({"kind": "eval", "step": 3, **{k: 0.0 for k in metrics}}) + "\n")
+    f.write(json.dumps({"kind": "eval", "step": STEP, **metrics}) + "\n")
+
+
+def _ours(config, params, texts, side, length) -> np.ndarray:
+  tokens = encoding.tokenize(texts, vocab.demo_vocabulary(), length)
+  method = DualEncoder.encode_queries if side == "query" else DualEncoder.encode_documents
+  return np.asarray(DualEncoder(config).apply({"params": params}, tokens, method=method))
+
+
+# ADE-SPL with scanned layers (exported unrolled, imported stacked); ADE-FTE shares its embedder.
+@pytest.mark.parametrize("tower_sharing,pooling,scan_layers", [
+    ("sde", "mean", False), ("ade", "first", False), ("ade_spl", "mean", True),
+    ("ade_fte", "mean", False)])
+def test_sentence_transformers_round_trip(tmp_path, tower_sharing, pooling, scan_layers):
+  import sentence_transformers  # pylint: disable=g-import-not-at-top
+  config = _config(tower_sharing, pooling, scan_layers)
+  params = _random_params(config, seed=len(tower_sharing))
+  metrics = {"demo_manpages_test/mrr@10": 0.25, "demo_manpages_test/ndcg@10": 0.5}
+  _write_run(tmp_path / "run", params, metrics)
+
+  export_dir = tmp_path / "export"
+  export_entry.export(checkpoint_path=str(tmp_path / "run"), model=config,
+                      export_dir=str(export_dir), task="demo_manpages",
+                      feature_lengths=LENGTHS)
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # No staging left.
+
+  model = sentence_transformers.SentenceTransformer(str(export_dir), device="cpu")
+  got = {"query": model.encode_query(TEXTS, convert_to_numpy=True),
+         "document": model.encode_document(TEXTS, convert_to_numpy=True)}
+  for side in ("query", "document"):
+    # SDE is one model, so queries are cut to the longer (document) length too.
+    length = LENGTHS["queries" if side == "query" and tower_sharing != "sde" else "passages"]
+    want = _ours(config, params, TEXTS, side, length)
+    np.testing.assert_allclose(got[side], want, atol=1e-4, rtol=0)
+  if tower_sharing != "sde":  # The towers really differ, so the routing is tested.
+    assert np.abs(got["query"] - got["document"]).max() > 1e-2
+
+  if scan_layers:
+    imported_config, imported = hf_import.import_sentence_transformers(export_dir, config=config)
+  else:
+    imported_config, imported = hf_import.import_sentence_transformers(
+        export_dir, tower_sharing=tower_sharing)
+  assert imported_config == config
+  assert jax.tree.structure(imported) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, imported, params)
+
+  card = (export_dir / "README.md").read_text()
+  assert f"training step {STEP}" in card
+  assert "| demo_manpages_test/mrr@10 | 0.2500 |" in card
+  assert "TRAIN_STEPS = 7" in card
+
+
+def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
+  config = _config("sde")
+  common = dict(model=config, task="demo_manpages", feature_lengths=LENGTHS)
+  with pytest.raises(FileNotFoundError, match="No samtone_jax or t5x checkpoint"):
+    export_entry.export(checkpoint_path=str(tmp_path / "missing"),
+                        export_dir=str(tmp_path / "out"), **common)
+  assert sorted(os.listdir(tmp_path)) == []
+
+  # A legacy t5x model directory (MODEL_DIR/checkpoint_<step>/checkpoint, msgpack): named as
+  # such, for every command (they all load through evaluation.runner.load_model). t5x's current
+  # orbax checkpoints are read: tests/test_t5x.py.
+  t5x_run = tmp_path / "t5x_run"
+  (t5x_run / "checkpoint_100").mkdir(parents=True)
+  (t5x_run / "checkpoint_100" / "checkpoint").write_bytes(b"\x82")
+  for path in (t5x_run, t5x_run / "checkpoint_100"):
+    with pytest.raises(checkpoints.UnsupportedCheckpointError, match="t5x checkpoint in t5x's legacy msgpack format"):
+      export_entry.export(checkpoint_path=str(path), export_dir=str(tmp_path / "out"), **common)
+    with pytest.raises(checkpoints.UnsupportedCheckpointError, match="t5x checkpoint in t5x's legacy msgpack format"):
+      runner.load_model(str(path), config)
+  assert sorted(os.listdir(tmp_path)) == ["t5x_run"]
+
+  params = _random_params(config, seed=0)
+  _write_run(tmp_path / "run", params, {})
+  occupied = tmp_path / "occupied"
+  occupied.mkdir()
+  (occupied / "keep.txt").write_text("mine")
+  with pytest.raises(exporting.ExportError, match="not empty.*EXPORT_OVERWRITE=True"):
+    export_entry.export(checkpoint_path=str(tmp_path / "run"), export_dir=str(occupied),
+                        **common)
+  assert os.listdir(occupied) == ["keep.txt"]
+
+  # A vocabulary that no exported tokenizer can express.
+  with pytest.raises(exporting.ExportError, match="task 'bytes' uses a ByteVocabulary"):
+    exporting.sentencepiece_model_of(seqio.ByteVocabulary(), "bytes")
+  with pytest.raises(exporting.ExportError, match="EXPORT_FORMAT='onnx'"):
+    export_entry.export(checkpoint_path=str(tmp_path / "run"), export_dir=str(tmp_path / "o"),
+                        export_format="onnx", **common)
+
+  # A failure while writing leaves neither the target nor a staging directory.
+  from samtone_jax.exporting import sentence_transformers_dir  # pylint: disable=g-import-not-at-top
+  def fail(directory, *args):
+    (directory / "half.bin").write_text("x")
+    raise RuntimeError("disk full")
+  monkeypatch.setattr(sentence_transformers_dir, "write", fail)
+  with pytest.raises(RuntimeError, match="disk full"):
+    export_entry.export(checkpoint_path=str(tmp_path / "run"), export_dir=str(occupied),
+                        overwrite=True, **common)
+  assert os.listdir(occupied) == ["keep.txt"]
+  assert sorted(os.listdir(tmp_path)) == ["occupied", "run", "t5x_run"]
+
+
+def test_command_exits_1_with_message(tmp_path):
+  """The command line: a non-empty EXPORT_DIR is refused with exit status 1 and the binding."""
+  occupied = tmp_path / "occupied"
+  occupied.mkdir()
+  (occupied / "keep.txt").write_text("mine")
+  result = subprocess.run(
+      [sys.executable, "-m", "samtone_jax.export", "--gin_file=experiments/demo_samtone.gin",
+       f'--gin.CHECKPOINT_PATH="{tmp_path / "run"}"', f'--gin.EXPORT_DIR="{occupied}"'],
+      capture_output=True, text=True, cwd=tmp_path, timeout=300,
+      env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"))
+  assert result.returncode == 1
+  assert "Export failed" in result.stderr and "EXPORT_OVERWRITE=True" in result.stderr
+  assert os.listdir(occupied) == ["keep.txt"]
+
+
+def test_saved_model_strings_to_embeddings(tmp_path, tower_sharing="ade_spl"):
+  """`tf.saved_model.load(dir).signatures[...]` on strings equals our embeddings (1e-4), per
+  tower (ADE-SPL: the towers differ; SDE is the same code with one tower)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import  (the tokenizer op)
+  config = _config(tower_sharing)
+  params = _random_params(config, seed=3)
+  _write_run(tmp_path / "run", params, {})
+  export_dir = tmp_path / "saved_model"
+  export_entry.export(checkpoint_path=str(tmp_path / "run"), model=config,
+                      export_dir=str(export_dir), task="demo_manpages", feature_lengths=LENGTHS,
+                      export_format="saved_model")
+  loaded = tf.saved_model.load(str(export_dir))
+  assert {"encode_queries", "encode_documents", "serving_default"} <= set(loaded.signatures)
+  for name, side, length in (("encode_queries", "query", LENGTHS["queries"]),
+                             ("encode_documents", "document", LENGTHS["passages"])):
+    got = loaded.signatures[name](tf.constant(TEXTS))["embeddings"].numpy()
+    np.testing.assert_allclose(got, _ours(config, params, TEXTS, side, length), atol=1e-4, rtol=0)
+  assert "encode_queries" in (export_dir / "README.md").read_text()
