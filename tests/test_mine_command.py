@@ -183,7 +183,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(setup, case, tmp_path):
   _, checkpoint, _, _, _ = setup
   extra, expected = {
       "missing checkpoint": ((f'CHECKPOINT_PATH="{tmp_path}/nowhere"',),
-                             "No samtone_jax checkpoint under"),
+                             "No samtone_jax or t5x checkpoint under"),
       "task without corpus": (('MINE_TASK="demo_manpages"',),
                               "MINE_TASK='demo_manpages' is a seqio training task without a "
                               "registered corpus and qrels. .* use 'demo_manpages_train'"),
@@ -209,7 +209,7 @@ def test_command_exits_1_with_the_message(setup, tmp_path):
   result = subprocess.run(command(str(tmp_path / "nowhere"), str(output_dir)), env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
-  assert "samtone-mine: error: No samtone_jax checkpoint under" in result.stderr
+  assert "No samtone_jax or t5x checkpoint under" in result.stderr
   assert not output_dir.exists()
 
 
