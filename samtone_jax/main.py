@@ -17,11 +17,19 @@ Flags:
   --process_count, --process_index).
 
 The gin files bind `trainer.train` (see gin/runs/*.gin); the full config is written to
-MODEL_DIR/config.gin before training starts. A wrong binding or a missing file exits with status 1
-and gin's message on stderr; a non-finite loss exits with status 1 and the step.
+MODEL_DIR/config.gin once the configuration and the first batch of data have been checked.
+
+Errors a user can fix (a wrong gin binding or file, a misspelled macro, bad data, a damaged
+checkpoint, a run directory locked by another trainer, a non-finite loss) end every command with
+one message on stderr naming the file / line / binding / step and what to do, and exit status 1;
+`--verbose` or SAMTONE_DEBUG=1 adds the traceback. Any other exception is a bug and keeps its
+traceback.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+import difflib
+import faulthandler
+import functools
 import importlib
 import logging as std_logging
 import os
@@ -33,6 +41,9 @@ from absl import logging
 import gin
 
 from samtone_jax import distributed
+from samtone_jax import errors
+
+EXIT_WATCHDOG_SECONDS = 60
 
 # The repository's gin/ directory (next to the package in a source / editable install).
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
@@ -47,6 +58,9 @@ GIN_SEARCH_PATHS = flags.DEFINE_list(
     "directory is always added).")
 TFDS_DATA_DIR = flags.DEFINE_string(
     "tfds_data_dir", None, "TFDS data directory; overrides seqio's default when set.")
+VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Print the full traceback of configuration, data and checkpoint errors "
+    "(also SAMTONE_DEBUG=1); without it they are one message.")
 
 
 def rewrite_gin_args(args: Sequence[str]) -> list[str]:
@@ -77,13 +91,63 @@ class _QuietGinResourceReader(std_logging.Filter):
 std_logging.getLogger().addFilter(_QuietGinResourceReader())
 
 
+def _macro_references(value) -> Iterator[str]:
+  """Names of the macros `%NAME` referenced anywhere inside a bound value (lists, dicts...)."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    if value.configurable.name == "macro":
+      yield value.scoped_selector.split("/")[0]
+  elif isinstance(value, dict):
+    for item in value.values():
+      yield from _macro_references(item)
+  elif isinstance(value, (list, tuple, set)):
+    for item in value:
+      yield from _macro_references(item)
+
+
+def _macros() -> tuple[set[str], set[str]]:
+  """(macros bound, macros referenced) in the current gin config."""
+  bound, referenced = set(), set()
+  for (scope, selector), params in gin.config._CONFIG.items():  # pylint: disable=protected-access
+    if selector == "gin.macro":
+      bound.add(scope)
+    for value in params.values():
+      referenced.update(_macro_references(value))
+  return bound, referenced
+
+
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> None:
-  """Parses gin files then bindings (later wins), searching `search_paths` and the repo's gin/."""
+  """Parses gin files then bindings (later wins), searching `search_paths` and the repo's gin/.
+
+  gin checks parameter names, but a macro is just a name: `--gin.TRAIN_STEP=1` would silently
+  define a new macro that nothing reads. So a macro bound by `gin_bindings` that no file defines
+  and nothing references is refused, naming the closest known macro.
+
+  Raises:
+    errors.ConfigError: a file is missing, a binding does not parse or names an unknown
+      configurable, parameter or macro.
+  """
   for path in list(search_paths) + [GIN_DIR]:
     if path:
       gin.add_config_file_search_path(os.path.abspath(path))
-  gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), finalize_config=False)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), None, finalize_config=False)
+    from_files, _ = _macros()
+    gin.parse_config_files_and_bindings(None, list(gin_bindings), finalize_config=False)
+  except errors.UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # gin raises ValueError / IOError / KeyError etc. with the file and line in the message.
+    raise errors.ConfigError(f"Error in the gin configuration: {type(e).__name__}: {e}") from e
+  bound, referenced = _macros()
+  known = from_files | referenced
+  for name in sorted(bound - known):
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = (f"did you mean {close[0]}?" if close else
+            f"known macros: {', '.join(sorted(known))}")
+    raise errors.ConfigError(
+        f"Error in the gin configuration: macro {name} is bound on the command line but no gin "
+        f"file defines or uses it; {hint}")
 
 
 def gin_macro(name: str, default=None):
@@ -118,22 +182,36 @@ def setup_from_flags() -> None:
   if TFDS_DATA_DIR.value:
     import seqio  # pylint: disable=g-import-not-at-top
     seqio.set_tfds_data_dir_override(TFDS_DATA_DIR.value)
+  parse_gin(GIN_FILES.value, GIN_BINDINGS.value, GIN_SEARCH_PATHS.value)
+  configure_data_from_gin()
+
+
+def configure_data_from_gin() -> None:
+  """Calls `paths.configure_data_dirs` with its gin bindings, if it has any.
+
+  Data locations and per-dataset vocabularies must be known before the tasks are registered
+  (the commands import `samtone_jax.tasks.all` later), so the boundary applies them here.
+  """
+  from samtone_jax.tasks import paths  # pylint: disable=g-import-not-at-top
   try:
-    parse_gin(GIN_FILES.value, GIN_BINDINGS.value, GIN_SEARCH_PATHS.value)
-  except Exception as e:  # pylint: disable=broad-except
-    # gin raises ValueError / IOError / KeyError etc. with the file and line in the message.
-    print(f"Error in the gin configuration: {type(e).__name__}: {e}", file=sys.stderr)
-    sys.exit(1)
+    bindings = gin.get_bindings(paths.configure_data_dirs)
+  except ValueError:  # no gin file imports samtone_jax.tasks.paths
+    bindings = {}
+  if bindings:
+    gin.get_configurable(paths.configure_data_dirs)()
 
 
-def call_configured(fn: Callable[..., object]) -> object:
-  """Calls `fn` with its gin bindings; a binding gin rejects at call time exits with status 1."""
+def call_configured(fn: Callable[..., object], **kwargs) -> object:
+  """Calls `fn` with its gin bindings (and `kwargs`, which gin does not bind).
+
+  Raises:
+    errors.ConfigError: `fn` is not configurable (no gin file imports its module).
+  """
   try:
     configured = gin.get_configurable(fn)
   except ValueError as e:
-    print(f"Error in the gin configuration: {e}", file=sys.stderr)
-    sys.exit(1)
-  return configured()
+    raise errors.ConfigError(f"Error in the gin configuration: {e}") from e
+  return configured(**kwargs)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -141,15 +219,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   setup_from_flags()
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  model_dir = gin_macro("MODEL_DIR")
-  if isinstance(model_dir, str):
-    write_config(model_dir)
-  try:
-    call_configured(trainer.train)
-  except trainer.NonFiniteLossError as e:
-    logging.error("%s", e)
-    print(f"Training stopped: {e}", file=sys.stderr)
-    sys.exit(1)
+  # The trainer writes MODEL_DIR/config.gin once it holds the run directory's lock and has
+  # checked the configuration and the data, so that a refused run leaves nothing behind.
+  call_configured(trainer.train, config_text=gin.config_str())
 
 
 def run_configured_entry_point(run_gin: str, module_name: str, function_name: str) -> None:
@@ -165,9 +237,61 @@ def run_configured_entry_point(run_gin: str, module_name: str, function_name: st
   call_configured(getattr(module, function_name))
 
 
+def show_tracebacks() -> bool:
+  """Whether user errors show their traceback: --verbose or SAMTONE_DEBUG set (not "0")."""
+  if os.environ.get("SAMTONE_DEBUG", "0") not in ("", "0"):
+    return True
+  return flags.FLAGS.is_parsed() and VERBOSE.value
+
+
+def user_error_message(error: BaseException) -> str:
+  """The message of a user error without gin's "In call to configurable ..." trailer."""
+  lines = str(error).splitlines()
+  return "\n".join(line for line in lines if not line.strip().startswith("In call to configurable"))
+
+
+def report_user_errors(main_fn: Callable[[Sequence[str]], None]
+                       ) -> Callable[[Sequence[str]], None]:
+  """Wraps an entry point's main: a `UserError` becomes one message on stderr and exit status 1.
+
+  Every command goes through this (via `run`), so user errors are reported one way. With
+  --verbose / SAMTONE_DEBUG=1 the error propagates with its traceback (status 1 as well).
+  """
+
+  @functools.wraps(main_fn)
+  def wrapped(argv: Sequence[str]) -> None:
+    try:
+      main_fn(argv)
+    except errors.UserError as e:
+      if show_tracebacks():
+        raise
+      message = user_error_message(e)
+      if not message.startswith("Error"):
+        message = f"Error: {message}"
+      print(message, file=sys.stderr, flush=True)
+      # Last resort, never expected to fire: the input pipelines are shut down before the error
+      # gets here, but if a library thread still blocked interpreter exit, a C-level watchdog
+      # (it needs no GIL) dumps the stacks and ends the process, so that a scheduler waiting for
+      # the exit status is never left waiting.
+      faulthandler.dump_traceback_later(EXIT_WATCHDOG_SECONDS, exit=True)
+      sys.exit(1)
+
+  return wrapped
+
+
 def run(main_fn: Callable[[Sequence[str]], None]) -> None:
-  """`app.run` with `--gin.NAME=VALUE` rewritten first."""
-  app.run(main_fn, flags_parser=lambda args: app.parse_flags_with_usage(rewrite_gin_args(args)))
+  """`app.run` with `--gin.NAME=VALUE` rewritten first and user errors reported as one message."""
+  app.run(report_user_errors(main_fn), flags_parser=_parse_flags)
+
+
+def _parse_flags(args: Sequence[str]) -> list[str]:
+  """absl's flag parsing after `rewrite_gin_args`; a malformed --gin. flag is one message."""
+  try:
+    rewritten = rewrite_gin_args(args)
+  except app.UsageError as e:
+    print(f"Error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
+  return app.parse_flags_with_usage(rewritten)
 
 
 def console_main() -> None:

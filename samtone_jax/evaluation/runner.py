@@ -22,6 +22,7 @@ from samtone_jax.evaluation import retrieval
 from samtone_jax.models import config as model_config_lib
 from samtone_jax.models import dual_encoder
 from samtone_jax.tasks import eval_sets as eval_sets_lib
+from samtone_jax.tasks import vocab
 
 PyTree = Any
 
@@ -61,16 +62,20 @@ def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
   return LoadedModel(dual_encoder.DualEncoder(model), params, mesh)
 
 
-def get_eval_set(name: str, feature_lengths: dict[str, int] | None = None
-                 ) -> eval_sets_lib.EvalSet:
+def get_eval_set(name: str, feature_lengths: dict[str, int] | None = None,
+                 model_vocab_size: int | None = None) -> eval_sets_lib.EvalSet:
   """The registered evaluation set `name`, tokenised to `feature_lengths` when given.
 
   Args:
     name: a registered evaluation set.
     feature_lengths: {"queries": Lq, "passages": Lp} (EVAL_FEATURE_LENGTHS / the training
       lengths) to use instead of the set's own; None: the set's lengths.
+    model_vocab_size: when given, the set's vocabulary must exist and fit in it
+      (`vocab.check_fits`).
   """
   eval_set = eval_sets_lib.get_eval_set(name)
+  if model_vocab_size is not None:
+    vocab.check_fits(eval_set.vocabulary, model_vocab_size, f"evaluation set {name!r}")
   if feature_lengths:
     eval_set = dataclasses.replace(eval_set, query_length=feature_lengths["queries"],
                                    document_length=feature_lengths["passages"])
@@ -99,6 +104,8 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
   encode_queries, encode_documents = encoding.dual_encoder_encode_fns(model, params["model"], mesh)
   results = retrieval.evaluate_eval_sets(
       list(eval_sets), encode_queries, encode_documents,
-      get_eval_set=lambda name: get_eval_set(name, feature_lengths), output_dir=output_dir,
+      get_eval_set=lambda name: get_eval_set(name, feature_lengths,
+                                             model.config.encoder.vocab_size),
+      output_dir=output_dir,
       mesh=mesh, metrics=metrics)
   return {k: float(v) for k, v in results.items()}
