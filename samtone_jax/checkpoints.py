@@ -210,7 +210,8 @@ def choose_resume_step(model_dir: str, *, fallback: bool = False) -> int | None:
                   "Restore the files from a copy, or start again in a new MODEL_DIR.")
     raise errors.CheckpointError(_damage_report(newest_dir, problem, intact, what_to_do))
   for step in steps:
-    if step > intact:
+    # One process deletes (the hosts of a pod share the directory); every host returns `intact`.
+    if step > intact and jax.process_index() == 0:
       step_dir = os.path.join(directory, str(step))
       logging.warning("Deleting damaged checkpoint %s (%s).", step_dir,
                       find_damage(step_dir) or "after the fallback step")
@@ -347,8 +348,13 @@ def check_tree(step_dir: str, stored: PyTree, wanted: PyTree) -> None:
     return f"\n  {title} ({len(items)}): " + ", ".join(shown) if items else ""
 
   cause = _likely_cause(missing, unexpected, shapes)
+  groups = lambda flat: sorted({"/".join(n.split("/")[:2]) for n in flat})
+  group_line = ("" if groups(stored_flat) == groups(wanted_flat) else
+                f"\n  parameter groups: checkpoint {', '.join(groups(stored_flat))}; model "
+                f"{', '.join(groups(wanted_flat))}")
   raise errors.CheckpointError(
       f"Checkpoint {step_dir} does not fit the configured model: likely {cause}."
+      + group_line
       + listing("in the model, not in the checkpoint", missing)
       + listing("in the checkpoint, not in the model", unexpected)
       + listing("different shape or dtype", mismatched))

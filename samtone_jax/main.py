@@ -160,14 +160,8 @@ def gin_macro(name: str, default=None):
 
 def write_config(model_dir: str) -> str:
   """Writes the current gin config to MODEL_DIR/config.gin (process 0); returns the path."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from samtone_jax import io_utils  # pylint: disable=g-import-not-at-top
-  path = os.path.join(model_dir, "config.gin")
-  if jax.process_index() == 0:
-    io_utils.makedirs(model_dir)  # MODEL_DIR may be gs:// on a pod.
-    with io_utils.open_file(path, "w") as f:
-      f.write(gin.config_str())
-  return path
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  return trainer.write_config(model_dir, gin.config_str())
 
 
 def setup_from_flags() -> None:

@@ -278,7 +278,10 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
     raise errors.ConfigError(
         "LossConfig.use_hard_negatives=True needs DataConfig.num_negatives > 0 "
         "(NUM_NEGATIVES) and a task with hard negatives.")
-  _positive_int(loop.train_steps, "TRAIN_STEPS (trainer.LoopConfig.train_steps)")
+  if isinstance(loop.train_steps, bool) or not isinstance(loop.train_steps, (int, np.integer)) or (
+      loop.train_steps < 0):
+    raise errors.ConfigError(f"TRAIN_STEPS (trainer.LoopConfig.train_steps) = "
+                             f"{loop.train_steps!r}: expected 0 or more steps.")
   for field in ("log_period", "checkpoint_period", "keep_checkpoints"):
     _positive_int(getattr(loop, field), f"trainer.LoopConfig.{field}")
   if loop.eval_period < 0:
@@ -300,6 +303,16 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
   for task in tasks:
     for feature in task.output_features.values():
       vocab.check_fits(feature.vocabulary, model.encoder.vocab_size, f"task {task.name!r}")
+
+
+def write_config(model_dir: str, config_text: str) -> str:
+  """Writes the gin config to MODEL_DIR/config.gin (process 0; gs:// too); returns the path."""
+  path = os.path.join(model_dir, "config.gin")
+  if jax.process_index() == 0:
+    io_utils.makedirs(model_dir)
+    with io_utils.open_file(path, "w") as f:
+      f.write(config_text)
+  return path
 
 
 def _first_batch(batches: Iterator[dict[str, np.ndarray]], data: DataConfig
@@ -409,9 +422,8 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
   try:
     first = _first_batch(batches, data)
     batches = itertools.chain([first], batches)
-    if config_text is not None and jax.process_index() == 0:
-      with io_utils.open_file(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(config_text)
+    if config_text is not None:
+      write_config(model_dir, config_text)
     return _train_loop(preemption, mesh, batches, start_step, resume_step, model_dir=model_dir,
                        model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
                        seed=seed, initial_checkpoint_path=initial_checkpoint_path)

@@ -169,7 +169,8 @@ CASES = [
      ["BATCH_SIZE = 12 is not divisible", "multiple of 8"]),
     ("length_0", "train", ['--gin.TASK_FEATURE_LENGTHS={"queries": 0, "passages": 16}'], {},
      ["TASK_FEATURE_LENGTHS['queries'] = 0"]),
-    ("train_steps_0", "train", ["--gin.TRAIN_STEPS=0"], {}, ["TRAIN_STEPS", "= 0"]),
+    ("train_steps_negative", "train", ["--gin.TRAIN_STEPS=-5"], {},
+     ["TRAIN_STEPS (trainer.LoopConfig.train_steps) = -5: expected 0 or more"]),
     ("bad_mesh", "train", ["--gin.trainer.train.mesh_shape=(3, 1)"], {},
      ["trainer.train.mesh_shape = (3, 1)"]),
     ("unknown_task", "train", ['--gin.MIXTURE_OR_TASK_NAME="demo_manpage"'], {},
@@ -274,7 +275,8 @@ def test_wrong_architecture_is_named(trained, env):
   result, _ = _run(_evaluate_command(trained[0], "--gin_file=architectures/ade.gin"), env)
   assert result.returncode == 1, result.stderr[-2000:]
   assert "does not fit the configured model: likely the tower sharing differs" in result.stderr
-  assert "model/query_encoder" in result.stderr and "model/encoder" in result.stderr
+  assert ("parameter groups: checkpoint model/encoder, model/projection, model/token_embedder; "
+          "model model/document_encoder") in result.stderr
   # In-process: a wider projection is named with both sizes.
   wide = model_config_lib.DualEncoderConfig(encoder=TINY_MODEL.encoder, projection_dim=32)
   abstract = {"model": train_step_lib.abstract_model_params_of(wide, partitioning.create_mesh())}
