@@ -37,8 +37,8 @@ from samtone_jax import errors
 from samtone_jax import io_utils
 
 LOCK_NAME = "train.lock"
-HEARTBEAT_SECONDS = 30.0
-STALE_SECONDS = 600.0
+HEARTBEAT_SECONDS = 20.0
+STALE_SECONDS = 120.0  # 6 missed heartbeats; a VM lost for good is replaced in minutes
 SETTLE_SECONDS = 2.0
 
 # Locks this process holds: lock path -> token (a nested `hold` of the same directory is free).

@@ -7,7 +7,7 @@ and calling `configure_data_dirs`:
   SAMTONE_MSMARCO_DIR    MS MARCO passage files (default $SAMTONE_DATA_DIR/msmarco)
   SAMTONE_MULTIREQA_DIR  MRQA .jsonl.gz + MultiReQA candidates (default $SAMTONE_DATA_DIR/multireqa)
   TFDS_DATA_DIR          TensorFlow Datasets data dir (default: TFDS's own, ~/tensorflow_datasets)
-  SAMTONE_VOCAB_PATH     SentencePiece model of datasets without their own (default: T5's public one)
+  SAMTONE_VOCAB_PATH     SentencePiece model of datasets without their own (default: T5's)
 
 From the command line (every command calls `configure_data_dirs` with its gin bindings before it
 registers the tasks; gin/runs/*.gin import this module):

@@ -20,7 +20,8 @@ VOCAB_HELP = (
     "Download T5's vocabulary ({url}, or `gsutil cp {gs} .`) or use your own SentencePiece "
     "model, put it on a disk this machine reads, and point at it: for every dataset with "
     "SAMTONE_VOCAB_PATH=/path/sentencepiece.model, or per BEIR dataset with "
-    "--gin.paths.configure_data_dirs.vocabulary_paths='{{\"<name>\": \"/path/sentencepiece.model\"}}'."
+    "--gin.paths.configure_data_dirs.vocabulary_paths="
+    "'{{\"<name>\": \"/path/sentencepiece.model\"}}'."
 ).format(url=T5_VOCAB_URL, gs=T5_VOCAB_PATH)
 T5_EXTRA_IDS = 100
 
