@@ -165,9 +165,10 @@ def write_config(model_dir: str) -> str:
 
 
 def setup_from_flags() -> None:
-  """Multi-host start-up, TFDS directory and gin parsing from the parsed absl flags.
+  """Multi-host start-up, TFDS directory, gin parsing and data locations from the parsed flags.
 
-  Exits with status 1 and gin's message when a gin file or binding is wrong.
+  Raises:
+    errors.ConfigError: a gin file or binding is wrong (`run` reports it and exits with 1).
   """
   if not flags.FLAGS["verbosity"].present:
     # orbax and seqio log every save and read at INFO; progress is printed by the trainer.

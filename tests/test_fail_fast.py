@@ -18,12 +18,14 @@ import subprocess
 import sys
 import time
 
+import gin
 import jax
 import numpy as np
 import pytest
 
 from samtone_jax import checkpoints
 from samtone_jax import errors
+from samtone_jax import main as main_lib
 from samtone_jax import partitioning
 from samtone_jax import run_lock
 from samtone_jax import train_step as train_step_lib
@@ -247,6 +249,19 @@ def test_bad_inputs_exit_with_one_message(tmp_path, env):
     if problems:
       failures.append(f"{name} ({seconds:.0f} s): {', '.join(problems)}\n{stderr[-1500:]}")
   assert not failures, "\n\n".join(failures)
+
+
+def test_macros_bound_on_the_command_line_must_be_known():
+  try:
+    # A new macro is fine when a binding uses it; an existing one may be overridden.
+    main_lib.parse_gin([EXPERIMENT], ["MY_STEPS = 7", "TRAIN_STEPS = %MY_STEPS", "BATCH_SIZE = 8"])
+    assert gin.query_parameter("%TRAIN_STEPS").scoped_selector == "MY_STEPS/gin.macro"
+    gin.clear_config()
+    with pytest.raises(errors.ConfigError, match="macro BATCH_SIZ is bound .* did you mean "
+                       "BATCH_SIZE"):
+      main_lib.parse_gin([EXPERIMENT], ["BATCH_SIZ = 8"])
+  finally:
+    gin.clear_config()
 
 
 def test_debug_and_verbose_show_the_traceback(tmp_path, env):
