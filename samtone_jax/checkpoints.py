@@ -46,6 +46,7 @@ PyTree = Any
 STATE_ITEM = "state"
 META_ITEM = "meta"
 FILES_MANIFEST = "files.json"
+ORBAX_COMMIT_MARKER = "commit_success.txt"  # how orbax marks a finished save on gs://
 FALLBACK_BINDING = "--gin.trainer.LoopConfig.resume_fallback=True"
 
 
@@ -156,7 +157,12 @@ def checkpoint_steps(model_dir: str) -> list[int]:
   directory = checkpoint_dir(model_dir)
   if not io_utils.isdir(directory):
     return []
-  return sorted(int(d) for d in io_utils.listdir(directory) if d.isdigit())
+  steps = sorted(int(d) for d in io_utils.listdir(directory) if d.isdigit())
+  if io_utils.is_local(directory):
+    return steps  # orbax renames a finished temporary directory: a <step> name means complete
+  # Object stores have no atomic rename: orbax writes <step>/ in place and marks it complete last.
+  return [s for s in steps
+          if io_utils.exists(os.path.join(directory, str(s), ORBAX_COMMIT_MARKER))]
 
 
 def latest_step_in(model_dir: str) -> int | None:

@@ -360,6 +360,22 @@ def test_stale_locks_are_taken_over_and_live_ones_refused(tmp_path, capsys):
     assert not os.path.exists(path)
 
 
+def test_lock_on_an_object_store(monkeypatch):
+  """ram:// stands for gs:// (no exclusive create): written, read back, refused to a second."""
+  monkeypatch.setattr(run_lock, "SETTLE_SECONDS", 0.1)
+  model_dir = f"ram://fail_fast_lock_{time.time_ns()}/run"
+  with run_lock.hold(model_dir):
+    held = run_lock.read_lock(run_lock.lock_path(model_dir))
+    assert held.pid == os.getpid()
+    run_lock._HELD.clear()  # pylint: disable=protected-access  (as if another process)
+    try:
+      with pytest.raises(errors.RunDirectoryLockedError, match=f"pid {os.getpid()}"):
+        run_lock.acquire(model_dir)
+    finally:
+      run_lock._HELD[run_lock.lock_path(model_dir)] = held.token  # pylint: disable=protected-access
+  assert run_lock.read_lock(run_lock.lock_path(model_dir)) is None
+
+
 def test_heartbeat_is_refreshed(tmp_path):
   model_dir = str(tmp_path / "run")
   with run_lock.hold(model_dir, heartbeat_seconds=0.2):
