@@ -11,7 +11,7 @@ naming the holder. A lock whose holder died without deleting it (kill -9, a lost
 is taken over with a warning when its heartbeat is older than `STALE_SECONDS`, or at once when the
 holder ran on this host and its pid is gone.
 
-Creation is atomic on a local disk (O_CREAT | O_EXCL). tf.io.gfile has no exclusive create for
+Creation is atomic on a local disk (a hard link that fails if the lock exists). tf.io.gfile has no exclusive create for
 object stores, so on gs:// the lock is written and read back after `SETTLE_SECONDS`: GCS objects
 are replaced whole with read-after-write consistency, so of two trainers that wrote at the same
 moment only the last writer reads its own token back, and the other refuses.
@@ -107,12 +107,18 @@ def _serialise(info: LockInfo) -> str:
 def _create_exclusive(path: str, text: str) -> bool:
   """Creates `path` holding `text` unless it exists; True if this call created it."""
   if io_utils.is_local(path):
+    # Written aside, then hard-linked into place: the link fails if the lock exists, and a
+    # reader never sees the lock empty or half-written.
+    local = path.removeprefix("file://")
+    temporary = f"{local}.{uuid.uuid4().hex}.tmp"
+    with open(temporary, "w") as f:
+      f.write(text)
     try:
-      fd = os.open(path.removeprefix("file://"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      os.link(temporary, local)
     except FileExistsError:
       return False
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    finally:
+      os.remove(temporary)
     return True
   if io_utils.exists(path):
     return False

@@ -308,7 +308,7 @@ def test_second_trainer_refuses_and_first_is_unaffected(trained, tmp_path, env):
                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
   try:
     deadline = time.time() + TIMEOUT
-    while run_lock.read_lock(run_lock.lock_path(model_dir)) is None:
+    while getattr(run_lock.read_lock(run_lock.lock_path(model_dir)), "pid", None) != first.pid:
       assert time.time() < deadline and first.poll() is None, "the first trainer took no lock"
       time.sleep(0.2)
     # Frozen while holding the lock, so that the second one meets it whatever the timing.
