@@ -5,6 +5,8 @@ Layout of a model directory:
   MODEL_DIR/checkpoints/<step>/state   the TrainState (step, params, optimizer state), sharded
   MODEL_DIR/checkpoints/<step>/meta    JSON: step, seed, examples seen, eval metrics
 
+  MODEL_DIR/checkpoints/<step>/files.json  {relative path: size in bytes} of every file of the step
+
 Saves are atomic (orbax writes into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoints intact); the last `keep` are kept, plus the best one
 by an eval metric when one is named. The input stream position is the step itself (the data
@@ -14,6 +16,14 @@ pipeline is deterministic and resumable at a step), so restoring the state resto
 (MODEL_DIR/checkpoint_<step>/state: t5x's orbax format, the same params tree under "target"), so
 every command and INITIAL_CHECKPOINT_PATH accept them.
 
+Integrity: `files.json` is written after the save completes. `find_damage(step_dir)` compares the
+files with it (and, for checkpoints without one, parses the JSON metadata files), so a file
+truncated or lost after the save (a full disk, a partial copy, a bad sync) is named before orbax or
+TensorStore read it. Every restore (resume, initial parameters, evaluate, encode) also compares the
+stored parameter tree with the model's (names, shapes, dtypes) and raises `CheckpointError`
+listing the differences and their likely cause. A damaged step is reported with the newest intact
+earlier step; `choose_resume_step(..., fallback=True)` resumes from it.
+
 `load_initial_params` starts a run from another run's checkpoint (parameters only, e.g.
 pre-training then MS MARCO fine-tuning) or from public T5 / GTR weights (via
 `samtone_jax.models.hf_import`). Parameters are read into either layer layout
@@ -21,6 +31,7 @@ pre-training then MS MARCO fine-tuning) or from public T5 / GTR weights (via
 """
 
 from collections.abc import Mapping
+import json
 import os
 from typing import Any
 
@@ -29,13 +40,18 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+import tensorflow as tf
 
+from samtone_jax import errors
 from samtone_jax import io_utils
 from samtone_jax.models import t5
 
 PyTree = Any
 STATE_ITEM = "state"
 META_ITEM = "meta"
+FILES_MANIFEST = "files.json"
+ORBAX_COMMIT_MARKER = "commit_success.txt"  # how orbax marks a finished save on gs://
+FALLBACK_BINDING = "--gin.trainer.LoopConfig.resume_fallback=True"
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -78,7 +94,143 @@ def save(manager: ocp.CheckpointManager, step: int, state: PyTree, meta: dict[st
       STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
                metrics=metrics, force=True)
   manager.wait_until_finished()
-  return os.path.join(manager.directory, str(step))
+  step_dir = os.path.join(manager.directory, str(step))
+  if jax.process_index() == 0:
+    write_files_manifest(step_dir)
+  return step_dir
+
+
+def _walk_files(step_dir: str) -> dict[str, int]:
+  """{path relative to `step_dir`: size} of every file below it (local or gs://)."""
+  sizes = {}
+  for directory, _, files in tf.io.gfile.walk(step_dir):
+    for name in files:
+      path = os.path.join(directory, name)
+      sizes[os.path.relpath(path, step_dir) if io_utils.is_local(step_dir)
+            else path[len(step_dir.rstrip("/")) + 1:]] = tf.io.gfile.stat(path).length
+  sizes.pop(FILES_MANIFEST, None)
+  return sizes
+
+
+def write_files_manifest(step_dir: str) -> None:
+  """Records the size of every file of a completed checkpoint step in `<step>/files.json`."""
+  with io_utils.open_file(os.path.join(step_dir, FILES_MANIFEST), "w") as f:
+    json.dump(_walk_files(step_dir), f, indent=0, sort_keys=True)
+
+
+def find_damage(step_dir: str) -> str | None:
+  """What is wrong with checkpoint `step_dir` (naming the file), or None if it looks intact.
+
+  With `files.json`: every listed file must exist with its recorded size. Without it (a
+  checkpoint written before it existed, or a save killed before it was written): the JSON
+  metadata files must parse and the state and meta items must exist.
+  """
+  manifest_path = os.path.join(step_dir, FILES_MANIFEST)
+  if io_utils.exists(manifest_path):
+    try:
+      with io_utils.open_file(manifest_path) as f:
+        expected = json.load(f)
+    except ValueError:
+      return f"{manifest_path} is not valid JSON (truncated?)"
+    actual = _walk_files(step_dir)
+    for name, size in sorted(expected.items()):
+      path = os.path.join(step_dir, name)
+      if name not in actual:
+        return f"{path} is missing"
+      if actual[name] != size:
+        return f"{path} has {actual[name]} bytes, {size} when it was saved (truncated?)"
+    return None
+  for item in (STATE_ITEM, META_ITEM):
+    if not io_utils.isdir(os.path.join(step_dir, item)):
+      return f"{os.path.join(step_dir, item)} is missing"
+  for name in ("_CHECKPOINT_METADATA", os.path.join(STATE_ITEM, "_METADATA"),
+               os.path.join(META_ITEM, "metadata")):
+    path = os.path.join(step_dir, name)
+    if not io_utils.exists(path):
+      continue
+    try:
+      with io_utils.open_file(path) as f:
+        json.loads(f.read())
+    except ValueError as e:
+      return f"{path} is not valid JSON ({e}; truncated?)"
+  return None
+
+
+def checkpoint_steps(model_dir: str) -> list[int]:
+  """The completed checkpoint steps of a run directory, ascending (no directory: [])."""
+  directory = checkpoint_dir(model_dir)
+  if not io_utils.isdir(directory):
+    return []
+  steps = sorted(int(d) for d in io_utils.listdir(directory) if d.isdigit())
+  if io_utils.is_local(directory):
+    return steps  # orbax renames a finished temporary directory: a <step> name means complete
+  # Object stores have no atomic rename: orbax writes <step>/ in place and marks it complete last.
+  return [s for s in steps
+          if io_utils.exists(os.path.join(directory, str(s), ORBAX_COMMIT_MARKER))]
+
+
+def latest_step_in(model_dir: str) -> int | None:
+  """The newest completed checkpoint step of `model_dir`, without creating anything."""
+  steps = checkpoint_steps(model_dir)
+  return steps[-1] if steps else None
+
+
+def _damage_report(step_dir: str, problem: str, intact: int | None, what_to_do: str) -> str:
+  earlier = (f"The newest intact earlier checkpoint is step {intact}. " if intact is not None
+             else "No earlier checkpoint is intact. ")
+  return f"Checkpoint {step_dir} is damaged: {problem}. {earlier}{what_to_do}"
+
+
+def newest_intact_step(model_dir: str, below: int) -> int | None:
+  """The newest step < `below` of `model_dir` in which `find_damage` finds nothing."""
+  for step in reversed(checkpoint_steps(model_dir)):
+    if step < below and find_damage(os.path.join(checkpoint_dir(model_dir), str(step))) is None:
+      return step
+  return None
+
+
+def choose_resume_step(model_dir: str, *, fallback: bool = False) -> int | None:
+  """The step to resume `model_dir` from: its newest checkpoint, if intact.
+
+  Args:
+    model_dir: the run directory.
+    fallback: when the newest checkpoint is damaged, delete it (and any other damaged step
+      after the newest intact one) and return the newest intact step, with a warning.
+
+  Returns:
+    The step, or None when the directory has no checkpoint.
+
+  Raises:
+    errors.CheckpointError: the newest checkpoint is damaged and `fallback` is off (the message
+      names the step, the file and the newest intact step), or no checkpoint is intact.
+  """
+  steps = checkpoint_steps(model_dir)
+  if not steps:
+    return None
+  directory = checkpoint_dir(model_dir)
+  newest_dir = os.path.join(directory, str(steps[-1]))
+  problem = find_damage(newest_dir)
+  if problem is None:
+    return steps[-1]
+  intact = newest_intact_step(model_dir, steps[-1])
+  if not fallback or intact is None:
+    what_to_do = (f"Set {FALLBACK_BINDING} to resume from step {intact} (the damaged steps are "
+                  "deleted), or restore the damaged files from a copy."
+                  if intact is not None else
+                  "Restore the files from a copy, or start again in a new MODEL_DIR.")
+    raise errors.CheckpointError(_damage_report(newest_dir, problem, intact, what_to_do))
+  for step in steps:
+    # One process deletes (the hosts of a pod share the directory); every host returns `intact`.
+    if step > intact and jax.process_index() == 0:
+      step_dir = os.path.join(directory, str(step))
+      logging.warning("Deleting damaged checkpoint %s (%s).", step_dir,
+                      find_damage(step_dir) or "after the fallback step")
+      tf.io.gfile.rmtree(step_dir)
+  message = (f"Warning: checkpoint {newest_dir} is damaged ({problem}); resuming from the "
+             f"newest intact step {intact} ({FALLBACK_BINDING}).")
+  logging.warning("%s", message)
+  print(message, flush=True)
+  return intact
 
 
 def latest_step(manager: ocp.CheckpointManager) -> int | None:
@@ -97,12 +249,129 @@ def restore(manager: ocp.CheckpointManager, abstract_state: PyTree, step: int | 
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"No checkpoint in {manager.directory}")
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardRestore(abstract_state), META_ITEM: ocp.args.JsonRestore()}))
+  step_dir = os.path.join(str(manager.directory), str(step))
+  _check_readable(step_dir)
+  check_tree(step_dir, _stored_tree(step_dir)["params"], abstract_state.params)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(abstract_state), META_ITEM: ocp.args.JsonRestore()}))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_error(step_dir, e) from e
   return restored[STATE_ITEM], restored[META_ITEM]
 
 
-class UnsupportedCheckpointError(ValueError):
+def _model_dir_of(step_dir: str) -> str:
+  return os.path.dirname(os.path.dirname(step_dir.rstrip("/")))
+
+
+def _check_readable(step_dir: str) -> None:
+  """Raises CheckpointError naming the damaged file and the newest intact earlier step."""
+  problem = find_damage(step_dir)
+  if problem is not None:
+    step = int(os.path.basename(step_dir.rstrip("/")))
+    intact = newest_intact_step(_model_dir_of(step_dir), step)
+    raise errors.CheckpointError(_damage_report(
+        step_dir, problem, intact,
+        f"Use checkpoints/{intact} instead (to resume training from it: {FALLBACK_BINDING})."
+        if intact is not None else "Restore the files from a copy."))
+
+
+def _read_error(step_dir: str, error: Exception) -> errors.CheckpointError:
+  """A CheckpointError for an orbax / TensorStore failure reading `step_dir`."""
+  step = os.path.basename(step_dir.rstrip("/"))
+  intact = newest_intact_step(_model_dir_of(step_dir), int(step)) if step.isdigit() else None
+  return errors.CheckpointError(_damage_report(
+      step_dir, f"reading it failed with {type(error).__name__}: {str(error)[:500]}", intact,
+      "The checkpoint is probably corrupt or was written by an incompatible version; use an "
+      "earlier step" + (f" (to resume training from it: {FALLBACK_BINDING})."
+                        if intact is not None else ".")))
+
+
+def _stored_tree(step_dir: str, params_key: str = "params") -> PyTree:
+  """The state's metadata tree (ArrayMetadata leaves with .shape / .dtype) of a step; its params
+  are under `params_key` ("target" in a t5x checkpoint)."""
+  try:
+    stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, STATE_ITEM))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_error(step_dir, e) from e
+  stored = getattr(stored, "item_metadata", stored)
+  stored = getattr(stored, "tree", stored)
+  if not isinstance(stored, Mapping) or params_key not in stored:
+    raise _read_error(step_dir, ValueError("its state has no params"))
+  return stored
+
+
+def _flat(tree: PyTree) -> dict[str, Any]:
+  """{"model/encoder/.../kernel": leaf} of a nested mapping."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: x is None):
+    out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
+  return out
+
+
+def _likely_cause(missing: list[str], unexpected: list[str],
+                  mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> str:
+  """A guess at the configuration that differs, from the parameters that differ.
+
+  Args:
+    missing / unexpected: flat names ("model/query_encoder/...") only in the model / checkpoint.
+    mismatched: (name, checkpoint shape, model shape) of parameters in both.
+  """
+  def components(names):  # "model/query_encoder/layers_0/..." -> "query_encoder"
+    return {n.split("/")[1] if n.startswith("model/") and n.count("/") > 1 else n.split("/")[0]
+            for n in names}
+
+  if components(missing) != components(unexpected) and (missing or unexpected):
+    return ("the tower sharing differs (gin/architectures/*.gin: sde, ade, ade_ste, ade_fte, "
+            "ade_spl); use the architecture file the checkpoint was trained with")
+  if any("layers" in n for n in missing + unexpected):
+    return "the number of layers differs (config.T5Config.num_layers, gin/models/*.gin)"
+  for name, have, want in mismatched:
+    if name.endswith("embedding") and have[1:] == want[1:]:
+      return (f"the vocabulary size differs (config.T5Config.vocab_size: checkpoint {have[0]}, "
+              f"model {want[0]})")
+    if "projection" in name and have[:1] == want[:1]:
+      return (f"the projection size differs (config.DualEncoderConfig.projection_dim: checkpoint "
+              f"{have[-1]}, model {want[-1]})")
+  return ("the model size differs (gin/models/*.gin: d_model, d_ff, num_heads, d_kv); use the "
+          "model file the checkpoint was trained with")
+
+
+def check_tree(step_dir: str, stored: PyTree, wanted: PyTree) -> None:
+  """Raises CheckpointError unless `stored` (metadata) and `wanted` (ShapeDtypeStructs) have the
+  same parameter names, shapes and dtypes; the message lists the differences and a likely cause.
+  """
+  stored_flat, wanted_flat = _flat(stored), _flat(wanted)
+  missing = sorted(set(wanted_flat) - set(stored_flat))
+  unexpected = sorted(set(stored_flat) - set(wanted_flat))
+  mismatched, shapes = [], []
+  for name in sorted(set(stored_flat) & set(wanted_flat)):
+    have, want = stored_flat[name], wanted_flat[name]
+    if tuple(have.shape) != tuple(want.shape) or jax.numpy.dtype(have.dtype) != want.dtype:
+      mismatched.append(f"{name}: checkpoint {tuple(have.shape)} {jax.numpy.dtype(have.dtype)}, "
+                        f"model {tuple(want.shape)} {want.dtype}")
+      shapes.append((name, tuple(have.shape), tuple(want.shape)))
+  if not (missing or unexpected or mismatched):
+    return
+
+  def listing(title, items):
+    shown = items[:8] + ([f"... {len(items) - 8} more"] if len(items) > 8 else [])
+    return f"\n  {title} ({len(items)}): " + ", ".join(shown) if items else ""
+
+  cause = _likely_cause(missing, unexpected, shapes)
+  groups = lambda flat: sorted({"/".join(n.split("/")[:2]) for n in flat})
+  group_line = ("" if groups(stored_flat) == groups(wanted_flat) else
+                f"\n  parameter groups: checkpoint {', '.join(groups(stored_flat))}; model "
+                f"{', '.join(groups(wanted_flat))}")
+  raise errors.CheckpointError(
+      f"Checkpoint {step_dir} does not fit the configured model: likely {cause}."
+      + group_line
+      + listing("in the model, not in the checkpoint", missing)
+      + listing("in the checkpoint, not in the model", unexpected)
+      + listing("different shape or dtype", mismatched))
+
+
+class UnsupportedCheckpointError(errors.CheckpointError, ValueError):
   """A checkpoint in a format samtone_jax cannot read (e.g. a legacy msgpack t5x checkpoint)."""
 
 
@@ -168,9 +437,10 @@ def _resolve_checkpoint(path: str) -> tuple[str, str]:
           "t5x itself (docs/t5x.md), or rewrite it with t5x in its orbax format "
           "(checkpoint_<step>/state, what current t5x writes).")
     return t5x_step_dir, "t5x"
-  raise FileNotFoundError(f"No samtone_jax or t5x checkpoint under {run_path!r} (expected "
-                          "MODEL_DIR, MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step> of "
-                          "samtone_jax, or a t5x MODEL_DIR or MODEL_DIR/checkpoint_<step>).")
+  raise errors.CheckpointNotFoundError(
+      f"No samtone_jax or t5x checkpoint under {run_path!r} (expected MODEL_DIR, "
+      "MODEL_DIR/checkpoints or MODEL_DIR/checkpoints/<step> of samtone_jax, or a t5x MODEL_DIR "
+      "or MODEL_DIR/checkpoint_<step>; e.g. --gin.CHECKPOINT_PATH=\\\"/path/to/run\\\").")
 
 
 def resolve_step_dir(path: str) -> str:
@@ -201,22 +471,28 @@ def restore_params(path: str, abstract_params: PyTree) -> PyTree:
   `path` is resolved by `resolve_step_dir`. A t5x checkpoint of `t5x_model.DualEncoderModel`
   holds the same params tree (under "target"); a fixed temperature leaves out "loss".
 
-  Parameters of `abstract_params` missing from the checkpoint (e.g. a learned temperature that the
-  earlier stage did not have) raise an error naming them.
+  The stored tree must match `abstract_params` (converted to the stored layer layout) in names,
+  shapes and dtypes; extra top-level subtrees of the checkpoint (e.g. the loss's learned
+  temperature when only the model is wanted) are ignored.
+
+  Raises:
+    errors.CheckpointError: the step is damaged (naming the file and the newest intact earlier
+      step), or its parameters do not fit `abstract_params` (naming the differences).
   """
   step_dir, checkpoint_format = _resolve_checkpoint(path)
   # t5x keeps the params tree ({"model": ..., ["loss": ...]}, see t5x_model.py) under "target".
   params_key = _PARAMS_KEY[checkpoint_format]
+  if checkpoint_format == "samtone_jax":  # t5x writes no files.json and other step names
+    _check_readable(step_dir)
   checkpointer = ocp.PyTreeCheckpointer()
   item_dir = os.path.join(step_dir, STATE_ITEM)
-  stored = checkpointer.metadata(item_dir)
-  stored_tree = getattr(stored, "item_metadata", stored)
-  stored_tree = getattr(stored_tree, "tree", stored_tree)
-  stored_params = stored_tree[params_key]
+  stored_params = _stored_tree(step_dir, params_key)[params_key]
   wanted = {k: v for k, v in abstract_params.items() if k in stored_params}
   missing = [k for k, v in abstract_params.items() if k not in stored_params and v]
   if missing:
-    raise ValueError(f"Checkpoint {step_dir} has no params[{missing}]")
+    raise errors.CheckpointError(
+        f"Checkpoint {step_dir} has no params[{missing}] (e.g. a learned temperature the "
+        "earlier run did not have); configure the model as that run was.")
   # A checkpoint of the other layer layout (T5Config.scan_layers on one side only) is read in its
   # own layout, sharded like the target's layers, and converted.
   stored_layout, wanted_layout = _layer_layout(stored_params), _layer_layout(wanted)
@@ -227,9 +503,13 @@ def restore_params(path: str, abstract_params: PyTree) -> PyTree:
     target, convert = _abstract_stacked(wanted), t5.unstack_layers
   else:
     target = wanted
+  check_tree(step_dir, {k: stored_params[k] for k in target}, target)
   restore_args = ocp.checkpoint_utils.construct_restore_args({params_key: target})
-  restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-      item={params_key: target}, restore_args=restore_args, partial_restore=True))
+  try:
+    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+        item={params_key: target}, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise _read_error(step_dir, e) from e
   params = dict(restored[params_key])
   if convert is not None:
     shardings = jax.tree.map(lambda a: a.sharding, wanted)

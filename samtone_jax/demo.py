@@ -45,8 +45,7 @@ def train_experiment(gin_file: str, model_dir: str, extra_bindings: Sequence[str
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   main_lib.parse_gin([gin_file], [f"MODEL_DIR = {model_dir!r}", *extra_bindings])
-  main_lib.write_config(model_dir)
-  return gin.get_configurable(trainer.train)()
+  return gin.get_configurable(trainer.train)(config_text=gin.config_str())
 
 
 def format_table(rows: Sequence[tuple[str, dict[str, float]]], metrics: Sequence[str]) -> str:

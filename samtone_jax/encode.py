@@ -14,8 +14,10 @@ import importlib
 
 from absl import app
 
+from samtone_jax import errors
 from samtone_jax import main as main_lib
 from samtone_jax.models import config as model_config_lib
+from samtone_jax.tasks import eval_sets as eval_sets_lib
 
 ENCODE_RUN_GIN = "runs/encode.gin"
 SIDES = ("corpus", "queries")
@@ -45,12 +47,13 @@ def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
     The paths of the embedding shards.
   """
   if side not in SIDES:
-    raise ValueError(f"ENCODE_SIDE={side!r}; expected one of {SIDES}")
+    raise errors.ConfigError(f"ENCODE_SIDE={side!r}; expected one of {SIDES}")
   importlib.import_module(tasks_module)
+  eval_sets_lib.check_registered([eval_set], "ENCODE_SET")  # before the model is loaded
   from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
   from samtone_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
-  data = runner.get_eval_set(eval_set, feature_lengths)
+  data = runner.get_eval_set(eval_set, feature_lengths, model.encoder.vocab_size)
   encode_queries, encode_documents = loaded.encode_fns()
   if side == "corpus":
     texts, encode_fn, length = data.corpus, encode_documents, data.document_length

@@ -17,10 +17,12 @@ import os
 
 from absl import app
 
+from samtone_jax import errors
 from samtone_jax import io_utils
 from samtone_jax import main as main_lib
 from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config_lib
+from samtone_jax.tasks import eval_sets as eval_sets_lib
 
 EVAL_RUN_GIN = "runs/eval.gin"
 
@@ -54,9 +56,10 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
     {"<eval set>/<metric>": value}.
   """
   if not eval_sets:
-    raise ValueError("No evaluation sets: set EVAL_TASKS, e.g. "
-                     "--gin.EVAL_TASKS='[\"demo_manpages_test\"]'")
+    raise errors.ConfigError("No evaluation sets: set EVAL_TASKS, e.g. "
+                             "--gin.EVAL_TASKS='[\"demo_manpages_test\"]'")
   importlib.import_module(tasks_module)
+  eval_sets_lib.check_registered(eval_sets)  # before the model is loaded
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
   results = runner.evaluate_params(loaded.module, loaded.params, loaded.mesh, eval_sets,
                                    output_dir=output_dir, metrics=list(metrics) or None,

@@ -23,7 +23,6 @@ is written. Flags as in `samtone_jax.main`.
 """
 
 from collections.abc import Sequence
-import sys
 
 from absl import app
 
@@ -35,14 +34,10 @@ MINE_RUN_GIN = "runs/mine.gin"
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from samtone_jax.evaluation import mining  # pylint: disable=g-import-not-at-top
-  from samtone_jax.tasks import readers  # pylint: disable=g-import-not-at-top
-  try:
-    main_lib.run_configured_entry_point(MINE_RUN_GIN, "samtone_jax.evaluation.mining",
-                                        "mine_to_directory")
-  except (mining.MiningInputError, readers.DataFormatError, FileNotFoundError) as e:
-    print(f"samtone-mine: error: {e}", file=sys.stderr)
-    sys.exit(1)
+  # Bad input (MiningInputError, data and checkpoint errors) is an errors.UserError, which
+  # `main_lib.run` reports as one message with exit status 1.
+  main_lib.run_configured_entry_point(MINE_RUN_GIN, "samtone_jax.evaluation.mining",
+                                      "mine_to_directory")
 
 
 def console_main() -> None:

@@ -17,11 +17,21 @@ SIGTERM (TPU preemption) makes the loop save a checkpoint after the current step
 several processes, every host stops at the same step (JAX's preemption sync point). A
 non-finite loss raises `NonFiniteLossError` naming the step and the last good checkpoint; no
 checkpoint is ever written after a non-finite loss.
+
+Before anything is compiled, `train` checks the configuration (`check_config`: batch size, lengths,
+periods, the task and eval sets exist, the vocabulary exists and fits `T5Config.vocab_size`),
+takes the run directory's lock (`run_lock`: a second trainer on the same MODEL_DIR is refused),
+checks that TRAIN_STEPS is not below the checkpointed step and that the newest checkpoint is
+intact, and reads the first batch (so bad or empty data is reported within seconds). Only then is
+`config.gin` written and the model built. A damaged checkpoint stops the run naming the step,
+the file and the newest intact step; `LoopConfig.resume_fallback=True` resumes from that step.
 """
 
 from collections.abc import Iterator, Sequence
 import dataclasses
+import difflib
 import importlib
+import itertools
 import json
 import os
 import signal
@@ -36,9 +46,11 @@ import numpy as np
 import seqio
 
 from samtone_jax import checkpoints
+from samtone_jax import errors
 from samtone_jax import io_utils
 from samtone_jax import optimizers
 from samtone_jax import partitioning
+from samtone_jax import run_lock
 from samtone_jax import train_step as train_step_lib
 from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config_lib
@@ -46,8 +58,8 @@ from samtone_jax.models import config as model_config_lib
 PyTree = Any
 
 
-class NonFiniteLossError(RuntimeError):
-  """The training loss became NaN or infinite."""
+class NonFiniteLossError(errors.UserError, RuntimeError):
+  """The training loss became NaN or infinite (a configuration or data problem to fix)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +103,8 @@ class LoopConfig:
     best_metric: also keep the checkpoint with the best value of this eval metric, e.g.
       "demo_manpages_test/mrr@10" (checkpoint_period should divide eval_period).
     best_mode: "max" or "min".
+    resume_fallback: when the newest checkpoint is damaged, resume from the newest intact one
+      (deleting the damaged ones) instead of stopping with an error naming it.
   """
 
   train_steps: int
@@ -104,6 +118,7 @@ class LoopConfig:
   eval_ignore_identical_ids: bool | None = None
   best_metric: str | None = None
   best_mode: str = "max"
+  resume_fallback: bool = False
 
 
 @dataclasses.dataclass
@@ -232,6 +247,91 @@ def input_iterator(data: DataConfig, seed: int, start_step: int) -> Iterator[dic
       start_step=start_step, shard_info=shard_info, split=data.split)
 
 
+def _positive_int(value: Any, binding: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise errors.ConfigError(f"{binding} = {value!r}: expected a positive integer.")
+
+
+def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib.LossConfig,
+                 data: DataConfig, loop: LoopConfig, mesh: jax.sharding.Mesh) -> None:
+  """Checks what can be checked before a model is built; reads only the vocabulary files.
+
+  Raises:
+    errors.ConfigError: a binding is out of range or inconsistent; the message names it.
+    readers.MissingDataError: the task's vocabulary file is missing or unreachable.
+  """
+  from samtone_jax.tasks import eval_sets as eval_sets_lib  # pylint: disable=g-import-not-at-top
+  from samtone_jax.tasks import vocab  # pylint: disable=g-import-not-at-top
+  _positive_int(data.batch_size, "BATCH_SIZE (trainer.DataConfig.batch_size)")
+  data_parallel = mesh.shape[partitioning.DATA_AXIS]
+  if data.batch_size % data_parallel:
+    raise errors.ConfigError(
+        f"BATCH_SIZE = {data.batch_size} is not divisible by the mesh's data axis "
+        f"({data_parallel} = {jax.device_count()} devices / model axis "
+        f"{mesh.shape[partitioning.MODEL_AXIS]}): use a multiple of {data_parallel}.")
+  lengths = dict(data.task_feature_lengths)
+  for key in ("queries", "passages"):
+    if key not in lengths:
+      raise errors.ConfigError(f"TASK_FEATURE_LENGTHS = {lengths!r} has no {key!r} length.")
+    _positive_int(lengths[key], f"TASK_FEATURE_LENGTHS[{key!r}]")
+  if data.num_negatives < 0:
+    raise errors.ConfigError(f"trainer.DataConfig.num_negatives = {data.num_negatives}: "
+                             "expected 0 or more.")
+  if loss.use_hard_negatives and not data.num_negatives:
+    raise errors.ConfigError(
+        "LossConfig.use_hard_negatives=True needs DataConfig.num_negatives > 0 "
+        "(NUM_NEGATIVES) and a task with hard negatives.")
+  if isinstance(loop.train_steps, bool) or not isinstance(loop.train_steps, (int, np.integer)) or (
+      loop.train_steps < 0):
+    raise errors.ConfigError(f"TRAIN_STEPS (trainer.LoopConfig.train_steps) = "
+                             f"{loop.train_steps!r}: expected 0 or more steps.")
+  for field in ("log_period", "checkpoint_period", "keep_checkpoints"):
+    _positive_int(getattr(loop, field), f"trainer.LoopConfig.{field}")
+  if loop.eval_period < 0:
+    raise errors.ConfigError(f"EVAL_PERIOD = {loop.eval_period}: expected 0 (only at the end) "
+                             "or a positive number of steps.")
+  try:
+    provider = seqio.get_mixture_or_task(data.mixture_or_task_name)
+  except ValueError:
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    close = difflib.get_close_matches(str(data.mixture_or_task_name), known, n=3)
+    raise errors.ConfigError(
+        f"MIXTURE_OR_TASK_NAME = {data.mixture_or_task_name!r} is not a registered seqio task "
+        f"or mixture" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else
+                         f"; registered: {', '.join(known)}") +
+        " (BEIR directories under $SAMTONE_DATA_DIR/beir/<name>/ register beir_<name>_train "
+        "when they have qrels/train.tsv).") from None
+  eval_sets_lib.check_registered(loop.eval_sets)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  for task in tasks:
+    for feature in task.output_features.values():
+      vocab.check_fits(feature.vocabulary, model.encoder.vocab_size, f"task {task.name!r}")
+
+
+def write_config(model_dir: str, config_text: str) -> str:
+  """Writes the gin config to MODEL_DIR/config.gin (process 0; gs:// too); returns the path."""
+  path = os.path.join(model_dir, "config.gin")
+  if jax.process_index() == 0:
+    io_utils.makedirs(model_dir)
+    with io_utils.open_file(path, "w") as f:
+      f.write(config_text)
+  return path
+
+
+def _first_batch(batches: Iterator[dict[str, np.ndarray]], data: DataConfig
+                 ) -> dict[str, np.ndarray]:
+  """The first batch, or a DataFormatError saying why the task is empty."""
+  from samtone_jax.tasks import readers  # pylint: disable=g-import-not-at-top
+  try:
+    return next(batches)
+  except StopIteration:
+    raise readers.DataFormatError(
+        f"task {data.mixture_or_task_name!r} (split {data.split!r})", None,
+        f"yields no batch of {data.batch_size} examples: the task's files hold fewer usable "
+        "training examples than one batch (empty files, or no relevant judgement). Check the "
+        "task's data, or lower BATCH_SIZE.") from None
+
+
 def initial_state(built: train_step_lib.Built, seed: int, model_config,
                   initial_checkpoint_path: str | None) -> train_step_lib.TrainState:
   """A fresh sharded state; its params replaced by those of `initial_checkpoint_path` if given."""
@@ -247,7 +347,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
           loss: train_step_lib.LossConfig, optimizer: optimizers.OptimizerConfig,
           data: DataConfig, loop: LoopConfig, seed: int = 0,
           mesh_shape: tuple[int, int] = (-1, 1),
-          initial_checkpoint_path: str | None = None) -> TrainResult:
+          initial_checkpoint_path: str | None = None,
+          config_text: str | None = None) -> TrainResult:
   """Trains a dual encoder; resumes from `model_dir`'s latest checkpoint if there is one.
 
   Args:
@@ -261,30 +362,83 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     mesh_shape: (data, model) mesh sizes; -1 fills with the remaining devices.
     initial_checkpoint_path: parameters to start from when `model_dir` has no checkpoint: a
       samtone_jax checkpoint (params only) or public T5 / GTR weights (INITIAL_CHECKPOINT_PATH).
+    config_text: the gin config (`gin.config_str()`), written to MODEL_DIR/config.gin once the
+      configuration and the first batch are checked; None: no config.gin.
 
   Returns:
     A TrainResult.
 
   Raises:
+    errors.ConfigError: a binding is out of range, or TRAIN_STEPS is below the checkpointed step.
+    errors.RunDirectoryLockedError: another trainer is using `model_dir`.
+    errors.CheckpointError: the newest checkpoint is damaged (and `loop.resume_fallback` is off,
+      or no earlier step is intact) or does not fit `model`.
+    readers.DataFormatError / MissingDataError: bad, empty or missing training data.
     NonFiniteLossError: the loss became NaN/inf; the message names the step and the last good
       checkpoint.
   """
-  # From the start: a preemption during set-up (compilation, restore) also ends cleanly.
-  with _PreemptionFlag() as preemption:
-    return _train(preemption, model_dir=model_dir, model=model, loss=loss, optimizer=optimizer,
-                  data=data, loop=loop, seed=seed, mesh_shape=mesh_shape,
-                  initial_checkpoint_path=initial_checkpoint_path)
-
-
-def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, data, loop, seed,
-           mesh_shape, initial_checkpoint_path) -> TrainResult:
-  """`train`'s body, with the SIGTERM flag installed."""
-  if loss.use_hard_negatives and not data.num_negatives:
-    raise ValueError("LossConfig.use_hard_negatives=True needs DataConfig.num_negatives > 0 "
-                     "(NUM_NEGATIVES) and a task with hard negatives.")
-  io_utils.makedirs(model_dir)  # gs:// on a pod.
   importlib.import_module(data.tasks_module)  # registers the tasks and evaluation sets
-  mesh = partitioning.create_mesh(*mesh_shape)
+  try:
+    mesh = partitioning.create_mesh(*mesh_shape)
+  except ValueError as e:
+    raise errors.ConfigError(f"trainer.train.mesh_shape = {tuple(mesh_shape)}: {e}") from None
+  check_config(model, loss, data, loop, mesh)
+  # From the start: a preemption during set-up (compilation, restore) also ends cleanly.
+  with run_lock.hold(model_dir, enabled=jax.process_index() == 0), _PreemptionFlag() as preemption:
+    return _train(preemption, mesh, model_dir=model_dir, model=model, loss=loss,
+                  optimizer=optimizer, data=data, loop=loop, seed=seed,
+                  initial_checkpoint_path=initial_checkpoint_path, config_text=config_text)
+
+
+def _close(batches: Iterator[Any]) -> None:
+  """Shuts the input pipeline down now, from this thread.
+
+  A tf.data iterator left to the garbage collector may be destroyed at interpreter exit, when its
+  background threads can no longer take the GIL, and the process hangs; closing the generator
+  destroys it while the interpreter is fully alive.
+  """
+  close = getattr(batches, "close", None)
+  if close is not None:
+    close()
+
+
+def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, model, loss,
+           optimizer, data, loop, seed, initial_checkpoint_path, config_text) -> TrainResult:
+  """`train`'s body, with the run directory locked and the SIGTERM flag installed."""
+  latest = checkpoints.latest_step_in(model_dir)
+  if latest is not None and latest > loop.train_steps:
+    raise errors.ConfigError(
+        f"TRAIN_STEPS = {loop.train_steps}, but {model_dir} already has a checkpoint at step "
+        f"{latest}: raise TRAIN_STEPS to at least {latest} to continue that run, or use a new "
+        "MODEL_DIR.")
+  resume_step = None
+  if latest is not None:
+    # Before anything is built: a damaged newest checkpoint stops the run (naming the step, the
+    # file and the newest intact step) or, with resume_fallback, moves the resume step back.
+    resume_step = checkpoints.choose_resume_step(model_dir, fallback=loop.resume_fallback)
+  start_step = resume_step or 0
+  if latest is not None and latest == loop.train_steps and resume_step == latest:
+    print(f"The run in {model_dir} is already complete: its checkpoint is at step {latest} = "
+          "TRAIN_STEPS. Nothing to train; raise TRAIN_STEPS to continue it.", flush=True)
+
+  batches = input_iterator(data, seed, start_step)
+  try:
+    first = _first_batch(batches, data)
+    batches = itertools.chain([first], batches)
+    if config_text is not None:
+      write_config(model_dir, config_text)
+    return _train_loop(preemption, mesh, batches, start_step, resume_step, model_dir=model_dir,
+                       model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
+                       seed=seed, initial_checkpoint_path=initial_checkpoint_path)
+  finally:
+    _close(batches)
+
+
+def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
+                batches: Iterator[dict[str, np.ndarray]], start_step: int,
+                resume_step: int | None, *, model_dir, model, loss, optimizer, data, loop, seed,
+                initial_checkpoint_path) -> TrainResult:
+  """Builds the step, restores or initialises the state and runs the loop."""
   spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
                                    num_negatives=data.num_negatives)
   built = train_step_lib.build(model, loss, optimizer, mesh, spec)
@@ -292,19 +446,18 @@ def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, da
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
   rng = jax.device_put(jax.random.PRNGKey(seed), built.rng_sharding)
 
-  last_saved = manager.latest_step()
-  if last_saved is not None:
-    state, meta = checkpoints.restore(manager, built.abstract_state)
+  last_saved = resume_step
+  if resume_step is not None:
+    state, meta = checkpoints.restore(manager, built.abstract_state, resume_step)
     logging.info("Resumed from %s at step %d", manager.directory, int(state.step))
-    print(f"Resuming from checkpoint step {last_saved} in {manager.directory}", flush=True)
+    print(f"Resuming from checkpoint step {resume_step} in {manager.directory}", flush=True)
     if meta.get("seed", seed) != seed:
       logging.warning("Checkpoint seed %s != configured seed %s", meta.get("seed"), seed)
   else:
     state = initial_state(built, seed, model, initial_checkpoint_path)
-  start_step = int(state.step)
+  assert int(state.step) == start_step, (int(state.step), start_step)
 
   log = _MetricsLog(model_dir)
-  batches = input_iterator(data, seed, start_step)
   window: list[tuple[int, PyTree]] = []  # (step, device metrics) since the last flush
   last_summary: dict[str, float] = {}
   eval_metrics: dict[str, float] = {}

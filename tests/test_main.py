@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from samtone_jax import checkpoints
+from samtone_jax import errors
 from samtone_jax import main as main_lib
 from samtone_jax.models import config as model_config_lib
 
@@ -157,7 +158,8 @@ def test_bad_binding_exits_with_gins_message(tmp_path, compile_cache):
 
 
 def test_missing_gin_file_and_flag_rewriting():
-  with pytest.raises(IOError, match="no_such_experiment.gin"):
+  with pytest.raises(errors.ConfigError,
+                     match="Error in the gin configuration: .*no_such_experiment.gin"):
     main_lib.parse_gin(["experiments/no_such_experiment.gin"], [])
   gin.clear_config()
   assert main_lib.rewrite_gin_args(

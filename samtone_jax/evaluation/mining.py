@@ -57,6 +57,7 @@ import numpy as np
 import seqio
 import tqdm
 
+from samtone_jax import errors
 from samtone_jax import io_utils
 from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import search
@@ -71,7 +72,7 @@ DROP_REASONS = ("judged_positive", "fingerprint_duplicate", "range_min", "max_sc
                 "relative_margin")
 
 
-class MiningInputError(ValueError):
+class MiningInputError(errors.UserError, ValueError):
   """The mining inputs or filters are inconsistent; the message says which binding to fix."""
 
 

@@ -25,6 +25,7 @@ from samtone_jax.evaluation import retrieval
 from samtone_jax.models import config as model_config_lib
 from samtone_jax.models import dual_encoder
 from samtone_jax.tasks import eval_sets as eval_sets_lib
+from samtone_jax.tasks import vocab
 
 PyTree = Any
 
@@ -85,16 +86,20 @@ def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
   return LoadedModel(module, params, mesh, step_dir)
 
 
-def get_eval_set(name: str, feature_lengths: dict[str, int] | None = None
-                 ) -> eval_sets_lib.EvalSet:
+def get_eval_set(name: str, feature_lengths: dict[str, int] | None = None,
+                 model_vocab_size: int | None = None) -> eval_sets_lib.EvalSet:
   """The registered evaluation set `name`, tokenised to `feature_lengths` when given.
 
   Args:
     name: a registered evaluation set.
     feature_lengths: {"queries": Lq, "passages": Lp} (EVAL_FEATURE_LENGTHS / the training
       lengths) to use instead of the set's own; None: the set's lengths.
+    model_vocab_size: when given, the set's vocabulary must exist and fit in it
+      (`vocab.check_fits`).
   """
   eval_set = eval_sets_lib.get_eval_set(name)
+  if model_vocab_size is not None:
+    vocab.check_fits(eval_set.vocabulary, model_vocab_size, f"evaluation set {name!r}")
   if feature_lengths:
     eval_set = dataclasses.replace(eval_set, query_length=feature_lengths["queries"],
                                    document_length=feature_lengths["passages"])
@@ -131,8 +136,8 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
   results = {}
   for name in eval_sets:
     values = retrieval.evaluate_eval_set(
-        get_eval_set(name, feature_lengths), encode_queries, encode_documents,
-        output_dir=output_dir, mesh=mesh, metrics=metrics,
+        get_eval_set(name, feature_lengths, model.config.encoder.vocab_size), encode_queries,
+        encode_documents, output_dir=output_dir, mesh=mesh, metrics=metrics,
         ignore_identical_ids=ignore_identical_ids,
         embeddings_dir=None if embeddings_dir is None else os.path.join(embeddings_dir, name))
     results.update({f"{name}/{metric}": float(value) for metric, value in values.items()})

@@ -11,8 +11,10 @@ import pathlib
 import shutil
 import tempfile
 
+from samtone_jax import errors
 
-class ExportError(ValueError):
+
+class ExportError(errors.UserError, ValueError):
   """The export cannot be written as asked (the message says what to do)."""
 
 

@@ -128,6 +128,23 @@ def positive_pairs(data: BeirData) -> Iterator[dict[str, str]]:
         yield {features.QUERIES: data.queries[query_id], features.PASSAGES: data.corpus[doc_id]}
 
 
+def train_pairs(directory: str) -> Iterator[dict[str, str]]:
+  """`positive_pairs` of the train split; raises if it has none (nothing to train on)."""
+  data = load_beir_split(directory, "train")
+  count = 0
+  for pair in positive_pairs(data):
+    count += 1
+    yield pair
+  if not count:
+    qrels = find_file(os.path.join(directory, "qrels"), "train.tsv")
+    judgements = sum(len(v) for v in data.qrels.values())
+    raise readers.DataFormatError(
+        qrels, None, f"no training pair: none of its {judgements} judgements has a score > 0 "
+        f"(corpus: {len(data.corpus)} documents, queries: {len(data.queries)}). A BEIR train "
+        "split needs qrels/train.tsv rows 'query-id<TAB>corpus-id<TAB>score' with score >= 1, "
+        "whose query ids are in queries.jsonl and corpus ids in corpus.jsonl.")
+
+
 def beir_eval_set(name: str, directory: str, split: str, vocabulary: seqio.Vocabulary, *,
                   protocol: str = "beir", query_length: int = 64,
                   document_length: int = 256) -> eval_sets.EvalSet:
@@ -157,13 +174,14 @@ def register_beir_dataset(name: str, path: str, *, vocabulary: seqio.Vocabulary 
   Args:
     name: short name, e.g. "scifact".
     path: the BEIR directory (holding corpus.jsonl[.gz], queries.jsonl[.gz], qrels/).
-    vocabulary: tokeniser for the eval sets and the task; default T5's public vocabulary.
+    vocabulary: tokeniser for the eval sets and the task; default: the path configured for
+      `name` (`paths.configure_data_dirs(vocabulary_paths=...)`), else T5's public vocabulary.
     protocol: metric protocol of the eval sets.
 
   Returns:
     the registered names.
   """
-  vocabulary = vocabulary or vocab.t5_vocabulary()
+  vocabulary = vocabulary or vocab.dataset_vocabulary(name)
   registered = []
   for split in qrels_splits(path):
     eval_name = f"beir_{name}_{split}"
@@ -173,8 +191,7 @@ def register_beir_dataset(name: str, path: str, *, vocabulary: seqio.Vocabulary 
     registered.append(eval_name)
     if split == "train":
       task_name = f"beir_{name}_train"
-      source = sources.examples_source(
-          {"train": lambda: positive_pairs(load_beir_split(path, "train"))})
+      source = sources.examples_source({"train": functools.partial(train_pairs, path)})
       register_pairs_task(task_name, source, vocabulary)
       registered.append(task_name)
   return registered
@@ -242,7 +259,7 @@ def register_beir_tfds_dataset(config: str, name: str | None = None, *,
   Registration does not read the data; it is loaded (from `paths.tfds_data_dir()`) on use.
   """
   name = name or config.replace(".", "_")
-  vocabulary = vocabulary or vocab.t5_vocabulary()
+  vocabulary = vocabulary or vocab.dataset_vocabulary(name)
   registered = []
   for split in splits:
     eval_name = f"beir_{name}_{split}"

@@ -5,10 +5,13 @@ under a stable name; the evaluation code (`samtone_jax.evaluation`) asks for it 
 `get_eval_set(name)` and never reads files itself.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
+import difflib
 
 import seqio
+
+from samtone_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +49,22 @@ def register_eval_set(name: str, loader: Callable[[], EvalSet], *, overwrite: bo
   _EVAL_SETS[name] = loader
 
 
+def check_registered(names: Sequence[str], binding: str = "EVAL_TASKS") -> None:
+  """Raises ConfigError naming the first of `names` that is not registered (and a near name)."""
+  for name in names:
+    if name not in _EVAL_SETS:
+      close = difflib.get_close_matches(str(name), sorted(_EVAL_SETS), n=1)
+      raise errors.ConfigError(
+          f"{binding} names {name!r}, which is not a registered evaluation set"
+          + (f"; did you mean {close[0]!r}?" if close else
+             f"; registered: {', '.join(sorted(_EVAL_SETS))}")
+          + " (BEIR directories under $SAMTONE_DATA_DIR/beir/<name>/ register "
+          "beir_<name>_<split>).")
+
+
 def get_eval_set(name: str) -> EvalSet:
-  """Loads the registered evaluation set `name`."""
-  if name not in _EVAL_SETS:
-    raise KeyError(f"Unknown evaluation set {name!r}; registered: {sorted(_EVAL_SETS)}")
+  """Loads the registered evaluation set `name` (ConfigError if there is none)."""
+  check_registered([name], "the evaluation set")
   return _EVAL_SETS[name]()
 
 

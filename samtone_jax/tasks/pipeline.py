@@ -144,24 +144,44 @@ _WRAPPED_MISSING_ERROR = re.compile(r"MissingDataError: Missing (.+?): expected 
 def _numpy_batches(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
   """Iterates as numpy; a file error raised inside tf.data (which wraps Python exceptions of
   sources in a tf.errors.OpError) is raised again as the original DataFormatError or
-  MissingDataError."""
+  MissingDataError.
+
+  The tf.data iterator is destroyed when this generator ends, fails or is closed, not left to
+  the garbage collector: an iterator whose `from_generator` source raised, kept alive by the
+  exception's traceback until interpreter exit, was destroyed while Python was finalising, its
+  prefetch threads waited for a GIL they could no longer take, and the process never exited.
+  """
   iterator = ds.as_numpy_iterator()
-  while True:
-    try:
-      batch = next(iterator)
-    except StopIteration:
-      return
-    except tf.errors.OpError as e:
-      message = str(e.message)
-      match = _WRAPPED_FORMAT_ERROR.search(message)
-      if match:
-        path, line, problem = match.groups()
-        raise readers.DataFormatError(path, int(line) if line else None, problem) from None
-      match = _WRAPPED_MISSING_ERROR.search(message)
-      if match:
-        raise readers.MissingDataError(*match.groups()) from None
-      raise
-    yield batch
+  try:
+    while True:
+      error = None
+      try:
+        batch = next(iterator)
+      except StopIteration:
+        return
+      except tf.errors.OpError as e:
+        error = _file_error(str(e.message))
+        if error is None:
+          raise
+      if error is not None:
+        # Raised outside the `except`: the OpError (whose traceback holds the iterator) is not
+        # kept as its context.
+        raise error
+      yield batch
+  finally:
+    del iterator  # the last reference: the pipeline shuts down here, in this thread
+
+
+def _file_error(message: str) -> Exception | None:
+  """The DataFormatError / MissingDataError a tf.data error message wraps, or None."""
+  match = _WRAPPED_FORMAT_ERROR.search(message)
+  if match:
+    path, line, problem = match.groups()
+    return readers.DataFormatError(path, int(line) if line else None, problem)
+  match = _WRAPPED_MISSING_ERROR.search(message)
+  if match:
+    return readers.MissingDataError(*match.groups())
+  return None
 
 
 def get_train_iterator(mixture_or_task_name: str, task_feature_lengths: dict[str, int],

@@ -18,8 +18,10 @@ from typing import Any, IO
 
 import tensorflow as tf
 
+from samtone_jax import errors
 
-class DataFormatError(ValueError):
+
+class DataFormatError(errors.UserError, ValueError):
   """A row of an input file does not follow its format; the message names file and line."""
 
   def __init__(self, path: str, line: int | None, problem: str):
@@ -30,7 +32,7 @@ class DataFormatError(ValueError):
     super().__init__(f"{where}: {problem}")
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(errors.UserError, FileNotFoundError):
   """Input data is not where the configuration says; the message says how to get it."""
 
   def __init__(self, what: str, expected_path: str, how_to_get: str):
