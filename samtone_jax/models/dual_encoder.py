@@ -64,10 +64,60 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
   return x / jnp.maximum(norm, eps)
 
 
+# The one tower-sharing table: which of a tower's three parts each mode shares between the
+# query and the document tower. A shared part is one top-level entry named `part`; an unshared
+# part is two, `query_<part>` and `document_<part>`. The model, the importer
+# (`hf_import.dual_encoder_params`) and the identical initialisation below all read it.
+PARTS: tuple[str, ...] = (TOKEN_EMBEDDER, "encoder", "projection")
+SIDES: tuple[str, ...] = ("query", "document")
+SHARED_PARTS: dict[str, frozenset[str]] = {
+    "sde": frozenset(PARTS),
+    "ade": frozenset(),
+    "ade_ste": frozenset({TOKEN_EMBEDDER}),
+    "ade_fte": frozenset({TOKEN_EMBEDDER}),
+    "ade_spl": frozenset({"projection"}),
+}
+
+
+def param_name(tower_sharing: str, part: str, side: str) -> str:
+  """Top-level params name of `part` ("token_embedder", "encoder", "projection") of the `side`
+  ("query", "document") tower under `tower_sharing`: `part` if shared, else `<side>_<part>`."""
+  return part if part in SHARED_PARTS[tower_sharing] else f"{side}_{part}"
+
+
+def copy_query_tower_to_document(tower_sharing: str, params: dict[str, Any]) -> dict[str, Any]:
+  """`params` with each unshared document-tower part replaced by the query tower's.
+
+  What importing one pre-trained checkpoint into both towers does (Dong et al. 2022; the
+  SamToNe paper's ADE start from one T5 checkpoint): the towers begin as the same function and
+  drift apart in training. Leaves may be boxed (`nn.LogicallyPartitioned`); the document part
+  takes the query part's boxes, whose logical axis names are the same. Parts absent from
+  `params` (e.g. `init` of `encode_queries` alone) are left as they are.
+
+  Args:
+    tower_sharing: the mode (see `SHARED_PARTS`).
+    params: the top-level `params` collection of a DualEncoder.
+
+  Returns:
+    A new dict; `params` is not modified.
+  """
+  params = dict(params)
+  for part in PARTS:
+    if part in SHARED_PARTS[tower_sharing]:
+      continue
+    query, document = f"query_{part}", f"document_{part}"
+    if query in params and document in params:
+      params[document] = params[query]
+  return params
+
+
 class DualEncoder(nn.Module):
   """Query and document towers over a T5 encoder.
 
   `init` creates every parameter of both towers (it runs `__call__` on queries and passages).
+  With `config.identical_tower_init` (the default) the unshared document-tower parameters are
+  then a copy of the query tower's, so a fresh asymmetric model maps a text to the same
+  embedding in both towers; every `init` (training, the t5x adapter, `jax.eval_shape`) does it.
   """
 
   config: DualEncoderConfig
@@ -76,44 +126,43 @@ class DualEncoder(nn.Module):
     cfg = self.config
     enc = cfg.encoder
     dtype = jnp.dtype(enc.dtype)
-    new_embedder = lambda: Embed(enc.vocab_size, enc.d_model, dtype)
-    new_projection = lambda: Dense(cfg.projection_dim, ("embed", "projection"),
-                                   nn.initializers.variance_scaling(1.0, "fan_in",
-                                                                    "truncated_normal"),
-                                   jnp.float32)
     sharing = cfg.tower_sharing
-    # Attribute names are the parameter-tree names; see the module docstring.
-    if sharing == "sde":
-      self.token_embedder = new_embedder()
-      self.encoder = T5Encoder(enc, token_embedder=self.token_embedder)
-      self.projection = new_projection()
-      return
-    if sharing in ("ade_ste", "ade_fte"):
-      self.token_embedder = new_embedder()
-      query_embedder = document_embedder = self.token_embedder
-    else:
-      self.query_token_embedder = new_embedder()
-      self.document_token_embedder = new_embedder()
-      query_embedder, document_embedder = self.query_token_embedder, self.document_token_embedder
     # ADE-FTE: the shared embedder is frozen; stopping its gradient also saves the scatter-add.
     frozen = sharing == "ade_fte"
-    self.query_encoder = T5Encoder(enc, token_embedder=query_embedder,
-                                   stop_embedding_gradient=frozen)
-    self.document_encoder = T5Encoder(enc, token_embedder=document_embedder,
-                                      stop_embedding_gradient=frozen)
-    if sharing == "ade_spl":
-      self.projection = new_projection()
-    else:
-      self.query_projection = new_projection()
-      self.document_projection = new_projection()
+
+    def new(part, side):
+      if part == TOKEN_EMBEDDER:
+        return Embed(enc.vocab_size, enc.d_model, dtype)
+      if part == "encoder":
+        embedder = getattr(self, param_name(sharing, TOKEN_EMBEDDER, side))
+        return T5Encoder(enc, token_embedder=embedder, stop_embedding_gradient=frozen)
+      return Dense(cfg.projection_dim, ("embed", "projection"),
+                   nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                   jnp.float32)
+
+    # Attribute names are the parameter-tree names (see the module docstring); the embedder
+    # first, as the encoders use it.
+    for part in PARTS:
+      if part in SHARED_PARTS[sharing]:
+        setattr(self, part, new(part, "query"))
+      else:
+        for side in SIDES:
+          setattr(self, f"{side}_{part}", new(part, side))
+
+  @nn.nowrap
+  def init(self, rngs, *args, **kwargs):
+    """`flax.linen.Module.init`, then the identical tower initialisation of the config."""
+    variables = nn.Module.init(self, rngs, *args, **kwargs)
+    if not self.config.identical_tower_init or "params" not in variables:
+      return variables
+    return {**variables, "params": copy_query_tower_to_document(self.config.tower_sharing,
+                                                                variables["params"])}
 
   def _tower(self, side: str) -> tuple[nn.Module, nn.Module]:
     """(encoder, projection) of the 'query' or 'document' tower; shared ones are the same."""
     sharing = self.config.tower_sharing
-    encoder = self.encoder if sharing == "sde" else getattr(self, f"{side}_encoder")
-    if sharing in ("sde", "ade_spl"):
-      return encoder, self.projection
-    return encoder, getattr(self, f"{side}_projection")
+    return (getattr(self, param_name(sharing, "encoder", side)),
+            getattr(self, param_name(sharing, "projection", side)))
 
   def _encode(self, side: str, tokens: Array, deterministic: bool) -> Array:
     encoder, projection = self._tower(side)

@@ -29,6 +29,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from samtone_jax.models import dual_encoder
 from samtone_jax.models import t5
 from samtone_jax.models.config import DualEncoderConfig, T5Config
 
@@ -311,28 +312,18 @@ def dual_encoder_params(config: DualEncoderConfig, encoder_params: dict[str, Any
   Returns:
     The `params` collection of `DualEncoder(config)` (see dual_encoder.py for the layout).
   """
-  body = {k: v for k, v in encoder_params.items() if k != "token_embedder"}
-  embedder = encoder_params["token_embedder"]
-  sharing = config.tower_sharing
-  if sharing == "sde":
-    params = {"token_embedder": embedder, "encoder": body}
-  else:
-    params = {"query_encoder": body, "document_encoder": body}
-    if sharing in ("ade_ste", "ade_fte"):
-      params["token_embedder"] = embedder
-    else:
-      params["query_token_embedder"] = params["document_token_embedder"] = embedder
+  parts = {dual_encoder.TOKEN_EMBEDDER: encoder_params[dual_encoder.TOKEN_EMBEDDER],
+           "encoder": {k: v for k, v in encoder_params.items()
+                       if k != dual_encoder.TOKEN_EMBEDDER}}
   if projection_kernel is not None:
     expected = (config.encoder.d_model, config.projection_dim)
     if tuple(projection_kernel.shape) != expected:
       raise ValueError(f"projection kernel has shape {tuple(projection_kernel.shape)} but "
                        f"DualEncoderConfig expects {expected} (d_model, projection_dim).")
-    projection = {"kernel": projection_kernel}
-    if sharing in ("sde", "ade_spl"):
-      params["projection"] = projection
-    else:
-      params["query_projection"] = params["document_projection"] = projection
-  return params
+    parts["projection"] = {"kernel": projection_kernel}
+  # Each part under its name(s) in the tower-sharing table; both towers get the same values.
+  return {dual_encoder.param_name(config.tower_sharing, part, side): value
+          for part, value in parts.items() for side in dual_encoder.SIDES}
 
 
 def import_sentence_transformers(
