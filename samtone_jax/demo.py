@@ -11,7 +11,8 @@ embedding probes of both runs (`analysis.probes.probe_checkpoint`).
 `make demo-architectures` (`--architectures`) does the same for SDE, ADE and ADE-SPL (six runs,
 same seed and steps) and draws the probes of ADE in-batch vs ADE SamToNe.
 
-  python -m samtone_jax.demo [--architectures] [--seeds=N] [--train_steps=N]
+  python -m samtone_jax.demo [--architectures] [--seeds=N] [--train_steps=N] [--tune]
+      [--binding="LEARNING_RATE = 5e-3"]
       [--output_dir=demo_runs/<timestamp>]
 
 With --seeds=N every run is repeated with SEED = 0 .. N-1 (model init, dropout and data order):
@@ -46,6 +47,11 @@ TRAIN_STEPS = flags.DEFINE_integer("train_steps", None,
                                    "Override TRAIN_STEPS of the demo experiments.")
 SEEDS = flags.DEFINE_integer("seeds", 1, "Train every run with SEED = 0 .. seeds-1; the table "
                              "averages them and the tests pool their per-query results.")
+TUNE = flags.DEFINE_bool(
+    "tune", False, "Train on the train pages minus a held-out tenth (demo_manpages_tuning) and "
+    "evaluate on that tenth (demo_manpages_dev): for choosing hyper-parameters.")
+BINDINGS = flags.DEFINE_multi_string(
+    "binding", [], "Extra gin binding for every run, e.g. --binding='LEARNING_RATE = 5e-3'.")
 ARCHITECTURES = flags.DEFINE_bool(
     "architectures", False, "SDE, ADE and ADE-SPL, each with both losses (make "
     "demo-architectures), instead of SDE only (make demo).")
@@ -56,6 +62,10 @@ LOSSES = (("in-batch softmax", "in_batch", "experiments/demo_in_batch.gin"),
 ARCHITECTURE_NAMES = {"sde": "SDE", "ade": "ADE", "ade_ste": "ADE-STE", "ade_fte": "ADE-FTE",
                       "ade_spl": "ADE-SPL"}
 EVAL_SET = "demo_manpages_test"
+# Hyper-parameters are chosen on held-out train pages, never on the test queries (--tune).
+TUNING_BINDINGS = ('MIXTURE_OR_TASK_NAME = "demo_manpages_tuning"',
+                   'EVAL_TASKS = ["demo_manpages_dev"]')
+TUNING_EVAL_SET = "demo_manpages_dev"
 METRICS = ("mrr@10", "recall@10", "ndcg@10")
 ALPHA = 0.05
 TESTS = ("t-test", "bootstrap")
@@ -63,7 +73,7 @@ TESTS = ("t-test", "bootstrap")
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-  """One trained run: its directory, config, eval metrics and TREC run file of EVAL_SET."""
+  """One trained run: its directory, config, eval metrics and TREC run file of the eval set."""
 
   model_dir: str
   model_config: Any
@@ -155,15 +165,15 @@ def significance_line(name: str, comparison: dict[str, dict[str, float]],
           + "; ".join(parts) + ".")
 
 
-def _run_file(model_dir: str, step: int) -> str:
-  """The TREC run file of EVAL_SET that the trainer's final evaluation wrote."""
-  return os.path.join(model_dir, "eval_results", str(step), f"{EVAL_SET}.trec")
+def _run_file(model_dir: str, step: int, eval_set: str) -> str:
+  """The TREC run file of `eval_set` that the trainer's final evaluation wrote."""
+  return os.path.join(model_dir, "eval_results", str(step), f"{eval_set}.trec")
 
 
 def run_demo(output_dir: str, train_steps: int | None = None, *, seeds: int = 1,
              architectures: Sequence[str] = ("sde",), probe_architecture: str | None = "sde",
              extra_bindings: Sequence[str] = (), with_untrained: bool = True,
-             max_tsne_points: int = 1000) -> dict[str, Any]:
+             max_tsne_points: int = 1000, eval_set_name: str = EVAL_SET) -> dict[str, Any]:
   """Trains, evaluates, compares, probes and writes results.
 
   Args:
@@ -176,6 +186,8 @@ def run_demo(output_dir: str, train_steps: int | None = None, *, seeds: int = 1,
     with_untrained: add the untrained model (the first architecture, seed 0's init) to the
       table.
     max_tsne_points: t-SNE sample per tower.
+    eval_set_name: the set the runs evaluate on (their EVAL_TASKS; TUNING_EVAL_SET with
+      TUNING_BINDINGS).
 
   Returns:
     {"metrics": {system: {metric: mean over seeds}}, "comparisons": {architecture: {metric:
@@ -204,11 +216,11 @@ def run_demo(output_dir: str, train_steps: int | None = None, *, seeds: int = 1,
         step = int(result.state.step)
         runs.setdefault((architecture, loss), []).append(RunResult(
             model_dir, result.built.model.config,
-            {m: result.eval_metrics[f"{EVAL_SET}/{m}"] for m in METRICS},
-            _run_file(model_dir, step)))
+            {m: result.eval_metrics[f"{eval_set_name}/{m}"] for m in METRICS},
+            _run_file(model_dir, step, eval_set_name)))
         feature_lengths = main_lib.gin_macro("TASK_FEATURE_LENGTHS")
 
-  eval_set = eval_sets.get_eval_set(EVAL_SET)
+  eval_set = eval_sets.get_eval_set(eval_set_name)
   names = {loss: label for label, loss, _ in LOSSES}
   rows: list[tuple[str, dict[str, float]]] = [
       ("BM25 (rank-bm25, Okapi)", bm25.evaluate_bm25(eval_set, METRICS))]
@@ -216,10 +228,10 @@ def run_demo(output_dir: str, train_steps: int | None = None, *, seeds: int = 1,
     # Same architecture and seed: the parameters the first runs started from.
     untrained = first_result.built.init_state(jax.random.PRNGKey(0))
     untrained_metrics = runner.evaluate_params(
-        first_result.built.model, untrained.params, first_result.mesh, [EVAL_SET],
+        first_result.built.model, untrained.params, first_result.mesh, [eval_set_name],
         metrics=list(METRICS), feature_lengths=feature_lengths)
     rows.append((f"{ARCHITECTURE_NAMES[architectures[0]]}, untrained (same init)",
-                 {m: untrained_metrics[f"{EVAL_SET}/{m}"] for m in METRICS}))
+                 {m: untrained_metrics[f"{eval_set_name}/{m}"] for m in METRICS}))
   comparisons, lines = {}, []
   for architecture in architectures:
     for _, loss, _ in LOSSES:
@@ -238,12 +250,12 @@ def run_demo(output_dir: str, train_steps: int | None = None, *, seeds: int = 1,
       run = runs[(probe_architecture, loss)][0]
       name = f"{probe_architecture}_{loss}"
       probe_summaries[name] = probes.probe_checkpoint(
-          run.model_dir, run.model_config, EVAL_SET, os.path.join(output_dir, "probes", name),
+          run.model_dir, run.model_config, eval_set_name, os.path.join(output_dir, "probes", name),
           feature_lengths=feature_lengths, max_tsne_points=max_tsne_points)
 
   table = format_table(rows, METRICS)
   seeds_text = f", mean of {seeds} seeds" if seeds > 1 else ""
-  summary = (f"Demo: {len(eval_set.qrels)} test queries of {EVAL_SET} against "
+  summary = (f"Demo: {len(eval_set.qrels)} queries of {eval_set_name} against "
              f"{len(eval_set.corpus)} man-page documents{seeds_text}; "
              f"{time.time() - start:.0f} s in all.")
   probe_lines = [f"Probes of {name}: {s['tsne_png']}, {s['top1_distances_png']}"
@@ -274,12 +286,18 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--seeds={SEEDS.value}; expected at least 1.")
   output_dir = OUTPUT_DIR.value or os.path.join(
       "demo_runs", datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S"))
+  bindings = list(BINDINGS.value)
+  eval_set_name = EVAL_SET
+  if TUNE.value:
+    bindings = [*TUNING_BINDINGS, *bindings]
+    eval_set_name = TUNING_EVAL_SET
   if ARCHITECTURES.value:
     run_demo(output_dir, TRAIN_STEPS.value, seeds=SEEDS.value,
              architectures=("sde", "ade", "ade_spl"), probe_architecture="ade",
-             with_untrained=False)
+             with_untrained=False, extra_bindings=bindings, eval_set_name=eval_set_name)
   else:
-    run_demo(output_dir, TRAIN_STEPS.value, seeds=SEEDS.value)
+    run_demo(output_dir, TRAIN_STEPS.value, seeds=SEEDS.value, extra_bindings=bindings,
+             eval_set_name=eval_set_name)
 
 
 if __name__ == "__main__":
