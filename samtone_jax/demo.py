@@ -251,7 +251,8 @@ def run_demo(output_dir: str, train_steps: int | None = None, *, seeds: int = 1,
       name = f"{probe_architecture}_{loss}"
       probe_summaries[name] = probes.probe_checkpoint(
           run.model_dir, run.model_config, eval_set_name, os.path.join(output_dir, "probes", name),
-          feature_lengths=feature_lengths, max_tsne_points=max_tsne_points)
+          feature_lengths=feature_lengths, max_tsne_points=max_tsne_points,
+          title=f"{ARCHITECTURE_NAMES[probe_architecture]}, {names[loss]}")
 
   table = format_table(rows, METRICS)
   seeds_text = f", mean of {seeds} seeds" if seeds > 1 else ""

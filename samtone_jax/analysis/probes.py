@@ -158,7 +158,7 @@ def plot_distance_histograms(distances: dict[str, np.ndarray], path: str, *, bin
 
 def embedding_probes(queries: np.ndarray, documents: np.ndarray, output_dir: str, *,
                      prefix: str = "", max_tsne_points: int = 2000, seed: int = 0,
-                     **search_kwargs) -> dict[str, float]:
+                     title: str | None = None, **search_kwargs) -> dict[str, float]:
   """Runs both probes: writes `<prefix>tsne.png` and `<prefix>top1_distances.png` in output_dir.
 
   Args:
@@ -166,6 +166,7 @@ def embedding_probes(queries: np.ndarray, documents: np.ndarray, output_dir: str
     output_dir: created if missing.
     prefix: file name prefix (e.g. the model or eval-set name).
     max_tsne_points, seed: t-SNE sampling (the distances always use every row).
+    title: names the model in both figures' titles.
     **search_kwargs: chunk_size, mesh for the exact nearest-neighbour search.
 
   Returns:
@@ -173,9 +174,11 @@ def embedding_probes(queries: np.ndarray, documents: np.ndarray, output_dir: str
   """
   io_utils.makedirs(output_dir)
   distances = top1_distances(queries, documents, **search_kwargs)
-  plot_distance_histograms(distances, os.path.join(output_dir, f"{prefix}top1_distances.png"))
+  plot_distance_histograms(distances, os.path.join(output_dir, f"{prefix}top1_distances.png"),
+                           title=f"{title}: top-1 distances" if title else None)
   plot_tsne(queries, documents, os.path.join(output_dir, f"{prefix}tsne.png"),
-            max_points=max_tsne_points, seed=seed)
+            max_points=max_tsne_points, seed=seed,
+            title=f"{title}: t-SNE of query and document embeddings" if title else None)
   return summarize_distances(distances)
 
 
@@ -192,7 +195,8 @@ def probe_checkpoint(checkpoint_path: str, model: Any, eval_set: str, output_dir
                      feature_lengths: dict[str, int] | None = None,
                      max_queries: int | None = None, max_documents: int | None = None,
                      max_tsne_points: int = 2000, seed: int = 0, batch_size: int = 256,
-                     mesh_shape: tuple[int, int] = (-1, 1), prefix: str = "") -> dict[str, Any]:
+                     mesh_shape: tuple[int, int] = (-1, 1), prefix: str = "",
+                     title: str | None = None) -> dict[str, Any]:
   """The embedding probes of a checkpoint on an evaluation set: two PNGs and a JSON summary.
 
   Queries go through the query tower and the corpus through the document tower, as in
@@ -215,6 +219,7 @@ def probe_checkpoint(checkpoint_path: str, model: Any, eval_set: str, output_dir
     batch_size: texts per encoder call.
     mesh_shape: (data, model) mesh sizes.
     prefix: file name prefix.
+    title: names the model in the figures (default: the checkpoint path).
 
   Returns:
     {"checkpoint_path", "eval_set", "num_queries", "num_documents", "mean_<distribution>",
@@ -236,7 +241,8 @@ def probe_checkpoint(checkpoint_path: str, model: Any, eval_set: str, output_dir
                                     data.vocabulary, data.document_length, batch_size=batch_size,
                                     mesh=loaded.mesh, description=f"probing {eval_set} corpus")
   summary = embedding_probes(queries, documents, output_dir, prefix=prefix,
-                             max_tsne_points=max_tsne_points, seed=seed, mesh=loaded.mesh)
+                             max_tsne_points=max_tsne_points, seed=seed,
+                             title=title or checkpoint_path, mesh=loaded.mesh)
   result = {"checkpoint_path": checkpoint_path, "eval_set": eval_set,
             "num_queries": len(query_ids), "num_documents": len(document_ids), **summary,
             "tsne_png": os.path.join(output_dir, f"{prefix}tsne.png"),
