@@ -19,14 +19,15 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 # SEEDS=N repeats every run with SEED = 0 .. N-1 (mean metrics, tests pooled over seeds).
-SEEDS ?= 1
+SEEDS ?= 2
+ARCHITECTURE_SEEDS ?= 1
 
 demo: install
 	$(PY) -m samtone_jax.demo --seeds=$(SEEDS)
 
 # SDE, ADE and ADE-SPL, each with in-batch softmax and SamToNe; probes of ADE.
 demo-architectures: install
-	$(PY) -m samtone_jax.demo --architectures --seeds=$(SEEDS)
+	$(PY) -m samtone_jax.demo --architectures --seeds=$(ARCHITECTURE_SEEDS)
 
 # Two workers: the suite mixes CPU-bound compiles with subprocess start-ups; -n 2 keeps both cores busy.
 test: install
