@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo demo-mining test clean
+.PHONY: install demo demo-mining demo-architectures test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,16 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# SEEDS=N repeats every run with SEED = 0 .. N-1 (mean metrics, tests pooled over seeds).
+SEEDS ?= 2
+ARCHITECTURE_SEEDS ?= 1
+
 demo: install
-	$(PY) -m samtone_jax.demo
+	$(PY) -m samtone_jax.demo --seeds=$(SEEDS)
+
+# SDE, ADE and ADE-SPL, each with in-batch softmax and SamToNe; probes of ADE.
+demo-architectures: install
+	$(PY) -m samtone_jax.demo --architectures --seeds=$(ARCHITECTURE_SEEDS)
 
 # Stage 1 -> mine hard negatives with it -> stage 2 (and a control), on the embedded man pages.
 demo-mining: install

@@ -87,10 +87,10 @@ def _batch(seed=0, b=3, lq=5, lp=7, n=2):
 
 
 @functools.lru_cache(maxsize=None)
-def _init(mode, pooling="mean", normalize=True):
+def _init(mode, pooling="mean", normalize=True, identical_tower_init=True):
   """(config, module, params) of a tiny dual encoder; cached: params are immutable arrays."""
   cfg = DualEncoderConfig(encoder=TINY, tower_sharing=mode, projection_dim=12, pooling=pooling,
-                          normalize=normalize)
+                          normalize=normalize, identical_tower_init=identical_tower_init)
   module = DualEncoder(cfg)
   q, p, neg = _batch()
   params = nn.meta.unbox(jax.jit(module.init)(jax.random.PRNGKey(0), q, p, neg)["params"])
@@ -157,7 +157,8 @@ def test_tower_sharing_params_and_gradients(mode):
 
 @pytest.mark.parametrize("mode", ["ade", "ade_ste", "ade_fte", "ade_spl"])
 def test_asymmetric_towers_are_initialised_independently(mode):
-  _, module, params = _init(mode)
+  # identical_tower_init=True (the default) is tests/test_tower_init.py.
+  _, module, params = _init(mode, identical_tower_init=False)
   for part in ("token_embedder", "encoder", "projection"):
     if f"query_{part}" in params:
       leaves_q = jax.tree.leaves(params[f"query_{part}"])

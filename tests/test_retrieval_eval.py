@@ -63,7 +63,8 @@ def tiny_model():
   config = DualEncoderConfig(
       encoder=T5Config(vocab_size=260, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
                        dropout_rate=0.0),
-      tower_sharing="ade", projection_dim=8)
+      # Towers drawn independently, so that a query/document tower mix-up changes the numbers.
+      tower_sharing="ade", projection_dim=8, identical_tower_init=False)
   model = DualEncoder(config)
   mesh = partitioning.create_mesh(4, 2)
   tokens = jnp.ones((4, 8), jnp.int32)

@@ -95,3 +95,26 @@ def test_demo_task_one_epoch_exact_tokens():
   assert sum(got.values()) == 64 * (len(pairs) // 64)
   assert not got - expected  # every produced example is one of the file's, exactly tokenised
 
+
+
+def test_dev_split_is_held_out_of_the_tuning_task():
+  """Reference: the files themselves. Dev = every 10th train page (sorted query ids); the tuning
+  task is the train pairs whose query is no dev query; test pages are in neither."""
+  queries = {q["_id"]: q["text"] for q in _read_jsonl_gz("queries.jsonl.gz")}
+  corpus = {d["_id"]: d["text"] for d in _read_jsonl_gz("corpus.jsonl.gz")}
+  train = sorted(_read_qrels("train"))
+  dev_rows = train[::10]
+  dev = eval_sets.get_eval_set(demo.DEV_EVAL_SET)
+  assert dev.qrels == {q: {d: 1} for q, d, _ in dev_rows}
+  assert dev.queries == {q: queries[q] for q, _, _ in dev_rows} and dev.corpus == corpus
+  dev_texts = {queries[q] for q, _, _ in dev_rows}
+  expected = sorted((queries[q], corpus[d]) for q, d, _ in train if queries[q] not in dev_texts)
+  tuning = sorted((pair["queries"], pair["passages"]) for pair in demo.tuning_pairs())
+  assert tuning == expected
+  # Pages whose summary equals a dev summary leave training too (21 of them).
+  assert len(train) - len(dev_rows) - 30 < len(expected) <= len(train) - len(dev_rows)
+  test_queries = {q for q, _, _ in _read_qrels("test")}
+  assert not test_queries & set(dev.qrels)
+  # The registered task reads the same pairs.
+  task = seqio.get_mixture_or_task(demo.TUNING_TASK)
+  assert sum(1 for _ in task.source.get_dataset("train", shuffle=False)) == len(expected)

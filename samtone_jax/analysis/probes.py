@@ -11,13 +11,19 @@ Nearest neighbours are exact: they reuse `evaluation.search.exact_search` with v
 so that the largest inner product is the smallest Euclidean distance:
   q' = [q, 1], x' = [2x, -|x|^2]  =>  q'.x' = 2 q.x - |x|^2 = |q|^2 - |q - x|^2.
 Figures are PNG files written with matplotlib's Agg backend (no display needed).
+
+`probe_checkpoint` runs both on a trained checkpoint and an evaluation set (the
+`python -m samtone_jax.probe` command and the demos).
 """
 
+import json
 import os
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # Files only; must precede pyplot.
+import jax  # pylint: disable=g-import-not-at-top
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
@@ -152,7 +158,7 @@ def plot_distance_histograms(distances: dict[str, np.ndarray], path: str, *, bin
 
 def embedding_probes(queries: np.ndarray, documents: np.ndarray, output_dir: str, *,
                      prefix: str = "", max_tsne_points: int = 2000, seed: int = 0,
-                     **search_kwargs) -> dict[str, float]:
+                     title: str | None = None, **search_kwargs) -> dict[str, float]:
   """Runs both probes: writes `<prefix>tsne.png` and `<prefix>top1_distances.png` in output_dir.
 
   Args:
@@ -160,6 +166,7 @@ def embedding_probes(queries: np.ndarray, documents: np.ndarray, output_dir: str
     output_dir: created if missing.
     prefix: file name prefix (e.g. the model or eval-set name).
     max_tsne_points, seed: t-SNE sampling (the distances always use every row).
+    title: names the model in both figures' titles.
     **search_kwargs: chunk_size, mesh for the exact nearest-neighbour search.
 
   Returns:
@@ -167,8 +174,80 @@ def embedding_probes(queries: np.ndarray, documents: np.ndarray, output_dir: str
   """
   io_utils.makedirs(output_dir)
   distances = top1_distances(queries, documents, **search_kwargs)
-  plot_distance_histograms(distances, os.path.join(output_dir, f"{prefix}top1_distances.png"))
+  plot_distance_histograms(distances, os.path.join(output_dir, f"{prefix}top1_distances.png"),
+                           title=f"{title}: top-1 distances" if title else None)
   plot_tsne(queries, documents, os.path.join(output_dir, f"{prefix}tsne.png"),
-            max_points=max_tsne_points, seed=seed)
+            max_points=max_tsne_points, seed=seed,
+            title=f"{title}: t-SNE of query and document embeddings" if title else None)
   return summarize_distances(distances)
 
+
+
+def _sample_ids(ids: list[str], limit: int | None, rng: np.random.Generator) -> list[str]:
+  """`ids`, or `limit` of them drawn without replacement (order kept) when there are more."""
+  if limit is None or len(ids) <= limit:
+    return ids
+  keep = np.sort(rng.choice(len(ids), limit, replace=False))
+  return [ids[i] for i in keep]
+
+
+def probe_checkpoint(checkpoint_path: str, model: Any, eval_set: str, output_dir: str, *,
+                     feature_lengths: dict[str, int] | None = None,
+                     max_queries: int | None = None, max_documents: int | None = None,
+                     max_tsne_points: int = 2000, seed: int = 0, batch_size: int = 256,
+                     mesh_shape: tuple[int, int] = (-1, 1), prefix: str = "",
+                     title: str | None = None) -> dict[str, Any]:
+  """The embedding probes of a checkpoint on an evaluation set: two PNGs and a JSON summary.
+
+  Queries go through the query tower and the corpus through the document tower, as in
+  retrieval; the model is loaded by `evaluation.runner.load_model`.
+
+  Writes to `output_dir`:
+    <prefix>tsne.png            t-SNE of both towers' embeddings (at most `max_tsne_points` each);
+    <prefix>top1_distances.png  the three top-1 distance distributions;
+    <prefix>probes.json         the summary returned here.
+
+  Args:
+    checkpoint_path: a run directory, its checkpoints/ or one checkpoints/<step> directory.
+    model: the DualEncoderConfig the checkpoint was trained with.
+    eval_set: a registered evaluation set name (its queries and corpus are embedded).
+    output_dir: created if missing.
+    feature_lengths: {"queries": Lq, "passages": Lp} to tokenise to; None: the set's lengths.
+    max_queries, max_documents: embed at most this many (a seeded sample) of a large set; None:
+      all. The top-1 distances use every embedded row.
+    max_tsne_points, seed: t-SNE sampling and seed (also the seed of the samples above).
+    batch_size: texts per encoder call.
+    mesh_shape: (data, model) mesh sizes.
+    prefix: file name prefix.
+    title: names the model in the figures (default: the checkpoint path).
+
+  Returns:
+    {"checkpoint_path", "eval_set", "num_queries", "num_documents", "mean_<distribution>",
+     "median_<distribution>" for query_to_document / query_to_query / document_to_document,
+     "tsne_png", "top1_distances_png"}.
+  """
+  from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
+  from samtone_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  loaded = runner.load_model(checkpoint_path, model, mesh_shape)
+  data = runner.get_eval_set(eval_set, feature_lengths)
+  rng = np.random.default_rng(seed)
+  query_ids = _sample_ids(list(data.queries), max_queries, rng)
+  document_ids = _sample_ids(list(data.corpus), max_documents, rng)
+  encode_queries, encode_documents = loaded.encode_fns()
+  queries = encoding.encode_texts([data.queries[i] for i in query_ids], encode_queries,
+                                  data.vocabulary, data.query_length, batch_size=batch_size,
+                                  mesh=loaded.mesh, description=f"probing {eval_set} queries")
+  documents = encoding.encode_texts([data.corpus[i] for i in document_ids], encode_documents,
+                                    data.vocabulary, data.document_length, batch_size=batch_size,
+                                    mesh=loaded.mesh, description=f"probing {eval_set} corpus")
+  summary = embedding_probes(queries, documents, output_dir, prefix=prefix,
+                             max_tsne_points=max_tsne_points, seed=seed,
+                             title=title or checkpoint_path, mesh=loaded.mesh)
+  result = {"checkpoint_path": checkpoint_path, "eval_set": eval_set,
+            "num_queries": len(query_ids), "num_documents": len(document_ids), **summary,
+            "tsne_png": os.path.join(output_dir, f"{prefix}tsne.png"),
+            "top1_distances_png": os.path.join(output_dir, f"{prefix}top1_distances.png")}
+  if jax.process_index() == 0:
+    with io_utils.open_file(os.path.join(output_dir, f"{prefix}probes.json"), "w") as f:
+      json.dump(result, f, indent=2)
+  return result

@@ -57,6 +57,14 @@ class DualEncoderConfig:
     ade_ste: two towers sharing one token embedder.
     ade_fte: two towers sharing one token embedder that is frozen (zero update, no optimizer state).
     ade_spl: two towers sharing only the projection layer.
+
+  identical_tower_init (asymmetric modes only; SDE has one tower): the document tower's
+    unshared parameters start as an exact copy of the query tower's, as when one pre-trained
+    T5 checkpoint is imported into both towers (the protocol of Dong et al. 2022 and the
+    SamToNe paper). Trained from scratch with independent draws the towers start in unrelated
+    spaces and ADE barely trains (MRR@10 0.004-0.008 vs SDE 0.37-0.41 on a claim->sentence set,
+    issue 16). False restores independent initialisation. Parameters loaded from a checkpoint
+    (INITIAL_CHECKPOINT_PATH, resume) replace the initial ones either way.
   """
 
   encoder: T5Config = T5Config()
@@ -64,6 +72,7 @@ class DualEncoderConfig:
   pooling: Literal["mean", "first"] = "mean"
   projection_dim: int = 768
   normalize: bool = True
+  identical_tower_init: bool = True
 
   def __post_init__(self):
     if self.tower_sharing not in TOWER_SHARING_MODES:

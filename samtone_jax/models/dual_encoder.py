@@ -35,29 +35,34 @@ Array = jax.Array
 
 # Top-level names of the shared token embedder (modes that share it).
 TOKEN_EMBEDDER = "token_embedder"
-SIDES = ("query", "document")
-TOWER_PARTS = ("token_embedder", "encoder", "projection")
-# The tower-sharing table: which of a tower's parts each mode shares between the two towers. A
-# shared part is one top-level entry with the plain part name; an unshared one is
-# `{side}_{part}`. `DualEncoder`, the importer and the exporter read it through
-# `tower_parameter_names`.
-SHARED_PARTS = {
-    "sde": frozenset(TOWER_PARTS),
+SIDES: tuple[str, ...] = ("query", "document")
+PARTS: tuple[str, ...] = (TOKEN_EMBEDDER, "encoder", "projection")
+# The one tower-sharing table: which of a tower's three parts each mode shares between the query
+# and the document tower. A shared part is one top-level entry named `part`; an unshared part is
+# two, `query_<part>` and `document_<part>`. The model, the importer, the exporter and the
+# identical initialisation read it through `param_name` / `tower_parameter_names`.
+SHARED_PARTS: dict[str, frozenset[str]] = {
+    "sde": frozenset(PARTS),
     "ade": frozenset(),
-    "ade_ste": frozenset({"token_embedder"}),
-    "ade_fte": frozenset({"token_embedder"}),
+    "ade_ste": frozenset({TOKEN_EMBEDDER}),
+    "ade_fte": frozenset({TOKEN_EMBEDDER}),
     "ade_spl": frozenset({"projection"}),
 }
+
+
+def param_name(tower_sharing: str, part: str, side: str) -> str:
+  """Top-level params name of `part` ("token_embedder", "encoder", "projection") of the `side`
+  ("query", "document") tower under `tower_sharing`: `part` if shared, else `<side>_<part>`."""
+  if side not in SIDES:
+    raise ValueError(f"side={side!r}; expected one of {SIDES}")
+  return part if part in SHARED_PARTS[tower_sharing] else f"{side}_{part}"
 
 
 def tower_parameter_names(tower_sharing: str, side: str) -> dict[str, str]:
   """{part: top-level params name} of one tower, e.g. ("ade_spl", "query") ->
   {"token_embedder": "query_token_embedder", "encoder": "query_encoder",
   "projection": "projection"}."""
-  if side not in SIDES:
-    raise ValueError(f"side={side!r}; expected one of {SIDES}")
-  shared = SHARED_PARTS[tower_sharing]
-  return {part: part if part in shared else f"{side}_{part}" for part in TOWER_PARTS}
+  return {part: param_name(tower_sharing, part, side) for part in PARTS}
 
 
 def pool(hidden: Array, tokens: Array, pooling: str) -> Array:
@@ -87,10 +92,39 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
   return x / jnp.maximum(norm, eps)
 
 
+def copy_query_tower_to_document(tower_sharing: str, params: dict[str, Any]) -> dict[str, Any]:
+  """`params` with each unshared document-tower part replaced by the query tower's.
+
+  What importing one pre-trained checkpoint into both towers does (Dong et al. 2022; the
+  SamToNe paper's ADE start from one T5 checkpoint): the towers begin as the same function and
+  drift apart in training. Leaves may be boxed (`nn.LogicallyPartitioned`); the document part
+  takes the query part's boxes, whose logical axis names are the same. Parts absent from
+  `params` (e.g. `init` of `encode_queries` alone) are left as they are.
+
+  Args:
+    tower_sharing: the mode (see `SHARED_PARTS`).
+    params: the top-level `params` collection of a DualEncoder.
+
+  Returns:
+    A new dict; `params` is not modified.
+  """
+  params = dict(params)
+  for part in PARTS:
+    if part in SHARED_PARTS[tower_sharing]:
+      continue
+    query, document = f"query_{part}", f"document_{part}"
+    if query in params and document in params:
+      params[document] = params[query]
+  return params
+
+
 class DualEncoder(nn.Module):
   """Query and document towers over a T5 encoder.
 
   `init` creates every parameter of both towers (it runs `__call__` on queries and passages).
+  With `config.identical_tower_init` (the default) the unshared document-tower parameters are
+  then a copy of the query tower's, so a fresh asymmetric model maps a text to the same
+  embedding in both towers; every `init` (training, the t5x adapter, `jax.eval_shape`) does it.
   """
 
   config: DualEncoderConfig
@@ -99,36 +133,37 @@ class DualEncoder(nn.Module):
     cfg = self.config
     enc = cfg.encoder
     dtype = jnp.dtype(enc.dtype)
-    new_embedder = lambda: Embed(enc.vocab_size, enc.d_model, dtype)
-    new_projection = lambda: Dense(cfg.projection_dim, ("embed", "projection"),
-                                   nn.initializers.variance_scaling(1.0, "fan_in",
-                                                                    "truncated_normal"),
-                                   jnp.float32)
     sharing = cfg.tower_sharing
-    # Attribute names are the parameter-tree names; see the module docstring.
-    if sharing == "sde":
-      self.token_embedder = new_embedder()
-      self.encoder = T5Encoder(enc, token_embedder=self.token_embedder)
-      self.projection = new_projection()
-      return
-    if sharing in ("ade_ste", "ade_fte"):
-      self.token_embedder = new_embedder()
-      query_embedder = document_embedder = self.token_embedder
-    else:
-      self.query_token_embedder = new_embedder()
-      self.document_token_embedder = new_embedder()
-      query_embedder, document_embedder = self.query_token_embedder, self.document_token_embedder
     # ADE-FTE: the shared embedder is frozen; stopping its gradient also saves the scatter-add.
     frozen = sharing == "ade_fte"
-    self.query_encoder = T5Encoder(enc, token_embedder=query_embedder,
-                                   stop_embedding_gradient=frozen)
-    self.document_encoder = T5Encoder(enc, token_embedder=document_embedder,
-                                      stop_embedding_gradient=frozen)
-    if sharing == "ade_spl":
-      self.projection = new_projection()
-    else:
-      self.query_projection = new_projection()
-      self.document_projection = new_projection()
+
+    def new(part, side):
+      if part == TOKEN_EMBEDDER:
+        return Embed(enc.vocab_size, enc.d_model, dtype)
+      if part == "encoder":
+        embedder = getattr(self, param_name(sharing, TOKEN_EMBEDDER, side))
+        return T5Encoder(enc, token_embedder=embedder, stop_embedding_gradient=frozen)
+      return Dense(cfg.projection_dim, ("embed", "projection"),
+                   nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                   jnp.float32)
+
+    # Attribute names are the parameter-tree names (see the module docstring); the embedder
+    # first, as the encoders use it.
+    for part in PARTS:
+      if part in SHARED_PARTS[sharing]:
+        setattr(self, part, new(part, "query"))
+      else:
+        for side in SIDES:
+          setattr(self, f"{side}_{part}", new(part, side))
+
+  @nn.nowrap
+  def init(self, rngs, *args, **kwargs):
+    """`flax.linen.Module.init`, then the identical tower initialisation of the config."""
+    variables = nn.Module.init(self, rngs, *args, **kwargs)
+    if not self.config.identical_tower_init or "params" not in variables:
+      return variables
+    return {**variables, "params": copy_query_tower_to_document(self.config.tower_sharing,
+                                                                variables["params"])}
 
   def _tower(self, side: str) -> tuple[nn.Module, nn.Module]:
     """(encoder, projection) of the 'query' or 'document' tower; shared ones are the same."""

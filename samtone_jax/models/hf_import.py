@@ -25,9 +25,8 @@ import os
 import pathlib
 from typing import Any
 
-import numpy as np
-
 import jax
+import numpy as np
 
 from samtone_jax import weight_files
 from samtone_jax.models import dual_encoder
