@@ -244,7 +244,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
           loss: train_step_lib.LossConfig, optimizer: optimizers.OptimizerConfig,
           data: DataConfig, loop: LoopConfig, seed: int = 0,
           mesh_shape: tuple[int, int] = (-1, 1),
-          initial_checkpoint_path: str | None = None) -> TrainResult:
+          initial_checkpoint_path: str | None = None,
+          chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()) -> TrainResult:
   """Trains a dual encoder; resumes from `model_dir`'s latest checkpoint if there is one.
 
   Args:
@@ -258,6 +259,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     mesh_shape: (data, model) mesh sizes; -1 fills with the remaining devices.
     initial_checkpoint_path: parameters to start from when `model_dir` has no checkpoint: a
       samtone_jax checkpoint (params only) or public T5 / GTR weights (INITIAL_CHECKPOINT_PATH).
+    chunks: gradient caching and loss row chunking for huge batches (EMBEDDING_CHUNK_SIZE,
+      LOSS_CHUNK_SIZE); the same update as without.
 
   Returns:
     A TrainResult.
@@ -270,11 +273,11 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
   with _PreemptionFlag() as preemption:
     return _train(preemption, model_dir=model_dir, model=model, loss=loss, optimizer=optimizer,
                   data=data, loop=loop, seed=seed, mesh_shape=mesh_shape,
-                  initial_checkpoint_path=initial_checkpoint_path)
+                  initial_checkpoint_path=initial_checkpoint_path, chunks=chunks)
 
 
 def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, data, loop, seed,
-           mesh_shape, initial_checkpoint_path) -> TrainResult:
+           mesh_shape, initial_checkpoint_path, chunks) -> TrainResult:
   """`train`'s body, with the SIGTERM flag installed."""
   if loss.use_hard_negatives and not data.num_negatives:
     raise ValueError("LossConfig.use_hard_negatives=True needs DataConfig.num_negatives > 0 "
@@ -284,7 +287,7 @@ def _train(preemption: _PreemptionFlag, *, model_dir, model, loss, optimizer, da
   mesh = partitioning.create_mesh(*mesh_shape)
   spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
                                    num_negatives=data.num_negatives)
-  built = train_step_lib.build(model, loss, optimizer, mesh, spec)
+  built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
   rng = jax.device_put(jax.random.PRNGKey(seed), built.rng_sharding)
