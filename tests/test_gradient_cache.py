@@ -154,3 +154,56 @@ def test_chunk_that_does_not_divide_the_device_batch_is_refused():
     ts.build(model, LOSS, OPTIMIZER, mesh, spec, ts.ChunkConfig(loss_chunk_size=3))
   with pytest.raises(ValueError, match="must be >= 0"):
     ts.ChunkConfig(embedding_chunk_size=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: the cached program's temporaries do not grow with the batch beyond the loss's buffers.
+
+
+def test_cached_step_temporaries_grow_only_by_embedding_and_loss_block_buffers():
+  """Compiles the tiny model's step (gin/models/tiny.gin's shape) at B = 512 and 4096 on 8
+  devices, c = r = 64.
+
+  Formula: per device, going from B1 to B2 the temporaries may grow by at most
+    (B2 - B1) * 4 bytes * (E * P + K * r)  +  (b2 - b1) * 4 bytes * T * (Lq + Lp)
+  with P the embedding size, E = 8 [B, P] f32 buffers (the gathered queries and documents of
+  both loss sides and their cotangents), K = 8 [r, B] f32 loss blocks (cross- and same-tower
+  logits of both sides, and their cotangents), and T = 2 copies of the per-device tokens
+  (b = B / 8 rows, re-laid out into chunks). Nothing proportional to b * L * d_model (encoder
+  activations) or b * B (unchunked logits) may appear. The plain step at B2 is compiled too: its
+  growth is ~100x this bound, so the check can fail.
+  """
+  encoder = model_config.T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                  num_heads=4)
+  model = model_config.DualEncoderConfig(encoder=encoder, projection_dim=64)
+  loss = ts.LossConfig(same_tower_negatives=True, bidirectional=True)
+  optimizer = optimizers.OptimizerConfig(name="adafactor")
+  mesh = partitioning.create_mesh(8, 1)
+  lengths = {"queries": 16, "passages": 64}
+  chunk = rows = 64
+
+  def temporaries(batch_size, chunks):
+    spec = ts.batch_spec(batch_size, lengths)
+    built = ts.build(model, loss, optimizer, mesh, spec, chunks)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=built.batch_shardings[k])
+             for k, v in spec.items()}
+    rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=built.rng_sharding)
+    compiled = built.train_step.lower(built.abstract_state, batch, rng).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  small, large = 512, 4096
+  cached = ts.ChunkConfig(embedding_chunk_size=chunk, loss_chunk_size=rows)
+  # Memory numbers must be those of the optimised program the trainer would run.
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    cached_small = temporaries(small, cached)
+    cached_large = temporaries(large, cached)
+    plain_large = temporaries(large, ts.ChunkConfig())
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+
+  growth_bound = ((large - small) * 4 * (8 * model.projection_dim + 8 * rows)
+                  + (large - small) // 8 * 4 * 2 * sum(lengths.values()))
+  growth = cached_large - cached_small
+  assert growth <= growth_bound, (growth, growth_bound)
+  assert plain_large - cached_small > 20 * growth_bound, (plain_large, cached_small)
