@@ -14,6 +14,10 @@ can be stopped and resumed (finished compiles are not repeated) and the table pr
       --gin=--gin.config.T5Config.remat=True --gin=--gin.config.T5Config.remat_policy="'full'"
   python benchmarks/aot_memory.py --results=benchmarks/results/aot_memory.jsonl --table_only
 
+The gradient-cached step (README "Large batches") is a variant like any other: add
+`--gin=--gin.EMBEDDING_CHUNK_SIZE=256 --gin=--gin.LOSS_CHUNK_SIZE=256` (per-chip encoder chunk and
+loss anchor block) to the scan/remat overrides above, with `--variant=cached_c256_r256_scan_remat_full`.
+
 An unrolled base compile takes ~13 minutes of one CPU core (a minute per layer); with the layers
 scanned (`T5Config.scan_layers`) any size takes ~4, and a configuration that does not fit is
 refused by XLA in seconds.

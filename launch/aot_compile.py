@@ -154,7 +154,9 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
                        loss_config: train_step_lib.LossConfig,
                        optimizer_config: optimizers.OptimizerConfig, batch_size: int,
                        task_feature_lengths: dict[str, int], num_negatives: int = 0,
-                       mesh_data: int = -1, mesh_model: int = 1) -> MemoryReport:
+                       mesh_data: int = -1, mesh_model: int = 1,
+                       chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()
+                       ) -> MemoryReport:
   """Lowers and compiles the trainer's jitted train step for `topology`; reports its memory.
 
   Args:
@@ -164,6 +166,7 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
     task_feature_lengths: {"queries": Lq, "passages": Lp}.
     num_negatives: hard negatives per query in the batch (0: none).
     mesh_data, mesh_model: mesh sizes as for `partitioning.create_mesh` (-1 fills).
+    chunks: gradient caching / loss row chunking, as for a real run.
   """
   devices = topology_devices(topology)
   mesh = partitioning.create_mesh(mesh_data, mesh_model, devices=devices)
@@ -171,7 +174,7 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
     raise ValueError(f"Batch size {batch_size} is not divisible by the data axis "
                      f"({mesh.shape[partitioning.DATA_AXIS]} of {len(devices)} chips).")
   batch = train_step_lib.batch_spec(batch_size, task_feature_lengths, num_negatives=num_negatives)
-  built = train_step_lib.build(model_config, loss_config, optimizer_config, mesh, batch)
+  built = train_step_lib.build(model_config, loss_config, optimizer_config, mesh, batch, chunks)
   batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=built.batch_shardings[k])
                     for k, v in batch.items()}
   rng = train_step_lib.rng_spec()
@@ -238,7 +241,7 @@ def compile_configured(topology: str) -> tuple[MemoryReport, int]:
       topology, model_config=args["model"], loss_config=args["loss"],
       optimizer_config=args["optimizer"], batch_size=data.batch_size,
       task_feature_lengths=dict(data.task_feature_lengths), num_negatives=data.num_negatives,
-      mesh_data=mesh_data, mesh_model=mesh_model)
+      mesh_data=mesh_data, mesh_model=mesh_model, chunks=args["chunks"])
   return report, data.batch_size
 
 

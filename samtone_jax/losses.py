@@ -34,6 +34,11 @@ Two views of one function, `contrastive_loss`:
     blocks, so no device ever holds a `[B, B]` buffer; loss, metrics and gradients equal the global
     view. `sharded_contrastive_loss` is the wrapper the trainer calls with a mesh.
 
+Huge batches: with `row_chunk_size=r` the anchors are processed in blocks of `r` rows by a
+`lax.scan` whose body is rematerialised (`jax.checkpoint`), so each device holds `[r, B]` logit
+blocks (and their cotangents) instead of `[b_local, B]` ones; each block's logsumexp is recomputed
+in the backward pass. The value and gradients are those of the unchunked loss.
+
 Both are tested (tests/test_losses.py) against a float64 numpy implementation of the formula above,
 values and gradients, and the sharded program is checked to hold no `[B, B]` buffer.
 
@@ -43,6 +48,7 @@ positive scores at least as high as every other candidate of their softmax row.
 """
 
 from collections.abc import Hashable
+import functools
 from typing import Any
 
 import jax
@@ -132,11 +138,48 @@ def _anchor_side(anchors: Array, positives: Array, same_tower: Array, other_towe
   return losses, positive_logits >= best_negative
 
 
+def _chunked_anchor_side(row_chunk_size: int, anchors: Array, positives: Array,
+                         anchor_rows: Array, anchor_same_ids: Array | None,
+                         anchor_other_ids: Array | None, **candidates: Any
+                         ) -> tuple[Array, Array]:
+  """`_anchor_side` over blocks of `row_chunk_size` anchors, one block live at a time.
+
+  Args:
+    row_chunk_size: r, anchors per block; must divide b. 0 (or r >= b): one block, no scan.
+    anchors, positives: [b, d]; anchor_rows, anchor_same_ids, anchor_other_ids: [b] (ids may be
+      None): the per-anchor arguments of `_anchor_side`, split into [b / r, r, ...] blocks.
+    **candidates: the remaining `_anchor_side` arguments ([B, d] candidates, [B] ids, the
+      temperature, ...), shared by every block.
+
+  Returns:
+    (losses [b], top1_correct [b]) exactly as `_anchor_side` returns them.
+  """
+  num_anchors = anchors.shape[0]
+  per_anchor = dict(anchors=anchors, positives=positives, anchor_rows=anchor_rows,
+                    anchor_same_ids=anchor_same_ids, anchor_other_ids=anchor_other_ids)
+  if not row_chunk_size or row_chunk_size >= num_anchors:
+    return _anchor_side(**per_anchor, **candidates)
+  num_blocks = num_anchors // row_chunk_size
+  blocks = jax.tree.map(lambda x: x.reshape(num_blocks, row_chunk_size, *x.shape[1:]),
+                        per_anchor)
+
+  # Rematerialised: the forward pass keeps only the block's inputs; the backward pass rebuilds
+  # its [r, B] logits. Inside a scan XLA cannot merge the recomputation into the forward pass,
+  # so common-subexpression protection is not needed (jax's advice for remat in loops).
+  @functools.partial(jax.checkpoint, prevent_cse=False)
+  def block_side(block):
+    return _anchor_side(**block, **candidates)
+
+  _, (losses, correct) = lax.scan(lambda carry, block: (carry, block_side(block)), None, blocks)
+  return losses.reshape(num_anchors), correct.reshape(num_anchors)
+
+
 def contrastive_loss(query: Array, document: Array, negatives: Array | None = None, *,
                      temperature: float | Array = 0.01, same_tower_negatives: bool = True,
                      bidirectional: bool = False, query_ids: Array | None = None,
                      document_ids: Array | None = None,
-                     axis_name: Hashable | None = None) -> tuple[Array, Metrics]:
+                     axis_name: Hashable | None = None,
+                     row_chunk_size: int = 0) -> tuple[Array, Metrics]:
   """In-batch softmax contrastive loss with optional SamToNe same-tower negatives.
 
   See the module docstring for the formula. Shapes below: `b` is the local batch (the whole batch
@@ -156,6 +199,9 @@ def contrastive_loss(query: Array, document: Array, negatives: Array | None = No
     axis_name: None for the global view; inside `jax.shard_map`, the mesh axis the batch is sharded
       over. Inputs are then the local shards, gathered in tiled order (device k holds global rows
       `k * b .. (k + 1) * b - 1`).
+    row_chunk_size: r > 0 computes the loss over blocks of r anchors (of this device's b), one
+      at a time, recomputing each block in the backward pass: per-device memory O(r * B) instead
+      of O(b * B), same value and gradients. Must divide b (r >= b: one block). 0: off.
 
   Returns:
     (loss, metrics): loss [] float32, the mean over the global batch of the per-example loss; the
@@ -164,9 +210,10 @@ def contrastive_loss(query: Array, document: Array, negatives: Array | None = No
     they are psum'd, i.e. identical on every device.
 
   Raises:
-    ValueError: on inconsistent shapes or a non-positive python temperature.
+    ValueError: on inconsistent shapes, a non-positive python temperature or a row_chunk_size
+      that does not divide b.
   """
-  _check_inputs(query, document, negatives, temperature, query_ids, document_ids)
+  _check_inputs(query, document, negatives, temperature, query_ids, document_ids, row_chunk_size)
   if negatives is not None and negatives.shape[1] == 0:
     negatives = None  # [b, 0, d]: an empty block would have no row maximum
   compute_dtype = jnp.promote_types(query.dtype, jnp.float32)
@@ -193,16 +240,17 @@ def contrastive_loss(query: Array, document: Array, negatives: Array | None = No
   all_document_ids = None if document_ids is None else gather(document_ids)  # [B]
   global_batch = all_queries.shape[0]
 
-  query_losses, query_correct = _anchor_side(
-      query, document, all_queries, all_documents, all_negatives, temperature,
-      anchor_rows=anchor_rows,
+  query_losses, query_correct = _chunked_anchor_side(
+      row_chunk_size, query, document, same_tower=all_queries, other_tower=all_documents,
+      hard_negatives=all_negatives, temperature=temperature, anchor_rows=anchor_rows,
       anchor_same_ids=query_ids, anchor_other_ids=document_ids, same_ids=all_query_ids,
       other_ids=all_document_ids, same_tower_negatives=same_tower_negatives)
   local_loss_sum = jnp.sum(query_losses)
   metrics = {"query_top1_correct": jnp.sum(query_correct, dtype=jnp.float32)}
   if bidirectional:
-    document_losses, document_correct = _anchor_side(
-        document, query, all_documents, all_queries, None, temperature, anchor_rows=anchor_rows,
+    document_losses, document_correct = _chunked_anchor_side(
+        row_chunk_size, document, query, same_tower=all_documents, other_tower=all_queries,
+        hard_negatives=None, temperature=temperature, anchor_rows=anchor_rows,
         anchor_same_ids=document_ids, anchor_other_ids=query_ids, same_ids=all_document_ids,
         other_ids=all_query_ids, same_tower_negatives=same_tower_negatives)
     local_loss_sum = local_loss_sum + jnp.sum(document_losses)
@@ -237,7 +285,8 @@ def sharded_contrastive_loss(mesh: Mesh, query: Array, document: Array,
     temperature: python float or [] array (replicated).
     query_ids: [B] int ids, or None (sharded like the batch).
     document_ids: [B] int ids, or None.
-    **kwargs: `same_tower_negatives`, `bidirectional`, as in `contrastive_loss`.
+    **kwargs: `same_tower_negatives`, `bidirectional`, `row_chunk_size` (anchors per block of
+      each device's B / D_data), as in `contrastive_loss`.
 
   Returns:
     (loss, metrics) as in `contrastive_loss`: global values, replicated on every device.
@@ -271,7 +320,7 @@ def sharded_contrastive_loss(mesh: Mesh, query: Array, document: Array,
 
 def _check_inputs(query: Array, document: Array, negatives: Array | None,
                   temperature: float | Array, query_ids: Array | None,
-                  document_ids: Array | None) -> None:
+                  document_ids: Array | None, row_chunk_size: int = 0) -> None:
   """Raises ValueError naming the offending argument; shapes are static so this costs nothing."""
   where = "losses.contrastive_loss"
   if query.ndim != 2 or query.shape != document.shape:
@@ -286,3 +335,8 @@ def _check_inputs(query: Array, document: Array, negatives: Array | None,
       raise ValueError(f"{where}: {name} {ids.shape} must be [b] = [{query.shape[0]}].")
   if isinstance(temperature, (int, float)) and temperature <= 0:
     raise ValueError(f"{where}: temperature must be > 0, got {temperature}.")
+  num_anchors = query.shape[0]
+  if row_chunk_size < 0 or (0 < row_chunk_size < num_anchors and num_anchors % row_chunk_size):
+    raise ValueError(f"{where}: row_chunk_size={row_chunk_size} does not divide the {num_anchors} "
+                     "anchors of this device (the batch, or the batch / data-axis size when "
+                     "sharded); use a divisor of it, or 0 for no chunking.")

@@ -7,6 +7,14 @@ initialiser, and the jitted step with in/out shardings and the state donated.
 
 The optimised parameter tree is `{"model": <DualEncoder params>, "loss": {...}}`, where "loss"
 holds `log_temperature` when the temperature is learned and is empty otherwise.
+
+Huge batches (`ChunkConfig`): the same update can be computed in pieces. With gradient caching
+(Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup") each
+device encodes its examples `embedding_chunk_size` at a time, keeping only the embeddings; the
+sharded loss and its gradient w.r.t. the embeddings and the temperature are computed on them; then
+each chunk is encoded again under `jax.vjp` and its embedding cotangents accumulate the parameter
+gradients in a `lax.scan`. Activation memory is that of one chunk; per-example dropout keys (see
+`models/dual_encoder.py`) make the re-encoded chunks draw the masks of the plain step.
 """
 
 import dataclasses
@@ -20,6 +28,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 import optax
+
+from jax import lax
 
 from samtone_jax import losses
 from samtone_jax import optimizers
@@ -60,6 +70,50 @@ class LossConfig:
       raise ValueError(f"LossConfig.temperature={self.temperature} must be > 0")
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+  """Trading compute for memory at huge batches; the update is the one of the unchunked step.
+
+  Bound by the EMBEDDING_CHUNK_SIZE and LOSS_CHUNK_SIZE macros of `gin/runs/pretrain.gin`.
+
+  Attributes:
+    embedding_chunk_size: gradient caching: each device encodes this many of its examples at a
+      time (queries, passages and their hard negatives), once without activations for the
+      embeddings and once more under `jax.vjp` for the gradients: activation memory is that of
+      one chunk, at the cost of one extra forward pass. Must divide the per-device batch
+      (BATCH_SIZE / data-axis size). 0: off, the whole batch is encoded and differentiated at once.
+    loss_chunk_size: the contrastive loss takes each device's anchors this many at a time,
+      recomputing each block in the backward pass (`losses.contrastive_loss(row_chunk_size=...)`):
+      loss memory O(loss_chunk_size * BATCH_SIZE) instead of O(per-device batch * BATCH_SIZE).
+      Must divide the per-device batch. 0: off.
+  """
+
+  embedding_chunk_size: int = 0
+  loss_chunk_size: int = 0
+
+  def __post_init__(self):
+    for name in ("embedding_chunk_size", "loss_chunk_size"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"ChunkConfig.{name}={getattr(self, name)} must be >= 0 (0: off).")
+
+  def check(self, batch_size: int, num_shards: int) -> None:
+    """Raises ValueError unless each chunk size divides the per-device batch.
+
+    Args:
+      batch_size: the global batch B.
+      num_shards: the size of the data axis the batch is split over.
+    """
+    local = batch_size // num_shards
+    for name, macro in (("embedding_chunk_size", "EMBEDDING_CHUNK_SIZE"),
+                        ("loss_chunk_size", "LOSS_CHUNK_SIZE")):
+      size = getattr(self, name)
+      if size and local % size:
+        raise ValueError(
+            f"ChunkConfig.{name}={size} ({macro}) does not divide the {local} examples per "
+            f"device (batch {batch_size} over {num_shards} data shards); use a divisor of "
+            f"{local}, or 0 for off.")
+
+
 @flax.struct.dataclass
 class TrainState:
   """Everything a checkpoint holds besides the config: step, parameters, optimizer state.
@@ -92,9 +146,37 @@ def temperature_of(params: PyTree, loss_config: LossConfig) -> Array | float:
   return loss_config.temperature
 
 
+def embedding_loss(embeddings: tuple[Array, Array, Array | None], loss_params: PyTree,
+                   batch: dict[str, Array], *, loss_config: LossConfig, mesh: Mesh | None,
+                   loss_chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
+  """The contrastive loss of a global batch's embeddings.
+
+  Args:
+    embeddings: (q [B, P], p [B, P], n [B, N, P] or None), as the DualEncoder returns them.
+    loss_params: params["loss"] ({"log_temperature": []} when learned, else {}).
+    batch: the batch (its query_ids / passage_ids, when `mask_duplicates`).
+    loss_config: the loss.
+    mesh: as in `loss_and_metrics`.
+    loss_chunk_size: anchors per block of each device's rows (`ChunkConfig.loss_chunk_size`).
+
+  Returns:
+    (loss [], metrics) as in `losses.contrastive_loss`.
+  """
+  q, p, n = embeddings
+  loss_kwargs = dict(temperature=temperature_of({"loss": loss_params}, loss_config),
+                     same_tower_negatives=loss_config.same_tower_negatives,
+                     bidirectional=loss_config.bidirectional, row_chunk_size=loss_chunk_size)
+  if loss_config.mask_duplicates and features.QUERY_IDS in batch:
+    loss_kwargs.update(query_ids=batch[features.QUERY_IDS],
+                       document_ids=batch[features.PASSAGE_IDS])
+  if mesh is None:
+    return losses.contrastive_loss(q, p, n, **loss_kwargs)
+  return losses.sharded_contrastive_loss(mesh, q, p, n, **loss_kwargs)
+
+
 def loss_and_metrics(params: PyTree, batch: dict[str, Array], *, model: dual_encoder.DualEncoder,
-                     loss_config: LossConfig, mesh: Mesh | None, dropout_rng: Array | None = None
-                     ) -> tuple[Array, dict[str, Array]]:
+                     loss_config: LossConfig, mesh: Mesh | None, dropout_rng: Array | None = None,
+                     loss_chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
   """The mean contrastive loss of a global batch and its metric sums.
 
   Args:
@@ -106,29 +188,106 @@ def loss_and_metrics(params: PyTree, batch: dict[str, Array], *, model: dual_enc
     mesh: the mesh the batch is sharded over; the loss runs under `shard_map` on its data axis.
       None: the global-view loss (the reference the sharded step is tested against).
     dropout_rng: key for dropout; None runs the model deterministically.
+    loss_chunk_size: anchors per block of each device's rows (`ChunkConfig.loss_chunk_size`).
 
   Returns:
     (loss [], metrics): metrics as in `losses.contrastive_loss` (sums and counts).
   """
   queries, passages, negatives = model_inputs(batch, loss_config)
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
-  q, p, n = model.apply({"params": params["model"]}, queries, passages, negatives,
-                        deterministic=dropout_rng is None, rngs=rngs)
-  loss_kwargs = dict(temperature=temperature_of(params, loss_config),
-                     same_tower_negatives=loss_config.same_tower_negatives,
-                     bidirectional=loss_config.bidirectional)
-  if loss_config.mask_duplicates and features.QUERY_IDS in batch:
-    loss_kwargs.update(query_ids=batch[features.QUERY_IDS],
-                       document_ids=batch[features.PASSAGE_IDS])
-  if mesh is None:
-    return losses.contrastive_loss(q, p, n, **loss_kwargs)
-  return losses.sharded_contrastive_loss(mesh, q, p, n, **loss_kwargs)
+  embeddings = model.apply({"params": params["model"]}, queries, passages, negatives,
+                           deterministic=dropout_rng is None, rngs=rngs)
+  return embedding_loss(embeddings, params["loss"], batch, loss_config=loss_config, mesh=mesh,
+                        loss_chunk_size=loss_chunk_size)
+
+
+def cached_gradients(params: PyTree, batch: dict[str, Array], *, model: dual_encoder.DualEncoder,
+                     loss_config: LossConfig, mesh: Mesh | None, chunks: ChunkConfig,
+                     dropout_rng: Array | None = None) -> tuple[dict[str, Array], PyTree]:
+  """The metrics and gradients of `loss_and_metrics`, by gradient caching.
+
+  1. Embed: each device encodes its rows `c = chunks.embedding_chunk_size` at a time
+     (`lax.map`, no gradient, so no activations are kept): [B, P] embeddings.
+  2. Loss: the (sharded, optionally row-chunked) loss of the embeddings, and its gradient with
+     respect to them and to params["loss"] (the temperature).
+  3. Re-encode: each chunk again under `jax.vjp`, its embedding cotangents giving its share of the
+     parameter gradients, summed in a `lax.scan` (the program does not grow with the number of
+     chunks). Dropout masks are keyed by each example's global row, so step 3 recomputes step 1's
+     embeddings.
+
+  Args:
+    params, batch, model, loss_config, mesh, dropout_rng: as for `loss_and_metrics`.
+    chunks: the chunk sizes; `embedding_chunk_size` > 0 must divide the per-device batch.
+
+  Returns:
+    (metrics, grads): the metrics of `loss_and_metrics` and the gradient of its loss w.r.t.
+    `params`, up to float summation order.
+  """
+  queries, passages, negatives = model_inputs(batch, loss_config)
+  batch_size = queries.shape[0]
+  num_shards = 1 if mesh is None else mesh.shape[partitioning.DATA_AXIS]
+  chunks.check(batch_size, num_shards)
+  chunk_size = chunks.embedding_chunk_size
+  num_chunks = batch_size // num_shards // chunk_size
+
+  def constrain(x, spec):
+    return x if mesh is None else lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  # Chunk k holds rows k*c .. (k+1)*c - 1 of every device's shard ([num_chunks, D * c, ...],
+  # sharded over the data axis on dim 1), so each device encodes only its own rows.
+  def to_chunks(x):  # [B, ...] -> [num_chunks, D * c, ...]
+    rest = x.shape[1:]
+    x = x.reshape(num_shards, num_chunks, chunk_size, *rest).swapaxes(0, 1)
+    return constrain(x.reshape(num_chunks, num_shards * chunk_size, *rest),
+                     P(None, partitioning.DATA_AXIS))
+
+  def from_chunks(x):  # [num_chunks, D * c, ...] -> [B, ...]
+    rest = x.shape[2:]
+    x = x.reshape(num_chunks, num_shards, chunk_size, *rest).swapaxes(0, 1)
+    return constrain(x.reshape(batch_size, *rest), P(partitioning.DATA_AXIS))
+
+  inputs = {"queries": queries, "passages": passages,
+            "rows": jnp.arange(batch_size, dtype=jnp.int32)}
+  if negatives is not None:
+    inputs["negatives"] = negatives
+  chunked_inputs = jax.tree.map(to_chunks, inputs)
+  rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+
+  def embed(model_params, chunk):
+    return model.apply({"params": model_params}, chunk["queries"], chunk["passages"],
+                       chunk.get("negatives"), deterministic=dropout_rng is None,
+                       example_rows=chunk["rows"], rngs=rngs)
+
+  # 1. Embeddings only: nothing is differentiated here, so no activation outlives its chunk.
+  embeddings = lax.map(functools.partial(embed, params["model"]), chunked_inputs)
+  embeddings = jax.tree.map(from_chunks, embeddings)
+
+  # 2. The loss and its gradient w.r.t. the embeddings and the loss parameters.
+  def loss_of(embeddings, loss_params):
+    return embedding_loss(embeddings, loss_params, batch, loss_config=loss_config, mesh=mesh,
+                          loss_chunk_size=chunks.loss_chunk_size)
+
+  (_, metrics), (embedding_grads, loss_grads) = jax.value_and_grad(
+      loss_of, argnums=(0, 1), has_aux=True)(embeddings, params["loss"])
+
+  # 3. Re-encode each chunk and pull its cotangents back to the parameters.
+  def accumulate(model_grads, chunk_and_cotangents):
+    chunk, cotangents = chunk_and_cotangents
+    _, pullback = jax.vjp(lambda model_params: embed(model_params, chunk), params["model"])
+    (chunk_grads,) = pullback(cotangents)
+    return jax.tree.map(jnp.add, model_grads, chunk_grads), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params["model"])
+  model_grads, _ = lax.scan(accumulate, zeros,
+                            (chunked_inputs, jax.tree.map(to_chunks, embedding_grads)))
+  return metrics, {"model": model_grads, "loss": loss_grads}
 
 
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
                model: dual_encoder.DualEncoder, loss_config: LossConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule, trainable: PyTree,
-               mesh: Mesh | None) -> tuple[TrainState, dict[str, Array]]:
+               mesh: Mesh | None, chunks: ChunkConfig = ChunkConfig()
+               ) -> tuple[TrainState, dict[str, Array]]:
   """One optimizer step. Pure; the trainer jits it once (see `build`).
 
   Args:
@@ -136,7 +295,9 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
     batch: global batch arrays (see `loss_and_metrics`).
     rng: [2] uint32 base key; this step's dropout key is `fold_in(rng, state.step)`, so a resumed
       run draws exactly the keys of an uninterrupted one.
-    model, loss_config, tx, schedule, trainable, mesh: bound by `build` with functools.partial.
+    model, loss_config, tx, schedule, trainable, mesh, chunks: bound by `build` with
+      functools.partial. `chunks.embedding_chunk_size` > 0 computes the gradients by gradient
+      caching (`cached_gradients`), otherwise in one pass; the update is the same.
 
   Returns:
     (new state, metrics): metrics are [] float32: "loss_sum", "num_examples",
@@ -145,11 +306,15 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
   """
   dropout_rng = jax.random.fold_in(rng, state.step)
 
-  def loss_fn(params):
-    return loss_and_metrics(params, batch, model=model, loss_config=loss_config, mesh=mesh,
-                            dropout_rng=dropout_rng)
+  if chunks.embedding_chunk_size:
+    metrics, grads = cached_gradients(state.params, batch, model=model, loss_config=loss_config,
+                                      mesh=mesh, chunks=chunks, dropout_rng=dropout_rng)
+  else:
+    def loss_fn(params):
+      return loss_and_metrics(params, batch, model=model, loss_config=loss_config, mesh=mesh,
+                              dropout_rng=dropout_rng, loss_chunk_size=chunks.loss_chunk_size)
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   trainable_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
@@ -277,7 +442,7 @@ def abstract_model_params_of(model_config: model_config_lib.DualEncoderConfig, m
 
 def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossConfig,
           optimizer_config: optimizers.OptimizerConfig, mesh: Mesh,
-          batch: dict[str, jax.ShapeDtypeStruct]) -> Built:
+          batch: dict[str, jax.ShapeDtypeStruct], chunks: ChunkConfig = ChunkConfig()) -> Built:
   """Builds the model, optimizer, sharded state layout and the jitted step, running nothing.
 
   Args:
@@ -286,11 +451,16 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossCon
     optimizer_config: the optimizer and schedule.
     mesh: a (data, model) mesh, real devices or an AOT topology.
     batch: the global batch layout, from `batch_spec`.
+    chunks: gradient caching and loss row chunking (default: off).
 
   Returns:
     A `Built`. Only shapes are evaluated (`jax.eval_shape`); call `built.init_state(rng)` to
     create the sharded state.
+
+  Raises:
+    ValueError: if a chunk size does not divide the per-device batch.
   """
+  chunks.check(batch[features.QUERIES].shape[0], mesh.shape[partitioning.DATA_AXIS])
   model = dual_encoder.DualEncoder(model_config)
   init_variables = _model_initializer(model)
   abstract_model_params = abstract_model_params_of(model_config, mesh)
@@ -326,7 +496,7 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossCon
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   step_fn = functools.partial(train_step, model=model, loss_config=loss_config, tx=tx,
-                              schedule=schedule, trainable=trainable, mesh=mesh)
+                              schedule=schedule, trainable=trainable, mesh=mesh, chunks=chunks)
   batch_shardings = {k: partitioning.data_sharding(mesh, len(v.shape)) for k, v in batch.items()}
   jitted_init = InMesh(jax.jit(init_state, in_shardings=replicated,
                                out_shardings=state_shardings), mesh)

@@ -253,7 +253,8 @@ def _positive_int(value: Any, binding: str) -> None:
 
 
 def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib.LossConfig,
-                 data: DataConfig, loop: LoopConfig, mesh: jax.sharding.Mesh) -> None:
+                 data: DataConfig, loop: LoopConfig, mesh: jax.sharding.Mesh,
+                 chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()) -> None:
   """Checks what can be checked before a model is built; reads only the vocabulary files.
 
   Raises:
@@ -269,6 +270,10 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
         f"BATCH_SIZE = {data.batch_size} is not divisible by the mesh's data axis "
         f"({data_parallel} = {jax.device_count()} devices / model axis "
         f"{mesh.shape[partitioning.MODEL_AXIS]}): use a multiple of {data_parallel}.")
+  try:
+    chunks.check(data.batch_size, data_parallel)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
   lengths = dict(data.task_feature_lengths)
   for key in ("queries", "passages"):
     if key not in lengths:
@@ -348,7 +353,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
           data: DataConfig, loop: LoopConfig, seed: int = 0,
           mesh_shape: tuple[int, int] = (-1, 1),
           initial_checkpoint_path: str | None = None,
-          config_text: str | None = None) -> TrainResult:
+          config_text: str | None = None,
+          chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()) -> TrainResult:
   """Trains a dual encoder; resumes from `model_dir`'s latest checkpoint if there is one.
 
   Args:
@@ -364,6 +370,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
       samtone_jax checkpoint (params only) or public T5 / GTR weights (INITIAL_CHECKPOINT_PATH).
     config_text: the gin config (`gin.config_str()`), written to MODEL_DIR/config.gin once the
       configuration and the first batch are checked; None: no config.gin.
+    chunks: gradient caching and loss row chunking for huge batches (EMBEDDING_CHUNK_SIZE,
+      LOSS_CHUNK_SIZE); the same update as without.
 
   Returns:
     A TrainResult.
@@ -382,12 +390,13 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     mesh = partitioning.create_mesh(*mesh_shape)
   except ValueError as e:
     raise errors.ConfigError(f"trainer.train.mesh_shape = {tuple(mesh_shape)}: {e}") from None
-  check_config(model, loss, data, loop, mesh)
+  check_config(model, loss, data, loop, mesh, chunks)
   # From the start: a preemption during set-up (compilation, restore) also ends cleanly.
   with run_lock.hold(model_dir, enabled=jax.process_index() == 0), _PreemptionFlag() as preemption:
     return _train(preemption, mesh, model_dir=model_dir, model=model, loss=loss,
                   optimizer=optimizer, data=data, loop=loop, seed=seed,
-                  initial_checkpoint_path=initial_checkpoint_path, config_text=config_text)
+                  initial_checkpoint_path=initial_checkpoint_path, config_text=config_text,
+                  chunks=chunks)
 
 
 def _close(batches: Iterator[Any]) -> None:
@@ -403,7 +412,8 @@ def _close(batches: Iterator[Any]) -> None:
 
 
 def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, model, loss,
-           optimizer, data, loop, seed, initial_checkpoint_path, config_text) -> TrainResult:
+           optimizer, data, loop, seed, initial_checkpoint_path, config_text,
+           chunks) -> TrainResult:
   """`train`'s body, with the run directory locked and the SIGTERM flag installed."""
   latest = checkpoints.latest_step_in(model_dir)
   if latest is not None and latest > loop.train_steps:
@@ -429,7 +439,7 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
       write_config(model_dir, config_text)
     return _train_loop(preemption, mesh, batches, start_step, resume_step, model_dir=model_dir,
                        model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
-                       seed=seed, initial_checkpoint_path=initial_checkpoint_path)
+                       seed=seed, initial_checkpoint_path=initial_checkpoint_path, chunks=chunks)
   finally:
     _close(batches)
 
@@ -437,11 +447,11 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
 def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
                 batches: Iterator[dict[str, np.ndarray]], start_step: int,
                 resume_step: int | None, *, model_dir, model, loss, optimizer, data, loop, seed,
-                initial_checkpoint_path) -> TrainResult:
+                initial_checkpoint_path, chunks) -> TrainResult:
   """Builds the step, restores or initialises the state and runs the loop."""
   spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
                                    num_negatives=data.num_negatives)
-  built = train_step_lib.build(model, loss, optimizer, mesh, spec)
+  built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
   rng = jax.device_put(jax.random.PRNGKey(seed), built.rng_sharding)

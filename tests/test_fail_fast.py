@@ -213,7 +213,7 @@ CASES = [
       "Download a BEIR dataset"]),
     # evaluate
     ("evaluate_no_checkpoint", "evaluate", [], {},
-     ["No samtone_jax checkpoint under", "CHECKPOINT_PATH"]),
+     ["No samtone_jax or t5x checkpoint under", "CHECKPOINT_PATH"]),
     ("evaluate_unknown_set", "evaluate", ['--gin.EVAL_TASKS=["beir_nope_test"]'], {},
      ["EVAL_TASKS names 'beir_nope_test'"]),
 ]

@@ -25,6 +25,9 @@ DIM = 8
 DUPLICATE_QUERY_IDS = np.array([0, 0, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8, 9, 10, 10, 11])
 DUPLICATE_DOCUMENT_IDS = np.array([0, 1, 1, 2, 3, 4, 4, 5, 6, 7, 7, 7, 8, 9, 10, 11])
 MESH_SHAPES = {"global": None, "mesh8x1": (8, 1), "mesh4x2": (4, 2)}
+# Anchors per block for the row-chunked loss: several blocks of each device's rows (16 global,
+# 2 per device on 8, 4 per device on 4).
+ROW_CHUNK_SIZES = {"global": 4, "mesh8x1": 1, "mesh4x2": 2}
 
 
 # Tiny shapes: compile time dominates (conftest.fast_compile).
@@ -152,14 +155,17 @@ def test_reference_gradient_matches_finite_differences():
 
 
 @functools.cache
-def loss_and_grads(mode, same_tower_negatives, bidirectional, with_ids):
+def loss_and_grads(mode, same_tower_negatives, bidirectional, with_ids, row_chunk_size=0):
   """A jitted value_and_grad of the loss (global view or sharded on a mesh), cached per config.
+
+  `row_chunk_size` > 0: the row-chunked form (anchors in blocks of that many per device).
 
   Returns f(query, document, negatives, temperature, query_ids, document_ids) ->
   ((loss, metrics), (d_query, d_document, d_negatives, d_temperature)).
   """
   mesh_shape = MESH_SHAPES[mode]
-  kwargs = dict(same_tower_negatives=same_tower_negatives, bidirectional=bidirectional)
+  kwargs = dict(same_tower_negatives=same_tower_negatives, bidirectional=bidirectional,
+                row_chunk_size=row_chunk_size)
 
   def loss_fn(query, document, negatives, temperature, query_ids, document_ids):
     if not with_ids:
@@ -176,9 +182,9 @@ def loss_and_grads(mode, same_tower_negatives, bidirectional, with_ids):
 
 def assert_matches_reference(mode, query, document, negatives, temperature, *,
                              same_tower_negatives, bidirectional, query_ids, document_ids,
-                             temperature_is_array=True):
+                             temperature_is_array=True, row_chunk_size=0):
   with_ids = query_ids is not None
-  fn = loss_and_grads(mode, same_tower_negatives, bidirectional, with_ids)
+  fn = loss_and_grads(mode, same_tower_negatives, bidirectional, with_ids, row_chunk_size)
   ids = (jnp.asarray(query_ids), jnp.asarray(document_ids)) if with_ids else (None, None)
   jax_temperature = jnp.float32(temperature) if temperature_is_array else temperature
   (loss, metrics), grads = fn(query, document, negatives, jax_temperature, *ids)
@@ -186,7 +192,8 @@ def assert_matches_reference(mode, query, document, negatives, temperature, *,
       query, document, negatives, temperature, same_tower_negatives=same_tower_negatives,
       bidirectional=bidirectional, query_ids=query_ids, document_ids=document_ids)
 
-  context = f"{mode} same_tower={same_tower_negatives} bidir={bidirectional} t={temperature}"
+  context = (f"{mode} same_tower={same_tower_negatives} bidir={bidirectional} t={temperature} "
+             f"row_chunk_size={row_chunk_size}")
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=context)
   assert set(metrics) == set(want_metrics), context
   np.testing.assert_allclose(metrics["loss_sum"], want_metrics["loss_sum"], rtol=1e-5)
@@ -207,17 +214,21 @@ def assert_matches_reference(mode, query, document, negatives, temperature, *,
                                err_msg=f"{context} d/d{name}")
 
 
+@pytest.mark.parametrize("row_chunked", [False, True])
 @pytest.mark.parametrize("num_negatives", [0, 1, 3])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("same_tower_negatives", [True, False])
 @pytest.mark.parametrize("mode", list(MESH_SHAPES))
-def test_matches_reference(mode, same_tower_negatives, bidirectional, num_negatives):
+def test_matches_reference(mode, same_tower_negatives, bidirectional, num_negatives,
+                           row_chunked):
+  """Both forms, unchunked and row-chunked, equal the reference (so each other) to 1e-5."""
   query, document, negatives = make_batch(1 + num_negatives, num_negatives, duplicates=True)
   for temperature in (0.01, 0.05):  # same compiled function: temperature is an array argument
     assert_matches_reference(
         mode, query, document, negatives, temperature,
         same_tower_negatives=same_tower_negatives, bidirectional=bidirectional,
-        query_ids=DUPLICATE_QUERY_IDS, document_ids=DUPLICATE_DOCUMENT_IDS)
+        query_ids=DUPLICATE_QUERY_IDS, document_ids=DUPLICATE_DOCUMENT_IDS,
+        row_chunk_size=ROW_CHUNK_SIZES[mode] if row_chunked else 0)
 
 
 @pytest.mark.parametrize("mode", list(MESH_SHAPES))
@@ -276,6 +287,11 @@ def test_bad_inputs_raise_clear_errors():
     losses.contrastive_loss(query, document, temperature=0.0)
   with pytest.raises(ValueError, match="not divisible"):
     losses.sharded_contrastive_loss(create_mesh(8, 1), query[:12], document[:12])
+  # Both numbers are named: the chunk and this device's anchors (16 / 4 on a (4, 2) mesh).
+  with pytest.raises(ValueError, match="row_chunk_size=3 does not divide the 16 anchors"):
+    losses.contrastive_loss(query, document, row_chunk_size=3)
+  with pytest.raises(ValueError, match="row_chunk_size=3 does not divide the 4 anchors"):
+    losses.sharded_contrastive_loss(create_mesh(4, 2), query, document, row_chunk_size=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +308,7 @@ def _largest_hlo_array(hlo_text):
 def test_sharded_program_holds_no_global_square_buffer():
   batch, dim, num_negatives = 4096, 16, 1
   square_bytes = batch * batch * 4
+  local_batch, row_chunk = batch // 8, 64
   mesh = create_mesh(8, 1)
   kwargs = dict(same_tower_negatives=True, bidirectional=True)
 
@@ -314,6 +331,10 @@ def test_sharded_program_holds_no_global_square_buffer():
                                                            **kwargs), sharded_args)
     global_view = compile_grad(
         lambda q, d, n, t: losses.contrastive_loss(q, d, n, temperature=t, **kwargs), global_args)
+    row_chunked = compile_grad(
+        lambda q, d, n, t: losses.sharded_contrastive_loss(mesh, q, d, n, temperature=t,
+                                                           row_chunk_size=row_chunk, **kwargs),
+        sharded_args)
   finally:
     jax.config.update("jax_disable_most_optimizations", True)
 
@@ -327,3 +348,11 @@ def test_sharded_program_holds_no_global_square_buffer():
   assert _largest_hlo_array(sharded.as_text()) < batch * batch
   assert sharded_temp < square_bytes
   assert sharded_temp < global_temp / 4
+  # Row-chunked: no [b_local, B] block either, only [r, B] ones (r = b_local / 8 here). Both
+  # sides' blocks and cotangents of one anchor block, ~8 [r, B] f32 arrays, bound the scratch
+  # beside the [B, d] gathered embeddings and their cotangents (~8 of those).
+  block_bytes, embedding_bytes = row_chunk * batch * 4, batch * dim * 4
+  assert _largest_hlo_array(row_chunked.as_text()) < local_batch * batch
+  chunked_temp = row_chunked.memory_analysis().temp_size_in_bytes
+  assert chunked_temp <= 8 * block_bytes + 8 * embedding_bytes, (chunked_temp, sharded_temp)
+  assert chunked_temp < sharded_temp / 5, (chunked_temp, sharded_temp)

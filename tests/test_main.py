@@ -55,9 +55,9 @@ def compile_cache(tmp_path_factory):
   jax.config.update("jax_compilation_cache_dir", None)
 
 
-def _command(model_dir, *extra):
+def _command(model_dir, *extra, overrides=OVERRIDES):
   return [sys.executable, "-m", "samtone_jax.main", f"--gin_file={EXPERIMENT}",
-          f'--gin.MODEL_DIR="{model_dir}"', *[f"--gin.{o}" for o in OVERRIDES], *extra]
+          f'--gin.MODEL_DIR="{model_dir}"', *[f"--gin.{o}" for o in overrides], *extra]
 
 
 def _start(command, env, log_path):
@@ -80,10 +80,10 @@ def _read_until(process, marker):
   raise AssertionError(f"{marker!r} never printed; output:\n{''.join(lines)}")
 
 
-def _train_in_process(model_dir):
+def _train_in_process(model_dir, overrides=OVERRIDES):
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   gin.clear_config()
-  main_lib.parse_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *OVERRIDES])
+  main_lib.parse_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *overrides])
   try:
     return gin.get_configurable(trainer.train)()
   finally:
@@ -94,12 +94,20 @@ def _params(state):
   return jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
-def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache):
-  reference = _params(_train_in_process(str(tmp_path / "reference")).state)
+# Gradient caching and loss row chunking on: 16 examples on 8 devices, 2 per device, encoded and
+# taken as anchors one at a time (dropout is on, so masks must follow the example across resumes).
+CACHED = ("EMBEDDING_CHUNK_SIZE=1", "LOSS_CHUNK_SIZE=1")
+
+
+@pytest.mark.parametrize("chunking", [(), CACHED], ids=["plain", "gradient_cached"])
+def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache, chunking):
+  overrides = OVERRIDES + chunking
+  reference = _params(_train_in_process(str(tmp_path / "reference"), overrides).state)
 
   model_dir = str(tmp_path / "interrupted")
   # 1. Killed without warning once its first checkpoint is written.
-  process, timer = _start(_command(model_dir), compile_cache, tmp_path / "run1.log")
+  process, timer = _start(_command(model_dir, overrides=overrides), compile_cache,
+                          tmp_path / "run1.log")
   _read_until(process, "Saved checkpoint step 2")
   process.kill()
   process.wait()
@@ -113,11 +121,13 @@ def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache):
     config_text = f.read()
   for expected in [f"TRAIN_STEPS = {TRAIN_STEPS}", "BATCH_SIZE = 16", "DROPOUT_RATE = 0.1",
                    "config.T5Config.num_layers = 1", "trainer.LoopConfig.checkpoint_period = 2",
-                   f"'{model_dir}'", "'passages': 16"]:
+                   f"'{model_dir}'", "'passages': 16",
+                   *[o.replace("=", " = ") for o in chunking]]:
     assert expected in config_text, expected
 
   # 2. The same command resumes; SIGTERM (preemption) makes it checkpoint and exit cleanly.
-  process, timer = _start(_command(model_dir), compile_cache, tmp_path / "run2.log")
+  process, timer = _start(_command(model_dir, overrides=overrides), compile_cache,
+                          tmp_path / "run2.log")
   _read_until(process, f"Resuming from checkpoint step {first_kill_step}")
   _read_until(process, f"step {first_kill_step + 1}/{TRAIN_STEPS}")
   process.send_signal(signal.SIGTERM)
@@ -142,7 +152,7 @@ def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache):
   assert set(params["model"]) == set(reference["model"])
 
   # 3. Finish in-process: exactly the parameters of the uninterrupted run.
-  resumed = _train_in_process(model_dir)
+  resumed = _train_in_process(model_dir, overrides)
   assert int(resumed.state.step) == TRAIN_STEPS
   jax.tree.map(np.testing.assert_array_equal, _params(resumed.state), reference)
 

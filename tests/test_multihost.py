@@ -155,7 +155,8 @@ def main_command(model_dir, *flags: str) -> list[str]:
           "--gin.EVAL_TASKS=['demo_manpages_test']",
           "--gin.trainer.LoopConfig.log_period=1", "--gin.trainer.LoopConfig.checkpoint_period=5",
           # Rows sit at different global positions with 1 and 2 hosts (host i holds examples
-          # i, i+2, ...), and a dropout mask belongs to a position: no dropout here.
+          # i, i+2, ...), and a dropout mask is keyed by the example's global row
+          # (dual_encoder.example_dropout_keys), not by its content: no dropout here.
           "--gin.DROPOUT_RATE=0.0", *flags]
 
 

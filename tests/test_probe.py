@@ -94,5 +94,5 @@ def test_probe_command_missing_checkpoint_exits_with_message(tmp_path):
   result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600,
                           env=dict(os.environ, PYTHONPATH=REPO))
   assert result.returncode != 0
-  assert "No samtone_jax checkpoint under" in result.stderr
+  assert "No samtone_jax or t5x checkpoint under" in result.stderr
   assert not (tmp_path / "out").exists()  # nothing half-written

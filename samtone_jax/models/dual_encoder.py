@@ -20,6 +20,11 @@ plain name; a per-tower part is prefixed `query_` / `document_`:
 Embeddings: pooled hidden states (mean over tokens != 0, or the first token) are cast to
 float32, projected, and L2-normalised when `config.normalize` (x / max(|x|, 1e-12), as
 sentence-transformers' Normalize).
+
+Dropout (training, `deterministic=False`): every example draws its masks from its own key,
+`fold_in(fold_in(dropout_key, tower input), global row)` (see `example_dropout_keys`), so the
+masks do not depend on how a batch is split into chunks or devices: encoding rows 0..B-1 at once
+or in chunks (passing each chunk's `example_rows`) gives the same embeddings.
 """
 
 from typing import Any
@@ -29,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from samtone_jax.models.config import DualEncoderConfig
-from samtone_jax.models.t5 import PAD_ID, Dense, Embed, T5Encoder
+from samtone_jax.models.t5 import PAD_ID, Dense, Embed, T5Encoder, fold_in_rows
 
 Array = jax.Array
 
@@ -63,6 +68,32 @@ def tower_parameter_names(tower_sharing: str, side: str) -> dict[str, str]:
   {"token_embedder": "query_token_embedder", "encoder": "query_encoder",
   "projection": "projection"}."""
   return {part: param_name(tower_sharing, part, side) for part in PARTS}
+
+
+# Which tower input an example key belongs to (folded into the step's dropout key).
+_QUERIES, _PASSAGES, _NEGATIVES = 0, 1, 2
+
+
+def example_dropout_keys(dropout_key: Array, example_rows: Array, num_negatives: int
+                         ) -> tuple[Array, Array, Array]:
+  """Per-example dropout keys of the examples at global rows `example_rows`.
+
+  Args:
+    dropout_key: [2] uint32, the step's dropout key.
+    example_rows: int [b], each example's row in the global batch.
+    num_negatives: N hard negatives per example (0: none).
+
+  Returns:
+    (queries [b, 2], passages [b, 2], negatives [b, N, 2]): hard negative k of row r is keyed by
+    r * N + k, its row in the flattened [B * N] negatives.
+  """
+  queries = fold_in_rows(jax.random.fold_in(dropout_key, _QUERIES), example_rows)
+  passages = fold_in_rows(jax.random.fold_in(dropout_key, _PASSAGES), example_rows)
+  negative_rows = example_rows[:, None] * num_negatives + jnp.arange(num_negatives)[None, :]
+  negatives = fold_in_rows(jax.random.fold_in(dropout_key, _NEGATIVES),
+                           negative_rows.reshape(-1))
+  return queries, passages, negatives.reshape(example_rows.shape[0], num_negatives,
+                                             *negatives.shape[1:])
 
 
 def pool(hidden: Array, tokens: Array, pooling: str) -> Array:
@@ -170,9 +201,10 @@ class DualEncoder(nn.Module):
     names = tower_parameter_names(self.config.tower_sharing, side)
     return getattr(self, names["encoder"]), getattr(self, names["projection"])
 
-  def _encode(self, side: str, tokens: Array, deterministic: bool) -> Array:
+  def _encode(self, side: str, tokens: Array, deterministic: bool,
+              dropout_keys: Array | None = None) -> Array:
     encoder, projection = self._tower(side)
-    hidden = encoder(tokens, deterministic=deterministic)
+    hidden = encoder(tokens, deterministic=deterministic, dropout_keys=dropout_keys)
     pooled = pool(hidden, tokens, self.config.pooling)
     pooled = nn.with_logical_constraint(pooled, ("batch", "embed"))
     embeddings = projection(pooled)
@@ -189,7 +221,8 @@ class DualEncoder(nn.Module):
     return self._encode("document", tokens, deterministic)
 
   def __call__(self, queries: Array, passages: Array, negatives: Array | None = None,
-               deterministic: bool = True) -> tuple[Array, Array, Array | None]:
+               deterministic: bool = True, example_rows: Array | None = None
+               ) -> tuple[Array, Array, Array | None]:
     """Embeds queries, their positive passages and (optionally) hard negatives.
 
     Args:
@@ -197,16 +230,25 @@ class DualEncoder(nn.Module):
       passages: int32 [b, lp] positive passages.
       negatives: int32 [b, n, lp] hard negative passages, or None.
       deterministic: disables dropout (needs a 'dropout' rng when False).
+      example_rows: int [b], the rows of these examples in the global batch, which key their
+        dropout masks (see `example_dropout_keys`); None: rows 0..b-1. A chunk of a batch passes
+        its rows to draw the masks the whole batch would.
 
     Returns:
       (q [b, P], p [b, P], neg [b, n, P] or None), float32.
     """
-    q = self.encode_queries(queries, deterministic)
-    p = self.encode_documents(passages, deterministic)
+    keys = (None, None, None)
+    if not deterministic:
+      rows = jnp.arange(queries.shape[0]) if example_rows is None else example_rows
+      keys = example_dropout_keys(self.make_rng("dropout"), rows,
+                                  0 if negatives is None else negatives.shape[1])
+    q = self._encode("query", queries, deterministic, keys[0])
+    p = self._encode("document", passages, deterministic, keys[1])
     neg = None
     if negatives is not None:
       b, n, lp = negatives.shape
-      neg = self.encode_documents(negatives.reshape(b * n, lp), deterministic)
+      negative_keys = None if deterministic else keys[2].reshape(b * n, *keys[2].shape[2:])
+      neg = self._encode("document", negatives.reshape(b * n, lp), deterministic, negative_keys)
       neg = neg.reshape(b, n, -1)
       neg = nn.with_logical_constraint(neg, ("batch", "negatives", "projection"))
     return q, p, neg

@@ -8,7 +8,9 @@ Numerically this is Hugging Face's `T5EncoderModel` / Mesh TensorFlow's encoder:
   * feed-forward "relu" (wi, wo; original T5) or "gated-gelu" (wi_0, wi_1, wo; T5 1.1 / GTR) with
     gelu_new, the tanh approximation;
   * dropout on the embeddings, attention weights, inside the MLP, on each residual branch and
-    after the final norm.
+    after the final norm. Each example's masks are drawn from its own key (`dropout_keys`,
+    [b, 2]), so a mask is a function of the example, not of the batch it is encoded in: the
+    gradient-cached train step, which encodes a batch in chunks, draws the masks of the plain one.
 
 Parameter tree of `T5Encoder` (T5X names; shapes for d = d_model, h = num_heads, k = d_kv,
 f = d_ff, V = vocab_size, NB = relative_attention_num_buckets), logical axes in brackets:
@@ -79,6 +81,43 @@ def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
   large = np.minimum(max_exact + scaled.astype(np.int64), half - 1)
   buckets += np.where(is_small, distance, large)
   return buckets.astype(np.int32)
+
+
+def dropout(x: Array, rate: float, keys: Array | None, site: int) -> Array:
+  """Inverted dropout with one key per example (`nn.Dropout`'s scaling: kept values / (1 - rate)).
+
+  Args:
+    x: [b, ...] activations.
+    rate: probability of dropping a value.
+    keys: [b, 2] uint32 per-example keys, or None: no dropout (deterministic).
+    site: which dropout site of the module this is; folded into the keys so that the sites
+      sharing an example's key draw independent masks.
+
+  Returns:
+    x's shape and dtype.
+  """
+  if keys is None or rate == 0.0:
+    return x
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  site_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, site)
+  keep = jax.vmap(lambda key: jax.random.bernoulli(key, 1.0 - rate, x.shape[1:]))(site_keys)
+  return jax.lax.select(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+def fold_in_rows(key: Array, rows: Array) -> Array:
+  """[2] key, int [b] -> [b, 2]: `fold_in(key, rows[i])` for every i."""
+  return jax.vmap(jax.random.fold_in, (None, 0))(key, rows)
+
+
+def _fold_in_each(keys: Array | None, data: int) -> Array | None:
+  """[b, 2] keys -> [b, 2]: `fold_in(keys[i], data)`; None stays None."""
+  return None if keys is None else jax.vmap(jax.random.fold_in, (0, None))(keys, data)
+
+
+# Dropout sites of the encoder outside its layers, and the offset of layer i's keys; the sites of
+# a layer are numbered inside it (attention weights 0, MLP hidden 1, residual branches 2 and 3).
+_EMBEDDING_SITE, _FINAL_SITE, _FIRST_LAYER = 0, 1, 2
 
 
 def _param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...],
@@ -159,7 +198,7 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, position_bias: Array, mask_bias: Array,
-               deterministic: bool) -> Array:
+               dropout_keys: Array | None) -> Array:
     """Attends over `x`.
 
     Args:
@@ -167,7 +206,7 @@ class SelfAttention(nn.Module):
       position_bias: float32 [1, h, l, l] relative position bias.
       mask_bias: float32 [b, 1, 1, l]: 0 for real keys, a large negative for padding keys. Kept
         apart from `position_bias` so that no [b, h, l, l] bias is materialised.
-      deterministic: disables dropout.
+      dropout_keys: [b, 2] per-example keys of this layer, or None: no dropout.
 
     Returns:
       [b, l, d].
@@ -190,7 +229,7 @@ class SelfAttention(nn.Module):
     value = project("value", init)
     logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits + position_bias + mask_bias, axis=-1)
-    weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
+    weights = dropout(weights, cfg.dropout_rate, dropout_keys, site=0)
     out = jnp.einsum("bhqs,bshk->bqhk", weights.astype(dtype), value)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(b, l, inner)
@@ -203,8 +242,8 @@ class MLP(nn.Module):
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, deterministic: bool) -> Array:
-    """x: [b, l, d] -> [b, l, d]."""
+  def __call__(self, x: Array, dropout_keys: Array | None) -> Array:
+    """x: [b, l, d], dropout_keys: [b, 2] or None (no dropout) -> [b, l, d]."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -219,7 +258,7 @@ class MLP(nn.Module):
       raise ValueError(f"T5Config.feed_forward_proj={cfg.feed_forward_proj!r}; expected "
                        "'relu' or 'gated-gelu'.")
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-    hidden = nn.Dropout(cfg.dropout_rate)(hidden, deterministic=deterministic)
+    hidden = dropout(hidden, cfg.dropout_rate, dropout_keys, site=1)
     return Dense(cfg.d_model, ("mlp", "embed"), init, dtype, name="wo")(hidden)
 
 
@@ -234,17 +273,17 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, position_bias: Array, mask_bias: Array,
-               deterministic: bool) -> Array | tuple[Array, None]:
-    """x: [b, l, d]; biases as for `SelfAttention` -> [b, l, d]."""
+               dropout_keys: Array | None) -> Array | tuple[Array, None]:
+    """x: [b, l, d]; biases and this layer's [b, 2] keys as for `SelfAttention` -> [b, l, d]."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
-    y = SelfAttention(cfg, name="attention")(y, position_bias, mask_bias, deterministic)
-    x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    y = SelfAttention(cfg, name="attention")(y, position_bias, mask_bias, dropout_keys)
+    x = x + dropout(y, cfg.dropout_rate, dropout_keys, site=2)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_mlp_layer_norm")(x)
-    y = MLP(cfg, name="mlp")(y, deterministic)
-    x = x + nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    y = MLP(cfg, name="mlp")(y, dropout_keys)
+    x = x + dropout(y, cfg.dropout_rate, dropout_keys, site=3)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return (x, None) if self.scanned else x
 
@@ -264,12 +303,15 @@ class T5Encoder(nn.Module):
   stop_embedding_gradient: bool = False
 
   @nn.compact
-  def __call__(self, tokens: Array, deterministic: bool = True) -> Array:
+  def __call__(self, tokens: Array, deterministic: bool = True,
+               dropout_keys: Array | None = None) -> Array:
     """Encodes token ids.
 
     Args:
       tokens: int32 [b, l]; 0 is padding (masked out as attention keys).
-      deterministic: disables dropout (needs a 'dropout' rng when False).
+      deterministic: disables dropout.
+      dropout_keys: [b, 2] uint32, each example's dropout key, used when not deterministic.
+        None: `fold_in(make_rng('dropout'), i)` for row i (needs a 'dropout' rng).
 
     Returns:
       [b, l, d_model] hidden states in `config.dtype` (padded positions hold values that must be
@@ -277,6 +319,10 @@ class T5Encoder(nn.Module):
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
+    if deterministic:
+      dropout_keys = None
+    elif dropout_keys is None:
+      dropout_keys = fold_in_rows(self.make_rng("dropout"), jnp.arange(tokens.shape[0]))
     embedder = self.token_embedder
     if embedder is None:
       embedder = Embed(cfg.vocab_size, cfg.d_model, dtype, name="token_embedder")
@@ -285,7 +331,7 @@ class T5Encoder(nn.Module):
     if self.stop_embedding_gradient:
       x = jax.lax.stop_gradient(x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = dropout(x, cfg.dropout_rate, _fold_in_each(dropout_keys, _EMBEDDING_SITE), site=0)
 
     length = tokens.shape[1]
     position_bias = RelativePositionBias(cfg.relative_attention_num_buckets,
@@ -297,31 +343,33 @@ class T5Encoder(nn.Module):
 
     layer_cls = EncoderLayer
     if cfg.remat:
-      # Recompute each layer's activations in the backward pass (argument 4 is `deterministic`;
-      # the module counts as argument 0).
+      # Recompute each layer's activations in the backward pass.
       policies = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
       if cfg.remat_policy not in policies:
         raise ValueError(f"T5Config.remat_policy={cfg.remat_policy!r}; expected one of "
                          f"{sorted(policies)}")
       # Inside a scan the loop already keeps XLA from merging the recomputation into the
       # forward pass, so common-subexpression protection is not needed there (flax's advice).
-      layer_cls = nn.remat(EncoderLayer, static_argnums=(4,), policy=policies[cfg.remat_policy],
+      layer_cls = nn.remat(EncoderLayer, policy=policies[cfg.remat_policy],
                            prevent_cse=not cfg.scan_layers)
+    # Layer i's keys: the example's key folded with _FIRST_LAYER + i, in both layer layouts, so
+    # scanned and unrolled layers draw the same masks.
+    layer_keys = [_fold_in_each(dropout_keys, _FIRST_LAYER + i) for i in range(cfg.num_layers)]
     if cfg.scan_layers:
-      # One layer body scanned num_layers times: params stacked on a leading 'layers' axis, a
-      # fresh dropout key per layer, the biases and `deterministic` broadcast to every layer.
-      scanned = nn.scan(layer_cls, variable_axes={"params": 0},
-                        split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+      # One layer body scanned num_layers times: params stacked on a leading 'layers' axis, the
+      # biases broadcast to every layer, the layer's keys ([num_layers, b, 2]) scanned over.
+      stacked_keys = None if dropout_keys is None else jnp.stack(layer_keys)
+      scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, 0),
                         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(cfg, scanned=True, name="layers")(x, position_bias, mask_bias,
-                                                      deterministic)
+                                                      stacked_keys)
     else:
       for i in range(cfg.num_layers):
-        x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias, mask_bias, deterministic)
+        x = layer_cls(cfg, name=f"layers_{i}")(x, position_bias, mask_bias, layer_keys[i])
 
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="encoder_norm")(x)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = dropout(x, cfg.dropout_rate, _fold_in_each(dropout_keys, _FINAL_SITE), site=0)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 

@@ -1,0 +1,173 @@
+"""Gradient-cached vs plain train step: time ratio on one device, and vs sentence-transformers.
+
+  JAX_PLATFORMS=cpu python benchmarks/gradient_cache.py [--size tiny] [--batch 128] [--chunk 32]
+      [--lengths 32,128] [--repeats 7] [--sentence_transformers]
+
+Both steps are the real jitted `train_step.build` step (SDE, in-batch softmax at temperature 0.05,
+AdamW) on the one real device, at a batch where both fit; `--chunk` is the cached step's
+EMBEDDING_CHUNK_SIZE. After a warm-up step each, they run alternately, one step at a time, for
+`--repeats` rounds; reported: the median seconds per step of each and cached / plain (the
+method's floor is ~4/3: one extra forward pass on top of forward + backward).
+
+With `--sentence_transformers`, the same shape (a randomly initialised HF `T5EncoderModel` with
+the size's config, mean pooling, a bias-free Dense projection, Normalize) trains with
+sentence-transformers' `CachedMultipleNegativesRankingLoss` (scale 20 = 1 / 0.05,
+mini_batch_size = `--chunk`, AdamW), on the same token ids, alternating with our cached step;
+reported: examples/s of each and ours / theirs.
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+import gin
+import jax
+import numpy as np
+
+from samtone_jax import main as main_lib
+from samtone_jax import optimizers
+from samtone_jax import partitioning
+from samtone_jax import train_step as ts
+from samtone_jax.models import config as model_config
+
+TEMPERATURE = 0.05
+
+
+def model_config_of(size: str) -> model_config.DualEncoderConfig:
+  gin.clear_config()
+  main_lib.parse_gin([f"models/{size}.gin", "architectures/sde.gin"], [])
+  config = gin.get_configurable(model_config.DualEncoderConfig)()
+  gin.clear_config()
+  return config
+
+
+def jax_step(config, batch: dict[str, np.ndarray], chunk: int):
+  """A closure running one step of the real train step (state carried between calls)."""
+  mesh = partitioning.create_mesh(1, 1, devices=jax.devices()[:1])
+  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  built = ts.build(config, ts.LossConfig(temperature=TEMPERATURE, same_tower_negatives=False),
+                   optimizers.OptimizerConfig(name="adamw", warmup_steps=10), mesh, spec,
+                   ts.ChunkConfig(embedding_chunk_size=chunk))
+  state = [built.init_state(jax.random.PRNGKey(0))]
+  arrays = ts.as_global_batch(batch, built.batch_shardings)
+  key = jax.random.PRNGKey(1)
+
+  def step():
+    state[0], metrics = built.train_step(state[0], arrays, key)
+    jax.block_until_ready((state[0], metrics))
+
+  return step
+
+
+def sentence_transformers_step(config, batch: dict[str, np.ndarray], chunk: int):
+  """One step of sentence-transformers' CachedMultipleNegativesRankingLoss on the same shape."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from sentence_transformers import SentenceTransformer  # pylint: disable=g-import-not-at-top
+  from sentence_transformers import losses as st_losses  # pylint: disable=g-import-not-at-top
+  from sentence_transformers import models as st_models  # pylint: disable=g-import-not-at-top
+
+  enc = config.encoder
+  hf_config = transformers.T5Config(
+      vocab_size=enc.vocab_size, d_model=enc.d_model, d_kv=enc.d_kv, d_ff=enc.d_ff,
+      num_layers=enc.num_layers, num_heads=enc.num_heads, feed_forward_proj=enc.feed_forward_proj,
+      dropout_rate=enc.dropout_rate, relative_attention_num_buckets=enc.relative_attention_num_buckets,
+      relative_attention_max_distance=enc.relative_attention_max_distance)
+
+  class T5Tokens(torch.nn.Module):
+    """input_ids / attention_mask -> token_embeddings, as sentence-transformers' Transformer."""
+
+    def __init__(self):
+      super().__init__()
+      self.encoder = transformers.T5EncoderModel(hf_config)
+
+    def forward(self, features, **_):
+      out = self.encoder(input_ids=features["input_ids"],
+                         attention_mask=features["attention_mask"])
+      features["token_embeddings"] = out.last_hidden_state
+      return features
+
+  model = SentenceTransformer(modules=[
+      T5Tokens(), st_models.Pooling(enc.d_model, pooling_mode="mean"),
+      st_models.Dense(enc.d_model, config.projection_dim, bias=False,
+                      activation_function=torch.nn.Identity()),
+      st_models.Normalize()], device="cpu")
+  model.train()
+  loss = st_losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE,
+                                                      mini_batch_size=chunk)
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+  def features(tokens):
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+  inputs = [features(batch["queries"]), features(batch["passages"])]
+  labels = torch.zeros(batch["queries"].shape[0])
+
+  def step():
+    optimizer.zero_grad()
+    value = loss([dict(f) for f in inputs], labels)
+    value.backward()
+    optimizer.step()
+
+  return step
+
+
+def alternate(steps: dict, repeats: int) -> dict[str, float]:
+  """Median seconds per step of each, run alternately after one warm-up (compile) step each."""
+  for step in steps.values():
+    step()
+  times = {name: [] for name in steps}
+  for _ in range(repeats):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--size", default="tiny")
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--chunk", type=int, default=32)
+  parser.add_argument("--lengths", default="32,128", help="query,passage token lengths")
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--sentence_transformers", action="store_true")
+  args = parser.parse_args()
+  lq, lp = (int(x) for x in args.lengths.split(","))
+  config = model_config_of(args.size)
+  rng = np.random.default_rng(0)
+  batch = {"queries": rng.integers(2, config.encoder.vocab_size, (args.batch, lq)),
+           "passages": rng.integers(2, config.encoder.vocab_size, (args.batch, lp))}
+  batch = {k: v.astype(np.int32) for k, v in batch.items()}
+  print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {args.size}, batch "
+        f"{args.batch}, chunk {args.chunk}, lengths {lq}/{lp}, median of {args.repeats} "
+        "alternating steps\n")
+  if args.sentence_transformers:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.manual_seed(0)
+    seconds = alternate({"ours": jax_step(config, batch, args.chunk),
+                         "sentence-transformers": sentence_transformers_step(config, batch,
+                                                                             args.chunk)},
+                        args.repeats)
+    print(f"torch threads: {torch.get_num_threads()}")
+    print("| step | s/step | examples/s |")
+    print("| --- | --- | --- |")
+    for name, s in seconds.items():
+      print(f"| {name} (cached, mini-batch {args.chunk}) | {s:.3f} | {args.batch / s:.1f} |")
+    print(f"\nours / sentence-transformers examples/s: "
+          f"{seconds['sentence-transformers'] / seconds['ours']:.2f}")
+    return
+  seconds = alternate({"plain": jax_step(config, batch, 0),
+                       "cached": jax_step(config, batch, args.chunk)}, args.repeats)
+  print("| step | s/step | examples/s |")
+  print("| --- | --- | --- |")
+  for name, s in seconds.items():
+    print(f"| {name} | {s:.3f} | {args.batch / s:.1f} |")
+  print(f"\ncached / plain step time: {seconds['cached'] / seconds['plain']:.2f}")
+
+
+if __name__ == "__main__":
+  main()
