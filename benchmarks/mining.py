@@ -33,19 +33,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from samtone_jax.evaluation import mining  # pylint: disable=g-import-not-at-top
+from search import unit_gaussian  # pylint: disable=g-import-not-at-top  (benchmarks/search.py)
 
 RANGE_MAX = 64
 NUM_NEGATIVES = 8
-
-
-def unit_gaussian(rng: np.random.Generator, n: int, dim: int, block: int = 65536) -> np.ndarray:
-  """[n, dim] float32 unit vectors, generated in blocks."""
-  out = np.empty((n, dim), np.float32)
-  for start in range(0, n, block):
-    rows = out[start:start + block]
-    rng.standard_normal(rows.shape, dtype=np.float32, out=rows)
-    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-  return out
 
 
 def measure_encode(num_docs: int, num_queries: int) -> tuple[float, float]:
