@@ -10,19 +10,16 @@ program (arguments, outputs, temporaries) is compared with the chip's HBM.
   JAX_PLATFORMS=cpu python launch/aot_compile.py --topology=v5e:4x4 \
       --gin_file=gin/experiments/X.gin --gin.BATCH_SIZE=512
 
-Same gin files and `--gin.X=Y` overrides as `python -m samtone_jax.main`. Exits with status 1
+Same gin files and `--gin.X=Y` overrides as `python -m samtone_jax.main`. The library is
+`samtone_jax.aot`; this file is its command line. Exits with status 1
 and a "does not fit" message when the step needs more memory than the chip has, so a launch
 script (or CI) can refuse a configuration before a pod is created.
 """
 
 from collections.abc import Sequence
-import dataclasses
-import inspect
 import json
 import os
-import re
 import sys
-import time
 
 # Nothing here runs on an accelerator: keep JAX (and TensorFlow, via seqio) off TPUs and GPUs.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,218 +29,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from absl import flags  # pylint: disable=g-import-not-at-top
-import gin  # pylint: disable=g-import-not-at-top
-import jax  # pylint: disable=g-import-not-at-top
-from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
 
+from samtone_jax import aot  # pylint: disable=g-import-not-at-top
 from samtone_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-from samtone_jax import optimizers  # pylint: disable=g-import-not-at-top
-from samtone_jax import partitioning  # pylint: disable=g-import-not-at-top
-from samtone_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
-from samtone_jax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
-
-GIB = 1024**3
-# HBM per chip, by the TPU generation that starts a topology name ("v5e:4x4" -> v5e).
-HBM_BYTES_PER_CHIP = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5p": 95 * GIB, "v6e": 32 * GIB}
-MEGACORE = ("v4", "v5p")
-
-
-# XLA's own refusals on TPU, in two forms: an early check when the temporaries alone exceed the
-# chip's HBM, and buffer assignment running out of HBM for everything together.
-_XLA_TEMPS_OOM = re.compile(r"memory required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds "
-                            r"available HBM \(([0-9.]+)([KMGT])\)")
-_XLA_HBM_OOM = re.compile(r"Ran out of memory in memory space hbm\. Used ([0-9.]+)([KMGT]) of "
-                          r"([0-9.]+)([KMGT]) hbm")
-_UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def xla_hbm_refusal(message: str) -> tuple[str, int, bool] | None:
-  """Parses XLA's "does not fit in HBM" compile errors.
-
-  Returns:
-    None for any other error, else (the matched text, bytes, whether those bytes are the
-    temporaries alone (True) or everything XLA had placed when it ran out (False)).
-  """
-  for pattern, temporaries_only in ((_XLA_TEMPS_OOM, True), (_XLA_HBM_OOM, False)):
-    match = pattern.search(message)
-    if match:
-      return match.group(0), int(float(match.group(1)) * _UNITS[match.group(2)]), temporaries_only
-  return None
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryReport:
-  """Per-chip memory of the compiled SPMD train step (every chip runs the same program).
-
-  The total is what XLA must hold at the peak: arguments + outputs - donated (aliased) buffers +
-  temporaries + generated code. When XLA itself refuses the program (its early check: the
-  temporaries alone exceed the chip; or buffer assignment running out of HBM), `compile_error`
-  holds its message, `argument_bytes` the per-chip size of the sharded inputs, `temp_bytes` the
-  temporaries it asked for (or what it had placed beyond the arguments when it ran out), and the
-  other terms are 0: the total is then a lower bound.
-  """
-
-  topology: str
-  num_chips: int
-  mesh_shape: tuple[int, int]
-  argument_bytes: int
-  output_bytes: int
-  alias_bytes: int
-  temp_bytes: int
-  generated_code_bytes: int
-  hbm_bytes: int
-  compile_seconds: float
-  compile_error: str | None = None
-
-  @property
-  def total_bytes(self) -> int:
-    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes +
-            self.generated_code_bytes)
-
-  @property
-  def fits(self) -> bool:
-    return self.compile_error is None and self.total_bytes <= self.hbm_bytes
-
-  def summary(self) -> str:
-    gib = lambda b: f"{b / GIB:.2f} GiB"
-    header = (f"topology {self.topology}: {self.num_chips} chips, mesh (data, model) = "
-              f"{self.mesh_shape}; compiled in {self.compile_seconds:.0f}s")
-    if self.compile_error:
-      return "\n".join([
-          header, f"XLA refused the program: {self.compile_error}",
-          f"per chip: arguments {gib(self.argument_bytes)}, temporaries {gib(self.temp_bytes)}",
-          f"total at least {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM"])
-    return "\n".join([
-        header,
-        f"per chip: arguments {gib(self.argument_bytes)}, outputs {gib(self.output_bytes)}, "
-        f"aliased (donated) {gib(self.alias_bytes)}, temporaries {gib(self.temp_bytes)}, "
-        f"code {gib(self.generated_code_bytes)}",
-        f"total {gib(self.total_bytes)} of {gib(self.hbm_bytes)} HBM "
-        f"({100 * self.total_bytes / self.hbm_bytes:.0f}%)"])
-
-  def to_json(self) -> dict:
-    return dict(dataclasses.asdict(self), total_bytes=self.total_bytes, fits=self.fits)
-
-
-def per_chip_bytes(tree) -> int:
-  """Bytes one chip holds of a tree of sharded ShapeDtypeStructs (the largest shard of each)."""
-  return sum(int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
-             for leaf in jax.tree.leaves(tree))
-
-
-def chip_generation(topology: str) -> str:
-  """"v5e:4x4" -> "v5e"; raises ValueError naming the known generations otherwise."""
-  generation = topology.split(":")[0]
-  if generation not in HBM_BYTES_PER_CHIP:
-    raise ValueError(f"Unknown TPU generation in --topology={topology!r}; expected one of "
-                     f"{sorted(HBM_BYTES_PER_CHIP)} followed by ':' and the chip grid, e.g. "
-                     "v5e:4x4, v4:2x2x2, v5p:4x4x8.")
-  return generation
-
-
-def topology_devices(topology: str) -> list[jax.Device]:
-  """The (compile-only) devices of a TPU topology such as `v5e:4x4` or `v4:4x4x4`."""
-  # v4 and v5p chips have two TensorCores that JAX drives as one device (megacore), with the
-  # chip's whole HBM; without this libtpu describes one device per core.
-  kwargs = {"chip_config_name": "megacore"} if chip_generation(topology) in MEGACORE else {}
-  return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
-
-
-def compile_train_step(topology: str, *, model_config: model_config_lib.DualEncoderConfig,
-                       loss_config: train_step_lib.LossConfig,
-                       optimizer_config: optimizers.OptimizerConfig, batch_size: int,
-                       task_feature_lengths: dict[str, int], num_negatives: int = 0,
-                       mesh_data: int = -1, mesh_model: int = 1,
-                       chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()
-                       ) -> MemoryReport:
-  """Lowers and compiles the trainer's jitted train step for `topology`; reports its memory.
-
-  Args:
-    topology: e.g. "v5e:4x4".
-    model_config, loss_config, optimizer_config: as for a real run.
-    batch_size: the global batch size B.
-    task_feature_lengths: {"queries": Lq, "passages": Lp}.
-    num_negatives: hard negatives per query in the batch (0: none).
-    mesh_data, mesh_model: mesh sizes as for `partitioning.create_mesh` (-1 fills).
-    chunks: gradient caching / loss row chunking, as for a real run.
-  """
-  devices = topology_devices(topology)
-  mesh = partitioning.create_mesh(mesh_data, mesh_model, devices=devices)
-  if batch_size % mesh.shape[partitioning.DATA_AXIS]:
-    raise ValueError(f"Batch size {batch_size} is not divisible by the data axis "
-                     f"({mesh.shape[partitioning.DATA_AXIS]} of {len(devices)} chips).")
-  batch = train_step_lib.batch_spec(batch_size, task_feature_lengths, num_negatives=num_negatives)
-  built = train_step_lib.build(model_config, loss_config, optimizer_config, mesh, batch, chunks)
-  batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=built.batch_shardings[k])
-                    for k, v in batch.items()}
-  rng = train_step_lib.rng_spec()
-  rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=built.rng_sharding)
-  common = dict(
-      topology=topology, num_chips=len(devices),
-      mesh_shape=(mesh.shape[partitioning.DATA_AXIS], mesh.shape[partitioning.MODEL_AXIS]),
-      hbm_bytes=HBM_BYTES_PER_CHIP[chip_generation(topology)])
-  start = time.time()
-  lowered = built.train_step.lower(built.abstract_state, batch_abstract, rng)
-  try:
-    compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as e:
-    refusal = xla_hbm_refusal(str(e))
-    if refusal is None:
-      raise
-    text, needed, temporaries_only = refusal
-    arguments = per_chip_bytes((built.abstract_state, batch_abstract, rng))
-    return MemoryReport(
-        argument_bytes=arguments, output_bytes=0, alias_bytes=0, generated_code_bytes=0,
-        temp_bytes=needed if temporaries_only else max(needed - arguments, 0),
-        compile_seconds=time.time() - start, compile_error=text, **common)
-  stats = compiled.memory_analysis()
-  return MemoryReport(
-      argument_bytes=stats.argument_size_in_bytes, output_bytes=stats.output_size_in_bytes,
-      alias_bytes=stats.alias_size_in_bytes, temp_bytes=stats.temp_size_in_bytes,
-      generated_code_bytes=stats.generated_code_size_in_bytes,
-      compile_seconds=time.time() - start, **common)
-
-
-def does_not_fit_message(report: MemoryReport, batch_size: int) -> str:
-  generation = chip_generation(report.topology)
-  # After XLA's own HBM check the need is a lower bound; the summary says so.
-  return (f"does not fit: needs {report.total_bytes / GIB:.2f} GiB per chip, {generation} has "
-          f"{report.hbm_bytes / GIB:.0f} GiB; try a smaller batch (--gin.BATCH_SIZE="
-          f"{max(batch_size // 2, 1)}), rematerialisation (T5Config.remat=True; "
-          "remat_policy='full' keeps the least), more model "
-          f"parallelism (mesh model axis > {report.mesh_shape[1]}), bfloat16 activations "
-          "(T5Config.dtype='bfloat16'), or a larger topology.")
-
-
-def configured_train_arguments() -> dict:
-  """The arguments the parsed gin config gives `trainer.train` (defaults filled in).
-
-  The AOT check reads the same bindings a real run gets, so it compiles exactly that run's step.
-  """
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
-  bound.apply_defaults()
-  missing = [name for name in ("model", "loss", "optimizer", "data")
-             if name not in bound.arguments]
-  if missing:
-    raise ValueError(f"The gin config does not bind trainer.train's {', '.join(missing)}; pass "
-                     "an experiment's --gin_file (or its model, architecture, loss and run files).")
-  return bound.arguments
-
-
-def compile_configured(topology: str) -> tuple[MemoryReport, int]:
-  """Compiles the configured run's train step for `topology`; returns (report, batch size)."""
-  args = configured_train_arguments()
-  data = args["data"]
-  mesh_data, mesh_model = args["mesh_shape"]
-  report = compile_train_step(
-      topology, model_config=args["model"], loss_config=args["loss"],
-      optimizer_config=args["optimizer"], batch_size=data.batch_size,
-      task_feature_lengths=dict(data.task_feature_lengths), num_negatives=data.num_negatives,
-      mesh_data=mesh_data, mesh_model=mesh_model, chunks=args["chunks"])
-  return report, data.batch_size
-
 
 TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU topology to compile for, e.g. v5e:4x4, v4:2x2x2, v5p:4x4x8, v6e:4x4.")
@@ -257,17 +45,17 @@ def main(argv: Sequence[str]) -> None:
   if not TOPOLOGY.value:
     raise SystemExit("--topology is required, e.g. --topology=v5e:4x4")
   try:
-    chip_generation(TOPOLOGY.value)
+    aot.chip_generation(TOPOLOGY.value)
   except ValueError as e:
     raise SystemExit(str(e)) from e
   main_lib.setup_from_flags()
-  report, batch_size = compile_configured(TOPOLOGY.value)
+  report, batch_size = aot.compile_configured(TOPOLOGY.value)
   print(report.summary(), flush=True)
   if JSON_OUTPUT.value:
     with open(JSON_OUTPUT.value, "w") as f:
       json.dump(dict(report.to_json(), batch_size=batch_size), f, indent=2)
   if not report.fits:
-    print(does_not_fit_message(report, batch_size), file=sys.stderr, flush=True)
+    print(aot.does_not_fit_message(report, batch_size), file=sys.stderr, flush=True)
     sys.exit(1)
   print("fits", flush=True)
 

@@ -2,7 +2,7 @@
 
 Nothing here touches the host: no logging, no files. `train_step(state, batch, rng)` is one
 optimizer step; `build(...)` returns everything the trainer (and the ahead-of-time compile check,
-`launch/aot_compile.py`) needs: the abstract train state with its shardings, the sharded
+`samtone_jax/aot.py`) needs: the abstract train state with its shardings, the sharded
 initialiser, and the jitted step with in/out shardings and the state donated.
 
 The optimised parameter tree is `{"model": <DualEncoder params>, "loss": {...}}`, where "loss"

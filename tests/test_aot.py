@@ -1,4 +1,4 @@
-"""launch/aot_compile.py: the real train step compiled for TPU topologies on this CPU machine.
+"""launch/aot_compile.py (over samtone_jax.aot): the real train step compiled for TPU topologies on this CPU machine.
 
 Runs the script as a user does (a subprocess: libtpu's topology plugin and absl flags stay out of
 the test process) with the repository's gin files. The per-chip argument memory is checked
@@ -96,10 +96,7 @@ def test_both_forms_of_xla_hbm_refusal_are_read():
   """XLA refuses a program for HBM in two wordings (the matched parts as XLA wrote them in its
   errors for v5e here): an early check on the temporaries, and buffer assignment running out
   with everything placed (the second one used to escape as a traceback)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("aot_compile", SCRIPT)
-  aot = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(aot)
+  from samtone_jax import aot  # pylint: disable=g-import-not-at-top
   early = ("RESOURCE_EXHAUSTED: ... memory required for HLO temporaries (29.31G) exceeds "
            "available HBM (15.75G) ...")
   late = ("tensorflow.tpu.CompilationResultProto='\\x08\\x08\\x12\\xc4JRan out of memory in "
