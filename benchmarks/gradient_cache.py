@@ -21,25 +21,15 @@ import os
 import statistics
 import time
 
-import gin
 import jax
 import numpy as np
 
-from samtone_jax import main as main_lib
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
-from samtone_jax.models import config as model_config
+from train_step import model_config_of  # pylint: disable=g-import-not-at-top  (benchmarks/train_step.py)
 
 TEMPERATURE = 0.05
-
-
-def model_config_of(size: str) -> model_config.DualEncoderConfig:
-  gin.clear_config()
-  main_lib.parse_gin([f"models/{size}.gin", "architectures/sde.gin"], [])
-  config = gin.get_configurable(model_config.DualEncoderConfig)()
-  gin.clear_config()
-  return config
 
 
 def jax_step(config, batch: dict[str, np.ndarray], chunk: int):
