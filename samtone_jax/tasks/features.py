@@ -11,6 +11,12 @@ Batches are dicts of numpy/jax arrays:
 
 `feature_converter.DualEncoderFeatureConverter` produces them; `pipeline.get_train_iterator` is
 what a trainer calls.
+
+Seq2seq tasks (SKILL knowledge infusion, closed-book QA; seqio's "inputs"/"targets" convention):
+  inputs:       int32 [<=Li]      encoder token ids, EOS-terminated.
+  targets:      int32 [<=Lt]      decoder target token ids, EOS-terminated.
+  answers:      string [A]        every gold answer of a QA example (for exact match; not a model
+                                  feature, so feature converters drop it).
 """
 
 QUERIES = "queries"
@@ -18,6 +24,9 @@ PASSAGES = "passages"
 NEGATIVES = "negatives"
 QUERY_IDS = "query_ids"
 PASSAGE_IDS = "passage_ids"
+INPUTS = "inputs"
+TARGETS = "targets"
+ANSWERS = "answers"
 
 PAD_ID = 0
 EOS_ID = 1

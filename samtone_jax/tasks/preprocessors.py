@@ -30,6 +30,13 @@ def output_features(vocabulary: seqio.Vocabulary, *, with_negatives: bool = Fals
   return result
 
 
+def seq2seq_output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  """The output features of a seq2seq task (SKILL, closed-book QA): "inputs" and "targets" token
+  ids, both EOS-terminated (T5's convention)."""
+  return {key: seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32, rank=1)
+          for key in (features.INPUTS, features.TARGETS)}
+
+
 def feature_length(sequence_length: Mapping[str, int] | None, key: str) -> int | None:
   """Length of `key`; negatives use the passages length unless given their own."""
   if not sequence_length:

@@ -1,5 +1,8 @@
 """seqio data sources built from Python readers of the official file formats.
 
+`examples_source` serves the dual-encoder tasks (queries, passages, negatives); `records_source`
+serves records of any typed fields (the seq2seq tasks: KG triples, QA examples).
+
 Files are parsed in Python (so a malformed row raises `DataFormatError` with its file and line)
 and handed to tf.data in chunks, which keeps the per-example cost of the Python boundary small.
 """
@@ -58,4 +61,71 @@ def examples_source(examples_fns: Mapping[str, Callable[[], Iterable[Example]]],
     return examples_dataset(examples_fns[split], num_negatives)
 
   return seqio.FunctionDataSource(dataset_fn, splits=list(examples_fns),
+                                  num_input_examples=num_input_examples)
+
+
+# ---- records of any fields (seq2seq tasks) ---------------------------------------------------
+
+# Field kinds of `records_source`: a scalar string, bool or int64, or a list of strings (e.g. a
+# QA example's answers; lists may differ in length from example to example).
+STRING, BOOL, INT64, STRING_LIST = "string", "bool", "int64", "string_list"
+_DTYPES = {STRING: tf.string, BOOL: tf.bool, INT64: tf.int64, STRING_LIST: tf.string}
+_NUMPY_DTYPES = {STRING: object, BOOL: np.bool_, INT64: np.int64}
+
+
+def _record_chunks(records: Iterable[Mapping], spec: Mapping[str, str]
+                   ) -> Iterator[dict[str, object]]:
+  """Groups records into chunks of up to _CHUNK rows: numpy arrays, ragged for list fields."""
+  buffer: dict[str, list] = {k: [] for k in spec}
+
+  def flush():
+    chunk = {}
+    for key, kind in spec.items():
+      if kind == STRING_LIST:
+        chunk[key] = tf.ragged.constant(buffer[key], dtype=tf.string, ragged_rank=1)
+      else:
+        chunk[key] = np.array(buffer[key], dtype=_NUMPY_DTYPES[kind])
+    return chunk
+
+  for record in records:
+    for key in spec:
+      buffer[key].append(list(record[key]) if spec[key] == STRING_LIST else record[key])
+    if len(buffer[next(iter(spec))]) == _CHUNK:
+      yield flush()
+      buffer = {k: [] for k in spec}
+  if buffer[next(iter(spec))]:
+    yield flush()
+
+
+def records_dataset(records_fn: Callable[[], Iterable[Mapping]], spec: Mapping[str, str]
+                    ) -> tf.data.Dataset:
+  """A tf.data.Dataset of the records `records_fn()` yields, typed by `spec`.
+
+  Args:
+    records_fn: called each time the dataset is iterated (each epoch); yields dicts with the
+      keys of `spec`, in a deterministic order.
+    spec: field name -> STRING, BOOL, INT64 (scalars) or STRING_LIST ([A] strings, A >= 0).
+  """
+  signature = {}
+  for key, kind in spec.items():
+    if kind == STRING_LIST:
+      signature[key] = tf.RaggedTensorSpec([None, None], tf.string, ragged_rank=1)
+    else:
+      signature[key] = tf.TensorSpec([None], _DTYPES[kind])
+  ds = tf.data.Dataset.from_generator(lambda: _record_chunks(records_fn(), spec),
+                                      output_signature=signature)
+  return ds.unbatch()
+
+
+def records_source(records_fns: Mapping[str, Callable[[], Iterable[Mapping]]],
+                   spec: Mapping[str, str], *,
+                   num_input_examples: Mapping[str, int] | None = None
+                   ) -> seqio.FunctionDataSource:
+  """A seqio source whose split `s` yields `records_fns[s]()` typed by `spec` (file order)."""
+
+  def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # one stream per split, shuffled downstream from the run's seed
+    return records_dataset(records_fns[split], spec)
+
+  return seqio.FunctionDataSource(dataset_fn, splits=list(records_fns),
                                   num_input_examples=num_input_examples)

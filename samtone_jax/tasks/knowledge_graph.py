@@ -1,0 +1,268 @@
+"""Knowledge-graph triples and the SKILL objective (Moiseev et al., NAACL 2022) as seqio data.
+
+SKILL infuses a knowledge graph into T5 by training on its triples directly: each fact
+(subject, relation, object) becomes two seq2seq examples, one with the object masked and one with
+the subject masked, as a single T5 sentinel span; the relation is kept:
+
+  (Kismet, directed_by, William Dieterle)
+    inputs  "Kismet directed by <extra_id_0>"     targets "<extra_id_0> William Dieterle"
+    inputs  "<extra_id_0> directed by William Dieterle"   targets "<extra_id_0> Kismet"
+
+(the targets follow T5's span-corruption convention: the sentinel, then the span). Relation names
+have their underscores turned into spaces ("directed_by" -> "directed by"); the entity and
+relation strings are otherwise kept as the file spells them.
+
+The paper compares this with training on sentences that state the same facts (KELM); a
+`fact sentences` file gives them, and each sentence is masked the same way (the subject or the
+object, where the sentence spells it), so the two can be trained alone or as a seqio mixture.
+
+File formats (plain or .gz; every malformed row raises `readers.DataFormatError` with its file
+and 1-based line):
+
+  TSV triples          subject<TAB>relation<TAB>object                  (one fact per line)
+  MetaQA kb.txt        subject|relation|object                          (MetaQA's WikiMovies KB)
+  WikiMovies KB        N subject relation object[, object...]           (movieqa/knowledge_source/
+                       numbered lines (N = 1, 2, ... per movie),         wiki_entities/
+                       movies separated by blank lines                   wiki_entities_kb.txt)
+  fact sentences       sentence<TAB>subject<TAB>relation<TAB>object     (the sentence states it)
+
+Records handed to tf.data (one per (fact, masked side), so every preprocessor maps one example
+to one example, which `pipeline` needs to resume by skipping raw examples):
+
+  triples:    {"subject", "relation", "object": str, "mask_subject": bool}
+  sentences:  {"text": str, "span_start", "span_end": int64 byte offsets of the masked entity}
+"""
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import dataclasses
+import re
+
+import seqio
+import tensorflow as tf
+
+from samtone_jax.tasks import features
+from samtone_jax.tasks import preprocessors
+from samtone_jax.tasks import readers
+from samtone_jax.tasks import sources
+
+SENTINEL = "<extra_id_0>"  # T5's first sentinel: the last id of a vocabulary with extra ids
+SUBJECT, RELATION, OBJECT = "subject", "relation", "object"
+MASK_SUBJECT = "mask_subject"
+TEXT, SPAN_START, SPAN_END = "text", "span_start", "span_end"
+# The relations of WikiMovies' wiki_entities_kb.txt. Their objects are comma-separated lists,
+# except the free-text plot (which contains commas of its own).
+WIKIMOVIES_RELATIONS = ("directed_by", "written_by", "starred_actors", "release_year",
+                        "in_language", "has_tags", "has_genre", "has_imdb_rating",
+                        "has_imdb_votes", "has_plot")
+WIKIMOVIES_UNSPLIT_RELATIONS = ("has_plot",)
+_WIKIMOVIES_RE = re.compile(r"^(\d+) (.+?) (" + "|".join(WIKIMOVIES_RELATIONS) + r") (.+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Triple:
+  subject: str
+  relation: str
+  object: str
+
+
+def _check_triple(path: str, line: int, subject: str, relation: str, obj: str) -> Triple:
+  return Triple(readers.check_text(path, line, SUBJECT, subject),
+                readers.check_text(path, line, RELATION, relation),
+                readers.check_text(path, line, OBJECT, obj))
+
+
+def read_tsv_triples(path: str) -> Iterator[Triple]:
+  """`subject<TAB>relation<TAB>object` lines, in file order."""
+  for line, (subject, relation, obj) in readers.iter_tsv(path, 3):
+    yield _check_triple(path, line, subject, relation, obj)
+
+
+def read_metaqa_kb(path: str) -> Iterator[Triple]:
+  """MetaQA's kb.txt: `subject|relation|object` lines (a blank line is an error)."""
+  for line, text in readers.iter_lines(path):
+    fields = text.split("|")
+    if len(fields) != 3:
+      raise readers.DataFormatError(
+          path, line, f"expected 'subject|relation|object' (3 '|'-separated fields), got "
+          f"{len(fields)} in {text[:80]!r}")
+    yield _check_triple(path, line, *fields)
+
+
+def read_wikimovies_kb(path: str) -> Iterator[Triple]:
+  """WikiMovies' wiki_entities_kb.txt: numbered `N subject relation objects` lines.
+
+  Lines of one movie are numbered 1, 2, ...; a blank line ends the movie. A list-valued object
+  ("starred_actors Marlene Dietrich, Edward Arnold") gives one triple per item.
+  """
+  expected_number = 1
+  for line, text in readers.iter_lines(path):
+    if not text.strip():
+      expected_number = 1
+      continue
+    match = _WIKIMOVIES_RE.match(text)
+    if not match:
+      raise readers.DataFormatError(
+          path, line, "expected 'N subject relation object' with N a line number and relation "
+          f"one of {', '.join(WIKIMOVIES_RELATIONS)}; got {text[:80]!r}")
+    number, subject, relation, objects = match.groups()
+    if int(number) != expected_number:
+      raise readers.DataFormatError(
+          path, line, f"line number {number} should be {expected_number} (the lines of a movie "
+          "are numbered from 1; a blank line starts the next movie)")
+    expected_number += 1
+    items = ([objects] if relation in WIKIMOVIES_UNSPLIT_RELATIONS else objects.split(", "))
+    for item in items:
+      yield _check_triple(path, line, subject, relation, item)
+
+
+KG_FORMATS: dict[str, Callable[[str], Iterator[Triple]]] = {
+    "tsv": read_tsv_triples, "metaqa_kb": read_metaqa_kb, "wikimovies_kb": read_wikimovies_kb}
+
+
+def read_triples(path: str, kg_format: str = "tsv") -> Iterator[Triple]:
+  """Triples of a KG file in one of KG_FORMATS; raises ValueError for an unknown format."""
+  if kg_format not in KG_FORMATS:
+    raise ValueError(f"Unknown knowledge-graph format {kg_format!r}; one of {sorted(KG_FORMATS)}.")
+  return KG_FORMATS[kg_format](path)
+
+
+def masked_triples(triples: Iterable[Triple]) -> Iterator[dict]:
+  """Both SKILL examples of every triple: object masked, then subject masked."""
+  for triple in triples:
+    for mask_subject in (False, True):
+      yield {SUBJECT: triple.subject, RELATION: triple.relation, OBJECT: triple.object,
+             MASK_SUBJECT: mask_subject}
+
+
+def relation_text(relation: tf.Tensor) -> tf.Tensor:
+  """A relation name as words: underscores become spaces ("directed_by" -> "directed by")."""
+  return tf.strings.regex_replace(relation, "_", " ")
+
+
+@seqio.map_over_dataset
+def skill_mask_triple(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """One triple record -> {"inputs", "targets"} text with the subject or object as a sentinel.
+
+  Args:
+    example: {"subject", "relation", "object": string [], "mask_subject": bool []}.
+
+  Returns:
+    {"inputs": "subject relation <extra_id_0>" (or "<extra_id_0> relation object"),
+     "targets": "<extra_id_0> object" (or "<extra_id_0> subject")}.
+  """
+  relation = relation_text(example[RELATION])
+  mask_subject = example[MASK_SUBJECT]
+  inputs = tf.where(mask_subject,
+                    tf.strings.join([SENTINEL, relation, example[OBJECT]], separator=" "),
+                    tf.strings.join([example[SUBJECT], relation, SENTINEL], separator=" "))
+  masked = tf.where(mask_subject, example[SUBJECT], example[OBJECT])
+  return {features.INPUTS: inputs,
+          features.TARGETS: tf.strings.join([SENTINEL, masked], separator=" ")}
+
+
+def read_fact_sentences(path: str) -> Iterator[tuple[str, Triple, int]]:
+  """`sentence<TAB>subject<TAB>relation<TAB>object` lines -> (sentence, fact, line number).
+
+  Both entities must occur in the sentence (that is what makes it state the fact).
+  """
+  for line, (sentence, subject, relation, obj) in readers.iter_tsv(path, 4):
+    sentence = readers.check_text(path, line, "sentence", sentence)
+    triple = _check_triple(path, line, subject, relation, obj)
+    for field, entity in ((SUBJECT, triple.subject), (OBJECT, triple.object)):
+      if entity not in sentence:
+        raise readers.DataFormatError(path, line, f"the {field} {entity!r} does not occur in "
+                                      f"the sentence {sentence[:80]!r}")
+    yield sentence, triple, line
+
+
+def masked_sentences(sentences: Iterable[tuple[str, Triple, int]]) -> Iterator[dict]:
+  """Both masked examples of every fact sentence: its object span, then its subject span.
+
+  The span is the entity's first occurrence, given as UTF-8 byte offsets for tf.strings.substr.
+  """
+  for sentence, triple, _ in sentences:
+    encoded = sentence.encode("utf-8")
+    for entity in (triple.object, triple.subject):
+      start = encoded.index(entity.encode("utf-8"))
+      yield {TEXT: sentence, SPAN_START: start, SPAN_END: start + len(entity.encode("utf-8"))}
+
+
+@seqio.map_over_dataset
+def skill_mask_sentence(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """{"text", "span_start", "span_end"} -> text with the span as a sentinel; targets the span.
+
+  "Kismet was directed by William Dieterle." with the object span ->
+    inputs "Kismet was directed by <extra_id_0>."   targets "<extra_id_0> William Dieterle"
+  """
+  text, start, end = example[TEXT], example[SPAN_START], example[SPAN_END]
+  before = tf.strings.substr(text, tf.constant(0, start.dtype), start)
+  span = tf.strings.substr(text, start, end - start)
+  after = tf.strings.substr(text, end, tf.cast(tf.strings.length(text), end.dtype) - end)
+  return {features.INPUTS: tf.strings.join([before, SENTINEL, after]),
+          features.TARGETS: tf.strings.join([SENTINEL, span], separator=" ")}
+
+
+TRIPLE_SPEC = {SUBJECT: sources.STRING, RELATION: sources.STRING, OBJECT: sources.STRING,
+               MASK_SUBJECT: sources.BOOL}
+SENTENCE_SPEC = {TEXT: sources.STRING, SPAN_START: sources.INT64, SPAN_END: sources.INT64}
+
+
+def check_sentinel(vocabulary: seqio.Vocabulary, name: str) -> None:
+  """Raises ValueError unless `vocabulary` encodes SENTINEL as one id (it needs extra ids)."""
+  if getattr(vocabulary, "extra_ids", 0) < 1:
+    raise ValueError(f"Task {name!r}: the SKILL objective masks spans with the T5 sentinel "
+                     f"{SENTINEL}, so its vocabulary needs extra ids (e.g. "
+                     "seqio.SentencePieceVocabulary(path, extra_ids=100)); this one has none.")
+
+
+def register_skill_task(name: str, kg_path: str | Callable[[], str], vocabulary: seqio.Vocabulary,
+                        *, kg_format: str = "tsv", shuffle_buffer_size: int = 100_000
+                        ) -> seqio.Task:
+  """Registers (replacing any earlier one) a SKILL task over a KG file: split "train".
+
+  Args:
+    name: task name.
+    kg_path: the KG file, or a function returning it (called when the data is first read, so a
+      directory configured after registration is honoured; it may raise MissingDataError).
+    vocabulary: a vocabulary with extra ids (the sentinel).
+    kg_format: one of KG_FORMATS.
+    shuffle_buffer_size: the pipeline's shuffle buffer.
+
+  Returns:
+    the task: features "inputs", "targets" (token ids, EOS-terminated, trimmed to the lengths).
+  """
+  check_sentinel(vocabulary, name)
+  if kg_format not in KG_FORMATS:
+    raise ValueError(f"Unknown knowledge-graph format {kg_format!r}; one of {sorted(KG_FORMATS)}.")
+  resolve = kg_path if callable(kg_path) else (lambda: kg_path)
+  source = sources.records_source(
+      {"train": lambda: masked_triples(read_triples(resolve(), kg_format))}, TRIPLE_SPEC)
+  return _register(name, source, skill_mask_triple, vocabulary, shuffle_buffer_size)
+
+
+def register_fact_sentences_task(name: str, path: str | Callable[[], str],
+                                 vocabulary: seqio.Vocabulary, *,
+                                 shuffle_buffer_size: int = 100_000) -> seqio.Task:
+  """Registers a KELM-style task: fact sentences with the subject or object masked ("train")."""
+  check_sentinel(vocabulary, name)
+  resolve = path if callable(path) else (lambda: path)
+  source = sources.records_source(
+      {"train": lambda: masked_sentences(read_fact_sentences(resolve()))}, SENTENCE_SPEC)
+  return _register(name, source, skill_mask_sentence, vocabulary, shuffle_buffer_size)
+
+
+def _register(name: str, source: seqio.DataSource, mask_fn, vocabulary: seqio.Vocabulary,
+              shuffle_buffer_size: int) -> seqio.Task:
+  seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(
+      name, source=source,
+      preprocessors=[mask_fn, preprocessors.tokenize_trim_append_eos],
+      output_features=preprocessors.seq2seq_output_features(vocabulary),
+      shuffle_buffer_size=shuffle_buffer_size)
+
+
+def register_mixture(name: str, tasks: Sequence[tuple[str, float]]) -> seqio.Mixture:
+  """Registers (replacing any earlier one) a mixture of tasks with rates, e.g. triples and
+  sentences."""
+  seqio.MixtureRegistry.remove(name)
+  return seqio.MixtureRegistry.add(name, list(tasks))
