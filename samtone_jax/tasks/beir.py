@@ -21,7 +21,6 @@ import tensorflow as tf
 
 from samtone_jax.tasks import eval_sets
 from samtone_jax.tasks import features
-from samtone_jax.tasks import paths
 from samtone_jax.tasks import preprocessors
 from samtone_jax.tasks import readers
 from samtone_jax.tasks import sources
@@ -206,13 +205,8 @@ TFDS_BEIR_HELP = ("Prepare it with `tfds build beir/{config}` (needs apache-beam
 
 def _tfds_split(config: str, split: str, **kwargs) -> tf.data.Dataset:
   """`split` of TFDS beir/<config> from `paths.tfds_data_dir()`; MissingDataError if unprepared."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(f"beir/{config}", data_dir=paths.tfds_data_dir())
-  try:
-    return builder.as_dataset(split=split, **kwargs)
-  except (AssertionError, FileNotFoundError, ValueError) as e:
-    raise readers.MissingDataError(f"TFDS dataset beir/{config} (split {split!r})",
-                                   builder.data_dir, TFDS_BEIR_HELP.format(config=config)) from e
+  return readers.tfds_split(f"beir/{config}", split, TFDS_BEIR_HELP.format(config=config),
+                            **kwargs)
 
 
 def _text(value) -> str:

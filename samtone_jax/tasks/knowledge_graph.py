@@ -222,7 +222,7 @@ def register_skill_task(name: str, kg_path: str | Callable[[], str], vocabulary:
 
   Args:
     name: task name.
-    kg_path: the KG file, or a function returning it (called when the data is first read, so a
+    kg_path: the KG file, or a function returning it (called when the dataset is built, so a
       directory configured after registration is honoured; it may raise MissingDataError).
     vocabulary: a vocabulary with extra ids (the sentinel).
     kg_format: one of KG_FORMATS.
@@ -235,8 +235,8 @@ def register_skill_task(name: str, kg_path: str | Callable[[], str], vocabulary:
   if kg_format not in KG_FORMATS:
     raise ValueError(f"Unknown knowledge-graph format {kg_format!r}; one of {sorted(KG_FORMATS)}.")
   resolve = kg_path if callable(kg_path) else (lambda: kg_path)
-  source = sources.records_source(
-      {"train": lambda: masked_triples(read_triples(resolve(), kg_format))}, TRIPLE_SPEC)
+  source = sources.file_records_source(
+      {"train": resolve}, lambda path: masked_triples(read_triples(path, kg_format)), TRIPLE_SPEC)
   return _register(name, source, skill_mask_triple, vocabulary, shuffle_buffer_size)
 
 
@@ -246,8 +246,8 @@ def register_fact_sentences_task(name: str, path: str | Callable[[], str],
   """Registers a KELM-style task: fact sentences with the subject or object masked ("train")."""
   check_sentinel(vocabulary, name)
   resolve = path if callable(path) else (lambda: path)
-  source = sources.records_source(
-      {"train": lambda: masked_sentences(read_fact_sentences(resolve()))}, SENTENCE_SPEC)
+  source = sources.file_records_source(
+      {"train": resolve}, lambda p: masked_sentences(read_fact_sentences(p)), SENTENCE_SPEC)
   return _register(name, source, skill_mask_sentence, vocabulary, shuffle_buffer_size)
 
 

@@ -146,3 +146,19 @@ def check_str_id(path: str, line: int, field: str, value: Any) -> str:
     raise DataFormatError(path, line, f"bad {field} {value!r}: expected a non-empty string "
                           "without tabs or newlines")
   return value
+
+
+def tfds_split(name: str, split: str, how_to_get: str, **as_dataset_kwargs):
+  """`split` of the TFDS dataset `name` from the configured TFDS data dir (tf.data.Dataset).
+
+  Raises MissingDataError (where TFDS looked, `how_to_get`) when it is not prepared there; TFDS
+  is imported here, so registering TFDS-backed tasks never needs it.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from samtone_jax.tasks import paths  # pylint: disable=g-import-not-at-top
+  builder = tfds.builder(name, data_dir=paths.tfds_data_dir())
+  try:
+    return builder.as_dataset(split=split, **as_dataset_kwargs)
+  except (AssertionError, FileNotFoundError, ValueError) as e:
+    raise MissingDataError(f"TFDS dataset {name} (split {split!r})", builder.data_dir,
+                           how_to_get) from e

@@ -1,7 +1,8 @@
 """seqio data sources built from Python readers of the official file formats.
 
-`examples_source` serves the dual-encoder tasks (queries, passages, negatives); `records_source`
-serves records of any typed fields (the seq2seq tasks: KG triples, QA examples).
+`examples_source` serves the dual-encoder tasks (queries, passages, negatives);
+`file_records_source` serves records of any typed fields read from files (the seq2seq tasks: KG
+triples, QA examples).
 
 Files are parsed in Python (so a malformed row raises `DataFormatError` with its file and line)
 and handed to tf.data in chunks, which keeps the per-example cost of the Python boundary small.
@@ -117,15 +118,18 @@ def records_dataset(records_fn: Callable[[], Iterable[Mapping]], spec: Mapping[s
   return ds.unbatch()
 
 
-def records_source(records_fns: Mapping[str, Callable[[], Iterable[Mapping]]],
-                   spec: Mapping[str, str], *,
-                   num_input_examples: Mapping[str, int] | None = None
-                   ) -> seqio.FunctionDataSource:
-  """A seqio source whose split `s` yields `records_fns[s]()` typed by `spec` (file order)."""
+def file_records_source(split_paths: Mapping[str, Callable[[], str]],
+                        reader: Callable[[str], Iterable[Mapping]], spec: Mapping[str, str]
+                        ) -> seqio.FunctionDataSource:
+  """A seqio source whose split `s` yields `reader(split_paths[s]())` typed by `spec`.
+
+  The path function runs when the split's dataset is built (not at registration, so data dirs
+  configured later count; not inside tf.data, so its MissingDataError reaches the caller as is).
+  """
 
   def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one stream per split, shuffled downstream from the run's seed
-    return records_dataset(records_fns[split], spec)
+    path = split_paths[split]()
+    return records_dataset(lambda: reader(path), spec)
 
-  return seqio.FunctionDataSource(dataset_fn, splits=list(records_fns),
-                                  num_input_examples=num_input_examples)
+  return seqio.FunctionDataSource(dataset_fn, splits=list(split_paths))
