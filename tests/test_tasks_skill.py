@@ -138,6 +138,13 @@ def test_fact_sentences_task(tmp_path):
       ("In 2001 Jean-Pierre Jeunet directed <extra_id_0>.", "<extra_id_0> Amélie")]
 
 
+def test_entity_spans_do_not_overlap():
+  sentence = "walrus mustache is also called walrus."
+  assert kg.entity_spans(sentence, "walrus mustache", "walrus") == ((0, 15), (31, 37))
+  assert kg.entity_spans("Amélie by Jeunet", "Amélie", "Jeunet") == ((0, 7), (11, 17))
+  assert kg.entity_spans("walrus mustache", "walrus mustache", "walrus") is None
+
+
 def test_fact_sentence_must_state_the_fact(tmp_path):
   path = _write(tmp_path, "sentences.tsv", "Kismet is a film.\tKismet\tdirected_by\tDieterle\n")
   with pytest.raises(readers.DataFormatError, match=re.escape(

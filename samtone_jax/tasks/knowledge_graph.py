@@ -160,10 +160,32 @@ def skill_mask_triple(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
           features.TARGETS: tf.strings.join([SENTINEL, masked], separator=" ")}
 
 
-def read_fact_sentences(path: str) -> Iterator[tuple[str, Triple, int]]:
-  """`sentence<TAB>subject<TAB>relation<TAB>object` lines -> (sentence, fact, line number).
+def _occurrences(text: bytes, part: bytes) -> Iterator[int]:
+  start = text.find(part)
+  while start >= 0:
+    yield start
+    start = text.find(part, start + 1)
 
-  Both entities must occur in the sentence (that is what makes it state the fact).
+
+def entity_spans(sentence: str, subject: str, obj: str) -> tuple[tuple[int, int], ...] | None:
+  """UTF-8 byte spans ((start, end) of the subject, of the object) in `sentence`: the first
+  occurrences that do not overlap (so "walrus" is not found inside "walrus mustache"), or None.
+  """
+  text, subject_bytes, object_bytes = (x.encode("utf-8") for x in (sentence, subject, obj))
+  for s in _occurrences(text, subject_bytes):
+    s_end = s + len(subject_bytes)
+    for o in _occurrences(text, object_bytes):
+      o_end = o + len(object_bytes)
+      if o_end <= s or o >= s_end:
+        return (s, s_end), (o, o_end)
+  return None
+
+
+def read_fact_sentences(path: str) -> Iterator[tuple[str, tuple[int, int], tuple[int, int]]]:
+  """`sentence<TAB>subject<TAB>relation<TAB>object` lines -> (sentence, subject span, object
+  span), byte spans as `entity_spans` finds them.
+
+  Both entities must occur in the sentence, apart (that is what makes it state the fact).
   """
   for line, (sentence, subject, relation, obj) in readers.iter_tsv(path, 4):
     sentence = readers.check_text(path, line, "sentence", sentence)
@@ -172,19 +194,19 @@ def read_fact_sentences(path: str) -> Iterator[tuple[str, Triple, int]]:
       if entity not in sentence:
         raise readers.DataFormatError(path, line, f"the {field} {entity!r} does not occur in "
                                       f"the sentence {sentence[:80]!r}")
-    yield sentence, triple, line
+    spans = entity_spans(sentence, triple.subject, triple.object)
+    if spans is None:
+      raise readers.DataFormatError(path, line, f"the subject {triple.subject!r} and the object "
+                                    f"{triple.object!r} only occur overlapping in the sentence")
+    yield sentence, spans[0], spans[1]
 
 
-def masked_sentences(sentences: Iterable[tuple[str, Triple, int]]) -> Iterator[dict]:
-  """Both masked examples of every fact sentence: its object span, then its subject span.
-
-  The span is the entity's first occurrence, given as UTF-8 byte offsets for tf.strings.substr.
-  """
-  for sentence, triple, _ in sentences:
-    encoded = sentence.encode("utf-8")
-    for entity in (triple.object, triple.subject):
-      start = encoded.index(entity.encode("utf-8"))
-      yield {TEXT: sentence, SPAN_START: start, SPAN_END: start + len(entity.encode("utf-8"))}
+def masked_sentences(sentences: Iterable[tuple[str, tuple[int, int], tuple[int, int]]]
+                     ) -> Iterator[dict]:
+  """Both masked examples of every fact sentence: its object span, then its subject span."""
+  for sentence, subject_span, object_span in sentences:
+    for start, end in (object_span, subject_span):
+      yield {TEXT: sentence, SPAN_START: start, SPAN_END: end}
 
 
 @seqio.map_over_dataset
