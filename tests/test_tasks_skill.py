@@ -155,3 +155,28 @@ def test_fact_sentence_must_state_the_fact(tmp_path):
 def test_skill_needs_a_vocabulary_with_sentinels(tmp_path):
   with pytest.raises(ValueError, match="needs extra ids"):
     kg.register_skill_task("test_skill_no_sentinel", "kg.tsv", vocab.demo_vocabulary())
+
+
+def test_registered_kg_tasks_read_the_data_dir(tmp_path):
+  """skill_wikimovies / skill_<name> find their files under the data dir configured at use."""
+  from samtone_jax.tasks import paths  # pylint: disable=g-import-not-at-top
+  from samtone_jax.tasks import skill  # pylint: disable=g-import-not-at-top
+  vocabulary = seqio.SentencePieceVocabulary(vocab.DEMO_VOCAB_PATH, extra_ids=100)
+  _write(tmp_path, os.path.join("kg", "my-kg.tsv"), METAQA_KB.replace("|", "\t"))
+  paths.configure_data_dirs(data_dir=str(tmp_path))
+  try:
+    skill.register(vocabulary)
+    assert skill.register_kg_directory(str(tmp_path / "kg"), vocabulary) == ["skill_my_kg"]
+    with pytest.raises(readers.MissingDataError, match=re.escape(
+        str(tmp_path / "wikimovies" / skill.WIKIMOVIES_KB)) + ".*movieqa.tar.gz"):
+      seqio.get_mixture_or_task(skill.WIKIMOVIES_TASK).get_dataset(
+          {"inputs": 8, "targets": 8}, split="train", shuffle=False)
+    _write(tmp_path, os.path.join("wikimovies", skill.WIKIMOVIES_KB), WIKIMOVIES_KB)
+    for name in (skill.WIKIMOVIES_TASK, "skill_my_kg"):
+      ds = seqio.get_mixture_or_task(name).get_dataset({"inputs": 32, "targets": 32},
+                                                       split="train", shuffle=False)
+      first = next(iter(ds))
+      assert vocabulary.decode(first["inputs"].numpy().tolist()) == (
+          "Kismet directed by <extra_id_0>")
+  finally:
+    paths.reset_data_dirs()

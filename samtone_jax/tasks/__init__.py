@@ -9,6 +9,9 @@
   readers.py           line-numbered TSV/JSONL readers, DataFormatError, MissingDataError
   sources.py           seqio sources over Python readers
   demo.py, msmarco.py, multireqa.py, beir.py   the datasets
+  knowledge_graph.py   KG triple readers, the SKILL masking preprocessors (seq2seq)
+  closed_book_qa.py    MetaQA / FreebaseQA / TFDS QA readers, exact-match metric hook
+  skill.py             the SKILL and closed-book QA task names, the WordNet demo tasks
   hard_negatives.py    training tasks from mined hard negatives (hard_negatives.jsonl)
   eval_sets.py         the EvalSet registry read by samtone_jax.evaluation
 """

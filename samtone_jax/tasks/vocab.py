@@ -1,4 +1,4 @@
-"""SentencePiece vocabularies: T5's public one for full-size runs, the demo's own small one.
+"""SentencePiece vocabularies: T5's public one for full-size runs, the demos' own small ones.
 
 Both follow T5's id convention (pad=0, eos=1, unk=2, no BOS) that `features.py` relies on.
 """
@@ -85,3 +85,16 @@ def check_fits(vocabulary: seqio.Vocabulary, model_vocab_size: int, user: str) -
 def demo_vocabulary() -> seqio.SentencePieceVocabulary:
   """The demo dataset's own 8000-piece vocabulary, shipped with the package."""
   return seqio.SentencePieceVocabulary(DEMO_VOCAB_PATH, extra_ids=0)
+
+
+WORDNET_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "wordnet")
+# Trained by scripts/build_wordnet_kg.py on the WordNet KG and its questions: 2,000 pieces, plus
+# T5's 100 sentinels (the SKILL objective masks spans with <extra_id_0>, id 2,099), so a model
+# that reads it needs vocab_size >= WORDNET_VOCAB_SIZE + T5_EXTRA_IDS = 2,100.
+WORDNET_VOCAB_PATH = os.path.join(WORDNET_DATA_DIR, "sentencepiece.model")
+WORDNET_VOCAB_SIZE = 2000
+
+
+def wordnet_vocabulary() -> seqio.SentencePieceVocabulary:
+  """The WordNet SKILL demo's own vocabulary (shipped with the package) with T5's 100 sentinels."""
+  return seqio.SentencePieceVocabulary(WORDNET_VOCAB_PATH, extra_ids=T5_EXTRA_IDS)
