@@ -179,8 +179,7 @@ def train_vocabulary(texts: list[str], out: str) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=model, vocab_size=VOCAB_SIZE,
       model_type="bpe", character_coverage=1.0, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-      input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
-      normalization_rule_name="identity")
+      input_sentence_size=0, shuffle_input_sentence=False, num_threads=1)
   with open(os.path.join(out, "sentencepiece.model"), "wb") as f:
     f.write(model.getvalue())
 

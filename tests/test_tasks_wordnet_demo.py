@@ -119,3 +119,16 @@ def test_builder_parses_wordnet_data_noun(tmp_path):
   assert builder.build_kg(synsets) == [("dog", "subclass_of", "canine"),
                                        ("dog", "also_known_as", "domestic dog"),
                                        ("dog", "also_known_as", "Canis familiaris")]
+
+
+def test_wordnet_vocabulary_tf_and_python_agree_on_all_demo_text():
+  """Every text of the demo (and a few a user might type) gets the same ids from seqio's
+  encode_tf, which the pipeline uses, and from the sentencepiece library."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  sp = spm.SentencePieceProcessor(model_file=vocab.WORDNET_VOCAB_PATH)
+  texts = [field for name in ("kg.tsv.gz", "sentences.tsv.gz", "qa_train.txt.gz",
+                              "qa_dev.txt.gz", "qa_test.txt.gz")
+           for line in _lines(name) for field in line.split("\t")]
+  texts += ["Ｆｕｌｌｗｉｄｔｈ ｄｏｇ", "café crème", "what is [dog] a kind of?"]
+  ragged = vocab.wordnet_vocabulary().encode_tf(tf.constant(texts))
+  assert ragged.to_list() == [sp.encode(t) for t in texts]
