@@ -169,3 +169,16 @@ def test_nq_open_records_from_tfds(tmp_path):
     assert record["inputs"] == example["question"]
     assert list(record["answers"]) == list(example["answer"])
     assert record["targets"] == example["answer"][0]
+
+
+def test_trivia_qa_records_from_tfds():
+  """TriviaQA: the value is the target; answers are the value, then its aliases."""
+  with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+    raw = list(tfds.as_numpy(tfds.load(qa.TRIVIA_QA_TFDS, split="validation")))
+    records = list(tfds.as_numpy(qa.trivia_qa_source().get_dataset("test")))
+  assert len(records) == 3
+  for example, record in zip(raw, records):
+    assert record["inputs"] == example["question"]
+    assert record["targets"] == example["answer"]["value"]
+    assert list(record["answers"]) == [example["answer"]["value"]] + list(
+        example["answer"]["aliases"])
