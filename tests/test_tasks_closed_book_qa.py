@@ -5,7 +5,6 @@ import os
 import re
 
 import pytest
-import seqio
 import tensorflow_datasets as tfds
 
 from fixtures import tasks_data

@@ -172,11 +172,12 @@ def test_registered_kg_tasks_read_the_data_dir(tmp_path):
       seqio.get_mixture_or_task(skill.WIKIMOVIES_TASK).get_dataset(
           {"inputs": 8, "targets": 8}, split="train", shuffle=False)
     _write(tmp_path, os.path.join("wikimovies", skill.WIKIMOVIES_KB), WIKIMOVIES_KB)
-    for name in (skill.WIKIMOVIES_TASK, "skill_my_kg"):
+    for name, count in ((skill.WIKIMOVIES_TASK, 12), ("skill_my_kg", 4)):
       ds = seqio.get_mixture_or_task(name).get_dataset({"inputs": 32, "targets": 32},
                                                        split="train", shuffle=False)
-      first = next(iter(ds))
-      assert vocabulary.decode(first["inputs"].numpy().tolist()) == (
+      examples = list(ds)
+      assert len(examples) == count  # WikiMovies: 7 triples, less the plot, 2 examples each
+      assert vocabulary.decode(examples[0]["inputs"].numpy().tolist()) == (
           "Kismet directed by <extra_id_0>")
   finally:
     paths.reset_data_dirs()

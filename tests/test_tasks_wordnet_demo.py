@@ -5,7 +5,6 @@ import gzip
 import importlib.util
 import os
 
-import pytest
 import seqio
 import sentencepiece as spm
 

@@ -238,8 +238,8 @@ def check_sentinel(vocabulary: seqio.Vocabulary, name: str) -> None:
 
 
 def register_skill_task(name: str, kg_path: str | Callable[[], str], vocabulary: seqio.Vocabulary,
-                        *, kg_format: str = "tsv", shuffle_buffer_size: int = 100_000
-                        ) -> seqio.Task:
+                        *, kg_format: str = "tsv", drop_relations: Sequence[str] = (),
+                        shuffle_buffer_size: int = 100_000) -> seqio.Task:
   """Registers (replacing any earlier one) a SKILL task over a KG file: split "train".
 
   Args:
@@ -248,6 +248,7 @@ def register_skill_task(name: str, kg_path: str | Callable[[], str], vocabulary:
       directory configured after registration is honoured; it may raise MissingDataError).
     vocabulary: a vocabulary with extra ids (the sentinel).
     kg_format: one of KG_FORMATS.
+    drop_relations: relations left out (e.g. WikiMovies' "has_plot", a paragraph, not an entity).
     shuffle_buffer_size: the pipeline's shuffle buffer.
 
   Returns:
@@ -257,8 +258,12 @@ def register_skill_task(name: str, kg_path: str | Callable[[], str], vocabulary:
   if kg_format not in KG_FORMATS:
     raise ValueError(f"Unknown knowledge-graph format {kg_format!r}; one of {sorted(KG_FORMATS)}.")
   resolve = kg_path if callable(kg_path) else (lambda: kg_path)
-  source = sources.file_records_source(
-      {"train": resolve}, lambda path: masked_triples(read_triples(path, kg_format)), TRIPLE_SPEC)
+  drop = frozenset(drop_relations)
+
+  def records(path):
+    return masked_triples(t for t in read_triples(path, kg_format) if t.relation not in drop)
+
+  source = sources.file_records_source({"train": resolve}, records, TRIPLE_SPEC)
   return _register(name, source, skill_mask_triple, vocabulary, shuffle_buffer_size)
 
 

@@ -13,7 +13,8 @@ Embedded demo (WordNet 3.0, shipped in data/wordnet/, vocabulary `vocab.wordnet_
 
 Knowledge graphs (T5's vocabulary with its 100 sentinels, `vocab.t5_vocabulary()`):
   skill_wikimovies      WikiMovies' KB: <data>/wikimovies/movieqa/knowledge_source/wiki_entities/
-                        wiki_entities_kb.txt (numbered `N subject relation objects` lines)
+                        wiki_entities_kb.txt (numbered `N subject relation objects` lines;
+                        the has_plot paragraphs are left out, as MetaQA's kb.txt leaves them)
   skill_metaqa_kb       MetaQA's WikiMovies KB: <data>/metaqa/kb.txt (`subject|relation|object`)
   skill_<name>          every TSV KG <data>/kg/<name>.tsv[.gz] (`subject<TAB>relation<TAB>object`,
                         e.g. Wikidata triples you extracted), registered when this module's
@@ -107,7 +108,8 @@ def register(vocabulary: seqio.Vocabulary | None = None) -> None:
   knowledge_graph.register_skill_task(
       WIKIMOVIES_TASK, under_data_dir("wikimovies", WIKIMOVIES_KB, what="WikiMovies KB",
                                       how_to_get=WIKIMOVIES_HELP),
-      vocabulary, kg_format="wikimovies_kb")
+      vocabulary, kg_format="wikimovies_kb",
+      drop_relations=knowledge_graph.WIKIMOVIES_UNSPLIT_RELATIONS)  # plots are not entities
   knowledge_graph.register_skill_task(
       METAQA_KB_TASK, under_data_dir("metaqa", "kb.txt", what="MetaQA KB (kb.txt)",
                                      how_to_get=closed_book_qa.METAQA_HELP),
