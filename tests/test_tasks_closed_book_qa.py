@@ -17,7 +17,8 @@ from samtone_jax.tasks import vocab
 METAQA = ("what movies are about [ginger rogers]\tTop Hat|Kitty Foyle|The Barkleys of Broadway\n"
           "who directed the movie [Kismet]\tWilliam Dieterle\n")
 
-# FreebaseQA-train.json, official layout (two questions; the second has two parses).
+# FreebaseQA-train.json in the layout its README documents (github.com/kelvin-jiang/FreebaseQA):
+# two questions; the second has two parses.
 FREEBASEQA = {
     "Dataset": "FreebaseQA-train",
     "Version": "1.0",
@@ -30,7 +31,6 @@ FREEBASEQA = {
                      "TopicEntityName": "james bond",
                      "TopicEntityMid": "m.0clpml",
                      "InferentialChain": "film.film_character.portrayed_in_films..film.performance.film",
-                     "Constraints": [],
                      "Answers": [{"AnswersMid": "m.01npcx", "AnswersName": ["goldeneye"]}]}]},
         {"Question-ID": "FreebaseQA-train-1",
          "RawQuestion": "Which city hosted the 1900 Summer Olympics?",
