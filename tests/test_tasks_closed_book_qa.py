@@ -30,7 +30,8 @@ FREEBASEQA = {
                      "PotentialTopicEntityMention": "007",
                      "TopicEntityName": "james bond",
                      "TopicEntityMid": "m.0clpml",
-                     "InferentialChain": "film.film_character.portrayed_in_films..film.performance.film",
+                     "InferentialChain":
+                         "film.film_character.portrayed_in_films..film.performance.film",
                      "Answers": [{"AnswersMid": "m.01npcx", "AnswersName": ["goldeneye"]}]}]},
         {"Question-ID": "FreebaseQA-train-1",
          "RawQuestion": "Which city hosted the 1900 Summer Olympics?",
@@ -144,8 +145,9 @@ def test_metaqa_missing_files_say_where_to_get_them(tmp_path):
     source.get_dataset("train")
 
 
-@pytest.mark.parametrize("source_fn,name", [(qa.nq_open_source, "natural_questions_open"),
-                                            (qa.trivia_qa_source, "trivia_qa/unfiltered.nocontext")])
+@pytest.mark.parametrize("source_fn,name", [
+    (qa.nq_open_source, "natural_questions_open"),
+    (qa.trivia_qa_source, "trivia_qa/unfiltered.nocontext")])
 def test_tfds_qa_unprepared_says_how_to_get_it(tmp_path, source_fn, name):
   paths.configure_data_dirs(tfds_data_dir=str(tmp_path / "tfds"))
   try:

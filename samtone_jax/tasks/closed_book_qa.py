@@ -174,12 +174,12 @@ def register_qa_task(name: str, source: seqio.DataSource, vocabulary: seqio.Voca
 
 def file_source(split_paths: Mapping[str, Callable[[], str]],
                 reader: Callable[[str], Iterator[dict]]) -> seqio.FunctionDataSource:
-  """A QA source whose split s reads `reader(split_paths[s]())` (paths resolved on first read)."""
+  """A QA source whose split s reads `reader(split_paths[s]())` (path found when it is built)."""
   return sources.file_records_source(split_paths, reader, QA_SPEC)
 
 
 def metaqa_source(directory: str | None = None, hops: int = 1) -> seqio.FunctionDataSource:
-  """MetaQA {hops}-hop/vanilla/qa_{train,dev,test}.txt; default directory $SAMTONE_DATA_DIR/metaqa."""
+  """MetaQA {hops}-hop/vanilla/qa_{train,dev,test}.txt (default directory: <data dir>/metaqa)."""
 
   def path(split):
     root = directory or os.path.join(paths.data_dir(), "metaqa")
@@ -191,7 +191,7 @@ def metaqa_source(directory: str | None = None, hops: int = 1) -> seqio.Function
 
 
 def freebaseqa_source(directory: str | None = None) -> seqio.FunctionDataSource:
-  """FreebaseQA-{train,dev,eval}.json as splits train/dev/test; default $SAMTONE_DATA_DIR/freebaseqa."""
+  """FreebaseQA-{train,dev,eval}.json as splits train/dev/test (default: <data dir>/freebaseqa)."""
 
   def path(file_split):
     root = directory or os.path.join(paths.data_dir(), "freebaseqa")
