@@ -9,7 +9,8 @@ from WordNet's pointers and lemmas:
   has_part        %p part meronym                   car has_part accelerator
   has_member      %m member meronym                 Canidae has_member Canis
   made_from       %s substance meronym              bread made_from flour
-  also_known_as   the synset's other lemmas         dog also_known_as domestic dog
+  also_known_as   the synset's other lemmas         dog also_known_as Canis familiaris
+                  (not those containing the name or contained in it: "domestic dog")
 
 Steps (needs Debian's `wordnet-base` package: `apt-get install wordnet-base`):
   1. Read every noun synset of /usr/share/wordnet/data.noun (format: wndb(5WN)). A synset's
@@ -109,6 +110,11 @@ def _usable(text: str) -> bool:
   return text.strip() == text and text and not any(c in text for c in "\t|[]\n")
 
 
+def _contains_either(a: str, b: str) -> bool:
+  a, b = a.lower(), b.lower()
+  return a in b or b in a
+
+
 def build_kg(synsets) -> list[tuple[str, str, str]]:
   """The KG's triples, sorted by subject order of the seeded draw, then as WordNet lists them."""
   first_lemmas = collections.Counter(lemmas[0] for _, lemmas, _ in synsets.values())
@@ -125,7 +131,9 @@ def build_kg(synsets) -> list[tuple[str, str, str]]:
       if symbol in POINTER_RELATIONS and target in name:
         facts.append((name[offset], POINTER_RELATIONS[symbol], name[target]))
     for lemma in lemmas[1:]:
-      if _usable(lemma) and lemma.lower() != name[offset].lower():
+      # An alias that contains the name or is contained in it ("Carcharias", "genus
+      # Carcharias") can be guessed from the name alone; it would not test knowledge.
+      if _usable(lemma) and not _contains_either(lemma, name[offset]):
         facts.append((name[offset], SYNONYM_RELATION, lemma))
     # A subject with only a hypernym adds little to ask about; keep ones with two or more facts.
     facts = [f for f in dict.fromkeys(facts) if f not in seen]

@@ -6,7 +6,7 @@ are found when a task's dataset is built, under `paths.data_dir()` ($SAMTONE_DAT
 ~/samtone_data), and a missing one raises MissingDataError saying where to get it.
 
 Embedded demo (WordNet 3.0, shipped in data/wordnet/, vocabulary `vocab.wordnet_vocabulary()`):
-  demo_wordnet_skill            SKILL infusion on the KG's 3,000 triples (both directions), "train"
+  demo_wordnet_skill            SKILL infusion on the KG's 3,001 triples (both directions), "train"
   demo_wordnet_sentences        the KELM-style fact sentences, masked the same way, "train"
   demo_wordnet_skill_sentences  mixture of the two, rate 1:1
   demo_wordnet_qa               the one-hop questions, splits "train", "dev", "test"
