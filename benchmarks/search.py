@@ -25,9 +25,11 @@ embeddings; faiss holds its own copy of the current size in its index).
 Usage:
   JAX_PLATFORMS=cpu python benchmarks/search.py [--num_docs 100000] [--dim 768]
       [--num_queries 1000] [--k 100] [--chunk_sizes 4096,16384] [--repeats 5]
+      [--baseline /tmp/search_rev.py]
 """
 
 import argparse
+import importlib.util
 import os
 import time
 
@@ -113,12 +115,22 @@ def main():
   parser.add_argument("--chunk_sizes", default="4096,16384",
                       help="corpus rows per search step (exact_search's chunk_size)")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--baseline", default=None,
+                      help="path of another copy of samtone_jax/evaluation/search.py (e.g. `git show "
+                      "REV:samtone_jax/evaluation/search.py > /tmp/search_rev.py`), timed in the "
+                      "same rounds; one more line per chunk size compares it with ours")
   args = parser.parse_args()
   sizes = [int(s) for s in args.num_docs.split(",")]
   chunk_sizes = [int(s) for s in args.chunk_sizes.split(",")]
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores "
         f"(XLA intra-op threads: one per core); faiss {faiss.__version__} with "
         f"{faiss.omp_get_max_threads()} OpenMP threads; {args.repeats} alternating rounds")
+
+  baseline = None
+  if args.baseline:
+    spec = importlib.util.spec_from_file_location("baseline_search", args.baseline)
+    baseline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baseline)
 
   rng = np.random.default_rng(0)
   queries = unit_gaussian(rng, args.num_queries, args.dim)
@@ -136,6 +148,8 @@ def main():
       ours_search = lambda: search.exact_search(queries, docs, args.k, chunk_size=chunk)
       xla_matmul, blas_matmul = matmul_only_functions(queries, docs, chunk)
       functions = [ours_search, faiss_search, xla_matmul, blas_matmul]
+      if baseline is not None:
+        functions.append(lambda: baseline.exact_search(queries, docs, args.k, chunk_size=chunk))
       for fn in functions:
         fn()  # Warm-up: compiles ours and the XLA dot for this chunk size.
       times, cpu_times, results = alternating_times(functions, args.repeats)
@@ -148,6 +162,12 @@ def main():
             f"{spread(times[:, 1] / times[:, 0])} | {spread(times[:, 2])} | {spread(times[:, 3])} | "
             f"{top_k_share:.2f} | {cores[0]:.2f} / {cores[1]:.2f} | {same:.3f} | {diff:.1e} |",
             flush=True)
+      if baseline is not None:
+        same_as_ours = all(np.array_equal(a, b) for a, b in zip(results[4], results[0]))
+        print(f"  baseline {args.baseline}: {spread(times[:, 4])} s; baseline s / ours s per "
+              f"round {spread(times[:, 4] / times[:, 0])}; faiss s / baseline s per round "
+              f"{spread(times[:, 1] / times[:, 4])}; same ids and scores as ours: {same_as_ours}",
+              flush=True)
     del index
 
 
