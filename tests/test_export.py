@@ -222,6 +222,7 @@ def _assert_same_bits(got, want) -> None:
 @pytest.mark.parametrize("source,tower_sharing,scan_layers", [
     ("run", "ade_spl", True),   # our checkpoint, stored stacked; the t5x model is stacked too
     ("gtr", "sde", False),      # a sentence-transformers GTR-layout directory
+    ("hf_t5", "sde", False),    # a Hugging Face T5 encoder directory (no projection)
 ])
 def test_t5x_checkpoint_holds_the_source_params_to_the_bit(tmp_path, source, tower_sharing,
                                                            scan_layers):
@@ -234,6 +235,20 @@ def test_t5x_checkpoint_holds_the_source_params_to_the_bit(tmp_path, source, tow
   if source == "run":
     checkpoint_path = tmp_path / "run"
     _write_run(checkpoint_path, params, {"demo_manpages_test/mrr@10": 0.25})
+  elif source == "hf_t5":  # config.json + model.safetensors of the encoder only.
+    from samtone_jax.exporting import sentence_transformers_dir  # pylint: disable=g-import-not-at-top
+    from samtone_jax.models import hf_export  # pylint: disable=g-import-not-at-top
+    checkpoint_path = tmp_path / "hf_t5"
+    encoder_params, _ = hf_export.tower_params(config, params, "query")
+    sentence_transformers_dir.write_t5_encoder(checkpoint_path, config.encoder, encoder_params)
+    # The projection is not in the directory: our loader initialises it (seed 0), like
+    # INITIAL_CHECKPOINT_PATH does; that is the source the t5x checkpoint must hold.
+    params = jax.device_get(runner.load_model(str(checkpoint_path), config).params["model"])
+    assert not np.array_equal(params["projection"]["kernel"],
+                              _random_params(config, seed=3)["projection"]["kernel"])
+    _assert_same_bits({k: v for k, v in params.items() if k != "projection"},
+                      {k: v for k, v in _random_params(config, seed=3).items()
+                       if k != "projection"})
   else:  # GTR layout, written by our sentence-transformers exporter from the same params.
     checkpoint_path = tmp_path / "gtr"
     exporting.export_model(config, params, step_dir=str(tmp_path / "none"),
