@@ -1,20 +1,25 @@
-r"""Entry point exporting a checkpoint to sentence-transformers / Hugging Face or a TF SavedModel.
+r"""Entry point exporting a checkpoint to sentence-transformers / Hugging Face, a TF SavedModel or t5x.
 
   python -m samtone_jax.export --gin_file=gin/experiments/demo_samtone.gin \
     --gin.CHECKPOINT_PATH=\"/tmp/run\" --gin.EXPORT_DIR=\"/tmp/run/export\" \
-    [--gin.EXPORT_FORMAT=\"sentence_transformers\"|\"saved_model\"] [--gin.EXPORT_OVERWRITE=True]
+    [--gin.EXPORT_FORMAT=\"sentence_transformers\"|\"saved_model\"|\"t5x\"] \
+    [--gin.EXPORT_OVERWRITE=True]
 
 The experiment's gin files give the model, the training task (whose SentencePiece vocabulary
 becomes the tokenizer) and TASK_FEATURE_LENGTHS (the token lengths texts are cut to);
 `gin/runs/export.gin` (parsed before them) binds `export()`. CHECKPOINT_PATH is a run directory
-(latest checkpoint), its `checkpoints/` directory, or one `checkpoints/<step>` directory; or a t5x
-MODEL_DIR / `checkpoint_<step>` directory of this model (docs/t5x.md).
+(latest checkpoint), its `checkpoints/` directory, or one `checkpoints/<step>` directory; a t5x
+MODEL_DIR / `checkpoint_<step>` directory of this model (docs/t5x.md); or public weights, read like
+INITIAL_CHECKPOINT_PATH: a sentence-transformers GTR directory or a Hugging Face T5 directory.
 
   sentence_transformers  `SentenceTransformer(EXPORT_DIR)` loads it (ADE variants: a `Router`;
                          `encode_query` / `encode_document` pick the tower). Needs torch,
                          transformers and sentence-transformers.
   saved_model            `tf.saved_model.load(EXPORT_DIR).signatures["encode_queries"]` /
                          `["encode_documents"]`: strings in, embeddings out.
+  t5x                    EXPORT_DIR/checkpoint_0: a t5x checkpoint (parameters only, step 0) that
+                         `python -m t5x.train` starts from with gin/t5x/initial_checkpoint.gin
+                         and --gin.INITIAL_CHECKPOINT_PATH=\"EXPORT_DIR/checkpoint_0\".
 
 EXPORT_DIR must be absent or empty (EXPORT_OVERWRITE=True replaces it once the new export is
 complete); a failed export leaves nothing there. README.md in the export records the architecture,
@@ -41,13 +46,14 @@ def export(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
   """Exports the checkpoint's dual encoder (see the module docstring).
 
   Args:
-    checkpoint_path: a run directory, its checkpoints/ or one checkpoints/<step> directory.
+    checkpoint_path: a run directory, its checkpoints/ or one checkpoints/<step> directory, a t5x
+      checkpoint, or public weights (see the module docstring).
     model: the architecture the checkpoint was trained with.
     export_dir: the local output directory (EXPORT_DIR).
     task: the training task or mixture (MIXTURE_OR_TASK_NAME); its "queries" vocabulary is
-      exported as the tokenizer.
+      exported as the tokenizer (not read for "t5x").
     feature_lengths: {"queries": Lq, "passages": Lp} (TASK_FEATURE_LENGTHS).
-    export_format: "sentence_transformers" or "saved_model" (EXPORT_FORMAT).
+    export_format: "sentence_transformers", "saved_model" or "t5x" (EXPORT_FORMAT).
     overwrite: replace a non-empty export_dir (EXPORT_OVERWRITE).
     mesh_shape: (data, model) mesh sizes to restore on.
     tasks_module: imported to register the task.
@@ -62,15 +68,20 @@ def export(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
     raise exporting.ExportError(
         f"EXPORT_FORMAT={export_format!r}; expected one of {exporting.FORMATS}.")
   exporting.staging.check_export_dir(export_dir, overwrite)  # Before the slow work.
-  importlib.import_module(tasks_module)
-  vocabulary = seqio.get_mixture_or_task(task).output_features["queries"].vocabulary
-  sentencepiece_model = exporting.sentencepiece_model_of(vocabulary, task)
+  sentencepiece_model = None  # A t5x checkpoint holds no tokenizer.
+  if export_format != "t5x":
+    importlib.import_module(tasks_module)
+    vocabulary = seqio.get_mixture_or_task(task).output_features["queries"].vocabulary
+    sentencepiece_model = exporting.sentencepiece_model_of(vocabulary, task)
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
   path = exporting.export_model(
-      model, loaded.params["model"], step_dir=loaded.step_dir,
+      model, loaded.params["model"], step_dir=loaded.step_dir or checkpoint_path,
       sentencepiece_model=sentencepiece_model, max_seq_lengths=dict(feature_lengths),
       export_dir=export_dir, export_format=export_format, overwrite=overwrite)
-  print(f"Exported {loaded.step_dir} as {export_format} to {path}", flush=True)
+  print(f"Exported {loaded.step_dir or checkpoint_path} as {export_format} to {path}", flush=True)
+  if export_format == "t5x":
+    print("Start a t5x run from it with --gin_file=gin/t5x/initial_checkpoint.gin "
+          f'--gin.INITIAL_CHECKPOINT_PATH=\\"{path}/checkpoint_0\\" (docs/t5x.md).', flush=True)
   return path
 
 

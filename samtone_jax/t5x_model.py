@@ -199,6 +199,8 @@ class DualEncoderModel(t5x_models.BaseModel):
       accuracy; "document_top1_accuracy" too when bidirectional), "temperature", and t5x's
       "timing/*" throughput metrics.
     """
+    # t5x drops the empty "loss" subtree of a fixed temperature; our step function reads it.
+    params = {"loss": {}, **params}
     loss, sums = train_step.loss_and_metrics(params, dict(batch), model=self.module,
                                              loss_config=self.loss_config, mesh=None,
                                              dropout_rng=dropout_rng)

@@ -205,3 +205,84 @@ def test_saved_model_strings_to_embeddings(tmp_path, tower_sharing="ade_spl"):
     got = loaded.signatures[name](tf.constant(TEXTS))["embeddings"].numpy()
     np.testing.assert_allclose(got, _ours(config, params, TEXTS, side, length), atol=1e-4, rtol=0)
   assert "encode_queries" in (export_dir / "README.md").read_text()
+
+
+def _bits(tree) -> list[tuple[str, np.ndarray]]:
+  """(path, float32 bit pattern as uint32) of every leaf: equality to the bit, -0.0 and NaN too."""
+  return [(jax.tree_util.keystr(path), np.asarray(leaf, np.float32).view(np.uint32))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _assert_same_bits(got, want) -> None:
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (path, a), (_, b) in zip(_bits(got), _bits(want)):
+    np.testing.assert_array_equal(a, b, err_msg=path)
+
+
+@pytest.mark.parametrize("source,tower_sharing,scan_layers", [
+    ("run", "ade_spl", True),   # our checkpoint, stored stacked; the t5x model is stacked too
+    ("gtr", "sde", False),      # a sentence-transformers GTR-layout directory
+    ("hf_t5", "sde", False),    # a Hugging Face T5 encoder directory (no projection)
+])
+def test_t5x_checkpoint_holds_the_source_params_to_the_bit(tmp_path, source, tower_sharing,
+                                                           scan_layers):
+  """EXPORT_FORMAT="t5x": our run or GTR-layout weights become EXPORT_DIR/checkpoint_0/state in
+  t5x's orbax layout ({"target": {"model": params}, "state": {"step": 0}}, OCDBT), read here with
+  orbax alone; tests/test_t5x.py restores it in `python -m t5x.train`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = _config(tower_sharing, scan_layers=scan_layers)
+  params = _random_params(config, seed=3)
+  if source == "run":
+    checkpoint_path = tmp_path / "run"
+    _write_run(checkpoint_path, params, {"demo_manpages_test/mrr@10": 0.25})
+  elif source == "hf_t5":  # config.json + model.safetensors of the encoder only.
+    from samtone_jax.exporting import sentence_transformers_dir  # pylint: disable=g-import-not-at-top
+    from samtone_jax.models import hf_export  # pylint: disable=g-import-not-at-top
+    checkpoint_path = tmp_path / "hf_t5"
+    encoder_params, _ = hf_export.tower_params(config, params, "query")
+    sentence_transformers_dir.write_t5_encoder(checkpoint_path, config.encoder, encoder_params)
+    # The projection is not in the directory: our loader initialises it (seed 0), like
+    # INITIAL_CHECKPOINT_PATH does; that is the source the t5x checkpoint must hold.
+    params = jax.device_get(runner.load_model(str(checkpoint_path), config).params["model"])
+    assert not np.array_equal(params["projection"]["kernel"],
+                              _random_params(config, seed=3)["projection"]["kernel"])
+    _assert_same_bits({k: v for k, v in params.items() if k != "projection"},
+                      {k: v for k, v in _random_params(config, seed=3).items()
+                       if k != "projection"})
+  else:  # GTR layout, written by our sentence-transformers exporter from the same params.
+    checkpoint_path = tmp_path / "gtr"
+    exporting.export_model(config, params, step_dir=str(tmp_path / "none"),
+                           sentencepiece_model=vocab.demo_vocabulary().sp_model,
+                           max_seq_lengths=LENGTHS, export_dir=str(checkpoint_path))
+    assert (checkpoint_path / "modules.json").exists()
+
+  export_dir = tmp_path / "t5x"
+  path = export_entry.export(checkpoint_path=str(checkpoint_path), model=config,
+                             export_dir=str(export_dir), task="no_task_needed_for_t5x",
+                             feature_lengths=LENGTHS, export_format="t5x")
+  assert path == str(export_dir)
+  assert sorted(os.listdir(export_dir)) == ["README.md", "checkpoint_0"]
+  state_dir = export_dir / "checkpoint_0" / "state"
+  assert (state_dir / "manifest.ocdbt").exists()  # t5x writes OCDBT (use_ocdbt=True)
+
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(str(state_dir)).item_metadata.tree
+  assert sorted(tree) == ["state", "target"] and sorted(tree["state"]) == ["step"]
+  assert sorted(tree["target"]) == ["model"]
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
+                              is_leaf=lambda x: hasattr(x, "shape"))
+  restored = checkpointer.restore(str(state_dir), restore_args=restore_args)
+  assert int(restored["state"]["step"]) == 0
+  _assert_same_bits(restored["target"]["model"], params)
+
+  # Our own readers take it back (as a t5x checkpoint), to the bit.
+  loaded = runner.load_model(str(export_dir), config)
+  assert loaded.step_dir == str(export_dir / "checkpoint_0")
+  _assert_same_bits(jax.device_get(loaded.params["model"]), params)
+
+  card = (export_dir / "README.md").read_text()
+  assert "gin/t5x/initial_checkpoint.gin" in card and f"{export_dir}/checkpoint_0" in card
+  if source == "run":
+    assert f"training step {STEP}" in card and "| demo_manpages_test/mrr@10 | 0.2500 |" in card
+  else:
+    assert str(checkpoint_path) in card and "training step" not in card

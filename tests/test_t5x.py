@@ -368,3 +368,64 @@ def test_t5x_checkpoint_evaluates_like_our_checkpoint_with_the_same_params(t5x_r
   our_metrics = evaluate.evaluate(checkpoint_path=ours, **common)
   assert theirs_metrics and all(name.startswith("demo_manpages_test/") for name in theirs_metrics)
   assert theirs_metrics == our_metrics
+
+
+def test_converted_gtr_checkpoint_restores_in_t5x_train_to_the_bit(tmp_path):
+  """A GTR-layout directory (sentence-transformers) converted by `samtone-export
+  --gin.EXPORT_FORMAT="t5x"` is the initial checkpoint of `python -m t5x.train` with
+  gin/t5x/initial_checkpoint.gin: t5x's own restore reads it, and the checkpoint t5x saves before
+  its first step holds the GTR parameters to the bit with a fresh (all-zero) Adafactor state.
+  Resuming that run restores t5x's own optimizer state: the assignment map is not applied."""
+  from samtone_jax import export as export_entry  # pylint: disable=g-import-not-at-top
+  from samtone_jax import exporting  # pylint: disable=g-import-not-at-top
+  from samtone_jax.tasks import vocab  # pylint: disable=g-import-not-at-top
+  config = config_lib.DualEncoderConfig(  # gin/models/tiny.gin with the demo vocabulary
+      encoder=config_lib.T5Config(vocab_size=8000, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                  num_heads=4, dropout_rate=0.0),
+      projection_dim=64)
+  tokens = np.ones((1, 4), np.int32)
+  params = flax.linen.unbox(dual_encoder.DualEncoder(config).init(
+      jax.random.PRNGKey(5), tokens, tokens)["params"])
+  rng = np.random.default_rng(5)  # perturb every leaf (layer norms start at exactly 1)
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32)
+                        + 0.1 * rng.standard_normal(x.shape).astype(np.float32), params)
+  gtr_dir = tmp_path / "gtr"
+  exporting.export_model(config, params, step_dir=str(tmp_path / "none"),
+                         sentencepiece_model=vocab.demo_vocabulary().sp_model,
+                         max_seq_lengths=LENGTHS, export_dir=str(gtr_dir))
+  export_entry.export(checkpoint_path=str(gtr_dir), model=config,
+                      export_dir=str(tmp_path / "t5x_init"), task="demo_manpages",
+                      feature_lengths=LENGTHS, export_format="t5x")
+
+  model_dir = str(tmp_path / "model")
+  common = ["--gin_file=gin/t5x/demo.gin", "--gin_file=gin/t5x/initial_checkpoint.gin",
+            f'--gin.MODEL_DIR="{model_dir}"',
+            f'--gin.INITIAL_CHECKPOINT_PATH="{tmp_path}/t5x_init/checkpoint_0"',
+            f"--gin.TASK_FEATURE_LENGTHS={LENGTHS_GIN}", f"--gin.BATCH_SIZE={BATCH}",
+            "--gin.RANDOM_SEED=0", "--gin.utils.create_learning_rate_scheduler.warmup_steps=1"]
+  first = _run_t5x("train", common + ["--gin.TRAIN_STEPS=1"], devices=1,
+                   log_path=str(tmp_path / "train_1.log"))
+  assert f"Initializing parameters from specific T5X checkpoint {tmp_path}/t5x_init" in first
+  assert "Skipping optimizer param=state/param_states" in first  # the assignment map ran
+
+  # t5x saved the restored state before its first step: the GTR parameters, bit for bit.
+  restored = _restore_numpy(os.path.join(model_dir, "checkpoint_0", "state"))
+  assert int(restored["state"]["step"]) == 0
+  got, want = restored["target"]["model"], params
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32).view(np.uint32),
+                                  np.asarray(b, np.float32).view(np.uint32),
+                                  err_msg=jax.tree_util.keystr(path))
+  moments = jax.tree.leaves(restored["state"]["param_states"])
+  assert moments and all(not np.any(m) for m in moments)  # t5x's fresh Adafactor state
+  after_one = _restore_numpy(os.path.join(model_dir, "checkpoint_1", "state"))
+  assert int(after_one["state"]["step"]) == 1
+  assert any(np.any(m) for m in jax.tree.leaves(after_one["state"]["param_states"]))
+
+  resumed = _run_t5x("train", common + ["--gin.TRAIN_STEPS=2"], devices=1,
+                     log_path=str(tmp_path / "train_2.log"))
+  assert f"Restoring checkpoint from {model_dir}/checkpoint_1" in resumed
+  assert "Skipping optimizer param" not in resumed  # optimizer state restored, not re-created
+  assert "Initializing param=" not in resumed
+  assert os.path.isdir(os.path.join(model_dir, "checkpoint_2"))

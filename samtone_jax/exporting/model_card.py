@@ -33,6 +33,9 @@ class CheckpointRecord:
 def checkpoint_record(step_dir: str) -> CheckpointRecord:
   """Reads the step, config.gin and eval metrics of the checkpoint in `step_dir`."""
   name = os.path.basename(step_dir.rstrip("/"))
+  if any(io_utils.exists(os.path.join(step_dir, f)) for f in ("modules.json", "config.json")):
+    # Public weights (a sentence-transformers or Hugging Face directory): no run, no step.
+    return CheckpointRecord(step_dir, None, None, {})
   if name.startswith("checkpoint_"):  # t5x: MODEL_DIR/checkpoint_<step>.
     step = int(name[len("checkpoint_"):]) if name[len("checkpoint_"):].isdigit() else None
     run_dir = os.path.dirname(step_dir.rstrip("/"))
@@ -62,7 +65,7 @@ def render(record: CheckpointRecord, config: DualEncoderConfig, *, export_format
   Args:
     record: the checkpoint's step, config and metrics.
     config: the exported model's architecture.
-    export_format: "sentence_transformers" or "saved_model".
+    export_format: "sentence_transformers", "saved_model" or "t5x".
     max_seq_lengths: {"queries": Lq, "passages": Lp} token lengths (EOS included) the export cuts
       texts to.
     usage: a Markdown section showing how to load and call the export.
@@ -90,8 +93,9 @@ def render(record: CheckpointRecord, config: DualEncoderConfig, *, export_format
       *([f"- activations were {enc.dtype} in samtone_jax; the export computes in float32, so its "
          "embeddings differ from the training-time ones by that rounding"]
         if enc.dtype != "float32" else []),
-      f"- texts are cut to {max_seq_lengths['queries']} tokens (queries) and "
-      f"{max_seq_lengths['passages']} tokens (documents), EOS included, as in training",
+      *([f"- texts are cut to {max_seq_lengths['queries']} tokens (queries) and "
+         f"{max_seq_lengths['passages']} tokens (documents), EOS included, as in training"]
+        if export_format != "t5x" else []),
       "",
       usage.strip(),
       "",
