@@ -50,6 +50,7 @@ positive scores at least as high as every other candidate of their softmax row.
 """
 
 from collections.abc import Hashable
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -459,3 +460,31 @@ def seq2seq_loss(logits: Array, targets: Array, weights: Array | None = None, *,
       "token_correct": jnp.sum(correct * token_weights),
   }
   return loss, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqLossConfig:
+  """The encoder-decoder's loss (`seq2seq_loss`), bound from gin like the contrastive one.
+
+  Attributes:
+    loss_normalizing_factor: None, a number, or one of LOSS_NORMALIZING_FACTORS. Default: the
+      mean over real target tokens, whose scale does not depend on the batch (T5X's function
+      default is None, the plain sum; its T5 1.1 gin configs use the constant 233472).
+    z_loss: coefficient of the log_z^2 term (T5X: 1e-4).
+    label_smoothing: in [0, 1).
+  """
+
+  loss_normalizing_factor: float | str | None = "num_real_target_tokens"
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+
+  def __post_init__(self):
+    factor = self.loss_normalizing_factor
+    if isinstance(factor, str) and factor not in LOSS_NORMALIZING_FACTORS:
+      raise ValueError(f"Seq2SeqLossConfig.loss_normalizing_factor={factor!r}; expected a "
+                       f"number, None or one of {LOSS_NORMALIZING_FACTORS}.")
+    if not isinstance(factor, (str, type(None))) and not factor > 0:
+      raise ValueError(f"Seq2SeqLossConfig.loss_normalizing_factor={factor!r} must be positive.")
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError(f"Seq2SeqLossConfig.label_smoothing={self.label_smoothing!r} must be in "
+                       "[0, 1).")
