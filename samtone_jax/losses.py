@@ -2,8 +2,9 @@
 
 (The encoder-decoder's token cross-entropy, `seq2seq_loss`, is at the end of this module.)
 
-This is the one contrastive loss of the project (Moiseev et al. 2023, "SamToNe: Improving Contrastive Loss for
-Dual Encoder Retrieval Models with Same Tower Negatives"). With queries `q_i`, documents `d_i`
+This is the one contrastive loss of the project (Moiseev et al. 2023, "SamToNe: Improving
+Contrastive Loss for Dual Encoder Retrieval Models with Same Tower Negatives"). With queries `q_i`,
+documents `d_i`
 (row i of each is a positive pair), optional hard-negative documents `n_k` (every hard negative of
 the batch is a candidate for every query) and `s(x, y) = x . y / temperature`:
 

@@ -55,6 +55,12 @@ Array = jax.Array
 DECODER_START_ID = t5.PAD_ID
 EOS_ID = 1
 
+# The encoder's per-example dropout-key helper and site numbers: the decoder derives its keys the
+# same way.
+_fold_in_each = t5._fold_in_each  # pylint: disable=protected-access
+_EMBEDDING_SITE = t5._EMBEDDING_SITE  # pylint: disable=protected-access
+_FINAL_SITE = t5._FINAL_SITE  # pylint: disable=protected-access
+_FIRST_LAYER = t5._FIRST_LAYER  # pylint: disable=protected-access
 # Split of an example's dropout key between the stacks.
 _ENCODER_KEY, _DECODER_KEY = 0, 1
 # Dropout sites inside a decoder layer, on that layer's key: attention weights of the two
@@ -111,12 +117,12 @@ class DecoderLayer(nn.Module):
     rate = cfg.dropout_rate
     y = t5.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
     y = t5.SelfAttention(cfg, name="self_attention")(
-        y, position_bias, self_mask_bias, t5._fold_in_each(dropout_keys, _SELF_ATTENTION_KEY))  # pylint: disable=protected-access
+        y, position_bias, self_mask_bias, _fold_in_each(dropout_keys, _SELF_ATTENTION_KEY))
     x = x + t5.dropout(y, rate, dropout_keys, site=2)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     y = t5.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
     y = t5.SelfAttention(cfg, name="encoder_decoder_attention")(
-        y, None, cross_mask_bias, t5._fold_in_each(dropout_keys, _CROSS_ATTENTION_KEY),  # pylint: disable=protected-access
+        y, None, cross_mask_bias, _fold_in_each(dropout_keys, _CROSS_ATTENTION_KEY),
         inputs_kv=encoded)
     x = x + t5.dropout(y, rate, dropout_keys, site=3)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -170,7 +176,7 @@ class T5Decoder(nn.Module):
     decoder_input_tokens = nn.with_logical_constraint(decoder_input_tokens, ("batch", "length"))
     x = self.token_embedder(decoder_input_tokens).astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    x = t5.dropout(x, cfg.dropout_rate, t5._fold_in_each(dropout_keys, t5._EMBEDDING_SITE),  # pylint: disable=protected-access
+    x = t5.dropout(x, cfg.dropout_rate, _fold_in_each(dropout_keys, _EMBEDDING_SITE),
                    site=0)
 
     length = decoder_input_tokens.shape[1]
@@ -182,7 +188,7 @@ class T5Decoder(nn.Module):
                                 jnp.finfo(jnp.float32).min)
 
     layer_cls = remat_layer(DecoderLayer, cfg)
-    layer_keys = [t5._fold_in_each(dropout_keys, t5._FIRST_LAYER + i)  # pylint: disable=protected-access
+    layer_keys = [_fold_in_each(dropout_keys, _FIRST_LAYER + i)
                   for i in range(self.num_layers)]
     if cfg.scan_layers:
       stacked_keys = None if dropout_keys is None else jnp.stack(layer_keys)
@@ -197,7 +203,7 @@ class T5Decoder(nn.Module):
                                                cross_mask_bias, layer_keys[i])
 
     x = t5.RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(x)
-    x = t5.dropout(x, cfg.dropout_rate, t5._fold_in_each(dropout_keys, t5._FINAL_SITE), site=0)  # pylint: disable=protected-access
+    x = t5.dropout(x, cfg.dropout_rate, _fold_in_each(dropout_keys, _FINAL_SITE), site=0)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if self.tie_word_embeddings:
       # Original T5: the embedding table is the head; the rescaling keeps logits O(1) with an
@@ -255,8 +261,8 @@ class EncoderDecoder(nn.Module):
     if not deterministic:
       rows = jnp.arange(encoder_input_tokens.shape[0]) if example_rows is None else example_rows
       keys = t5.fold_in_rows(self.make_rng("dropout"), rows)
-      encoder_keys = t5._fold_in_each(keys, _ENCODER_KEY)  # pylint: disable=protected-access
-      decoder_keys = t5._fold_in_each(keys, _DECODER_KEY)  # pylint: disable=protected-access
+      encoder_keys = _fold_in_each(keys, _ENCODER_KEY)
+      decoder_keys = _fold_in_each(keys, _DECODER_KEY)
     encoded = self.encode(encoder_input_tokens, encoder_keys)
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens, decoder_keys)
 
