@@ -21,7 +21,7 @@ import transformers
 from samtone_jax.models import encoder_decoder as ed
 from samtone_jax.models import hf_import
 from samtone_jax.models import t5
-from samtone_jax.models.config import EncoderDecoderConfig, T5Config
+from samtone_jax.models.config import DualEncoderConfig, EncoderDecoderConfig, T5Config
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
@@ -282,3 +282,23 @@ def test_import_into_scanned_layout_and_bfloat16(tmp_path):
   hf_error = np.abs(hf_logits(model.to(torch.bfloat16), inputs, targets)[valid] - exact).mean()
   assert our_error <= 1.05 * hf_error
   assert our_error < 0.25 * np.abs(exact).mean()
+
+
+def test_encoder_params_start_a_dual_encoder(tmp_path):
+  """The bridge: an encoder-decoder's encoder (token embedder included) is a standalone
+  `T5Encoder` tree, which `hf_import.dual_encoder_params` lays into any tower-sharing mode."""
+  model = random_hf_t5("gated-gelu", tied=False, seed=6)
+  save(model, tmp_path)
+  config, params = hf_import.import_t5_encoder_decoder(tmp_path)
+  encoder = ed.encoder_params(params)
+  _, reference = hf_import.import_t5_encoder(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, encoder, reference)
+  inputs, _ = padded_batch(6)
+  encoded = ed.EncoderDecoder(config).apply({"params": params}, jnp.asarray(inputs),
+                                            method=ed.EncoderDecoder.encode)
+  standalone = t5.T5Encoder(config.t5).apply({"params": encoder}, jnp.asarray(inputs))
+  np.testing.assert_allclose(encoded, standalone, rtol=1e-6, atol=1e-6)
+  dual = hf_import.dual_encoder_params(
+      DualEncoderConfig(encoder=config.t5, tower_sharing="ade"), encoder)
+  assert set(dual) == {"query_token_embedder", "document_token_embedder", "query_encoder",
+                       "document_encoder"}
