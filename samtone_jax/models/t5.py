@@ -219,9 +219,9 @@ class SelfAttention(nn.Module):
     Args:
       x: [b, l, d] normalised inputs (the queries; also the keys and values without inputs_kv).
       position_bias: float32 [1, h, l, s] relative position bias, or None (cross-attention).
-      mask_bias: float32 [b, 1, 1, s] (or [b, 1, l, s], e.g. causal): 0 for keys to attend to, a
-        large negative for padding (or future) keys. Kept apart from `position_bias` so that no
-        [b, h, l, s] bias is materialised.
+      mask_bias: float32 [b, 1, 1, s] (or anything broadcastable to [b, 1, l, s], e.g. a causal
+        [1, 1, l, l]): 0 for keys to attend to, a large negative for padding (or future) keys.
+        Kept apart from `position_bias` so that no [b, h, l, s] bias is materialised.
       dropout_keys: [b, 2] per-example keys of this layer, or None: no dropout.
       inputs_kv: [b, s, d] the sequence to attend over, or None: `x` (s = l).
 
