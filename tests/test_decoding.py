@@ -152,3 +152,11 @@ def test_small_beam_scores_are_those_of_its_sequences(alpha):
     np.testing.assert_allclose(found_scores[row], exact, rtol=1e-5, atol=1e-5)
     assert found_scores[row][0] >= found_scores[row][1]
     assert found_scores[row][0] <= scores[row].max() + 1e-5
+
+
+def test_bad_lengths_are_refused():
+  inputs, params = _tiny_model()
+  with pytest.raises(ValueError, match="max_length=0: must be at least 1"):
+    decoding.greedy_decode(TINY, params, jnp.asarray(inputs), 0)
+  with pytest.raises(ValueError, match="beam_size=0: must be at least 1"):
+    decoding.beam_search(TINY, params, jnp.asarray(inputs), 3, 0)

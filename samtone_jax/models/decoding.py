@@ -2,11 +2,11 @@
 
 Both encode the inputs once and then run the decoder on a fixed [n, max_length] buffer of the
 tokens chosen so far (shifted right), reading the logits at the current position: the causal mask
-makes them those of the prefix alone. Every step is the same compiled program (no cache to
-allocate, no shapes that change), at the cost of recomputing the prefix each step: O(max_length^2)
-decoder positions per sequence instead of O(max_length) with a key/value cache. For the short
-answers of closed-book QA (max_length 16-64) that is the simpler trade; a cache is the next step
-if long outputs matter.
+makes them those of the prefix alone (the vocabulary head runs at the current position only).
+Every step is the same compiled program (no cache to allocate, no shapes that change), at the cost
+of recomputing the prefix's layers each step: O(max_length^2) decoder positions per sequence
+instead of O(max_length) with a key/value cache. For the short answers of closed-book QA
+(max_length 16-64) that is the simpler trade; a cache is the next step if long outputs matter.
 
 Conventions (T5's): the decoder starts from token 0 (`encoder_decoder.DECODER_START_ID`),
 a sequence ends with `eos_id` (1), positions after it hold 0. Scores are sums of the natural-log
@@ -33,6 +33,14 @@ from samtone_jax.models.config import EncoderDecoderConfig
 Array = jax.Array
 
 
+def _check(max_length: int, beam_size: int = 1) -> None:
+  if max_length < 1:
+    raise ValueError(f"max_length={max_length}: must be at least 1 (tokens to generate, EOS "
+                     "included).")
+  if beam_size < 1:
+    raise ValueError(f"beam_size={beam_size}: must be at least 1.")
+
+
 def _next_token_log_probs(model: ed.EncoderDecoder, params: Any, encoded: Array,
                           encoder_input_tokens: Array, outputs: Array, position: Array) -> Array:
   """float32 [n, vocab] log p(token at `position` | outputs[:, :position], inputs).
@@ -46,9 +54,9 @@ def _next_token_log_probs(model: ed.EncoderDecoder, params: Any, encoded: Array,
     position: int32 scalar.
   """
   logits = model.apply({"params": params}, encoded, encoder_input_tokens,
-                       ed.shift_right(outputs), method=ed.EncoderDecoder.decode)
-  logits = jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False)
-  return jax.nn.log_softmax(logits, axis=-1)
+                       ed.shift_right(outputs), logits_position=position,
+                       method=ed.EncoderDecoder.decode)
+  return jax.nn.log_softmax(logits[:, 0], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_length", "eos_id"))
@@ -66,7 +74,11 @@ def greedy_decode(config: EncoderDecoderConfig, params: Any, encoder_input_token
   Returns:
     (tokens int32 [b, max_length] with 0 after EOS, scores float32 [b]: log-probability of the
     tokens up to and including EOS). Stops early once every row has ended.
+
+  Raises:
+    ValueError: max_length below 1.
   """
+  _check(max_length)
   model = ed.EncoderDecoder(config)
   encoded = model.apply({"params": params}, encoder_input_tokens,
                         method=ed.EncoderDecoder.encode)
@@ -118,7 +130,11 @@ def beam_search(config: EncoderDecoderConfig, params: Any, encoder_input_tokens:
     (sequences int32 [b, k, max_length] with 0 after EOS, best first; scores float32 [b, k]:
     log-probability / length_penalty). Slots beyond the number of distinct finished sequences
     (only with tiny vocabularies) have score -inf.
+
+  Raises:
+    ValueError: max_length or beam_size below 1.
   """
+  _check(max_length, beam_size)
   model = ed.EncoderDecoder(config)
   batch, k, vocab = encoder_input_tokens.shape[0], beam_size, config.t5.vocab_size
   encoded = model.apply({"params": params}, encoder_input_tokens,

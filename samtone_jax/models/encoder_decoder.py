@@ -159,7 +159,8 @@ class T5Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, decoder_input_tokens: Array, encoded: Array, encoder_input_tokens: Array,
-               dropout_keys: Array | None = None) -> Array:
+               dropout_keys: Array | None = None, logits_position: Array | None = None
+               ) -> Array:
     """Logits of the next token at every decoder position.
 
     Args:
@@ -167,9 +168,11 @@ class T5Decoder(nn.Module):
       encoded: [b, s, d] the encoder's outputs.
       encoder_input_tokens: int32 [b, s] the encoder's inputs; 0 (padding) keys are masked.
       dropout_keys: [b, 2] per-example decoder keys, or None: no dropout.
+      logits_position: int32 [] or None: only that position's logits (decoding needs one
+        position per step; the head over a 32k vocabulary is costly).
 
     Returns:
-      float32 [b, l, vocab_size].
+      float32 [b, l, vocab_size], or [b, 1, vocab_size] at `logits_position`.
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -205,6 +208,8 @@ class T5Decoder(nn.Module):
     x = t5.RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(x)
     x = t5.dropout(x, cfg.dropout_rate, _fold_in_each(dropout_keys, _FINAL_SITE), site=0)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if logits_position is not None:
+      x = jax.lax.dynamic_slice_in_dim(x, logits_position, 1, axis=1)
     if self.tie_word_embeddings:
       # Original T5: the embedding table is the head; the rescaling keeps logits O(1) with an
       # embedding initialised at unit scale.
@@ -239,9 +244,11 @@ class EncoderDecoder(nn.Module):
                         dropout_keys=dropout_keys)
 
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             dropout_keys: Array | None = None) -> Array:
-    """Next-token logits, float32 [b, l, vocab], given `encode`'s output; see `T5Decoder`."""
-    return self.decoder(decoder_input_tokens, encoded, encoder_input_tokens, dropout_keys)
+             dropout_keys: Array | None = None, logits_position: Array | None = None) -> Array:
+    """Next-token logits, float32 [b, l, vocab] (or [b, 1, vocab] at `logits_position`), given
+    `encode`'s output; see `T5Decoder`."""
+    return self.decoder(decoder_input_tokens, encoded, encoder_input_tokens, dropout_keys,
+                        logits_position)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                deterministic: bool = True, example_rows: Array | None = None) -> Array:
