@@ -1,5 +1,6 @@
 """Greedy decoding against Hugging Face `generate`, beam search against brute-force enumeration."""
 
+import dataclasses
 import itertools
 
 import flax.linen as nn
@@ -14,6 +15,7 @@ import transformers
 from samtone_jax.models import decoding
 from samtone_jax.models import encoder_decoder as ed
 from samtone_jax.models import hf_import
+from samtone_jax.models import t5
 from samtone_jax.models.config import EncoderDecoderConfig, T5Config
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -160,3 +162,16 @@ def test_bad_lengths_are_refused():
     decoding.greedy_decode(TINY, params, jnp.asarray(inputs), 0)
   with pytest.raises(ValueError, match="beam_size=0: must be at least 1"):
     decoding.beam_search(TINY, params, jnp.asarray(inputs), 3, 0)
+
+
+def test_scanned_tied_model_decodes_the_same():
+  inputs, params = _tiny_model()
+  tied = dataclasses.replace(TINY, tie_word_embeddings=True)
+  params = {k: v for k, v in params.items()}
+  params["decoder"] = {k: v for k, v in params["decoder"].items() if k != "logits_dense"}
+  scanned = dataclasses.replace(tied, t5=dataclasses.replace(tied.t5, scan_layers=True))
+  expected = decoding.beam_search(tied, params, jnp.asarray(inputs), MAX_LENGTH, 3)
+  found = decoding.beam_search(scanned, t5.stack_layers(params), jnp.asarray(inputs),
+                               MAX_LENGTH, 3)
+  np.testing.assert_array_equal(found[0], expected[0])
+  np.testing.assert_allclose(found[1], expected[1], rtol=1e-5)
