@@ -1,7 +1,10 @@
 """Contrastive losses for dual encoders: in-batch softmax with SamToNe same-tower negatives.
 
-This is the one loss of the project (Moiseev et al. 2023, "SamToNe: Improving Contrastive Loss for
-Dual Encoder Retrieval Models with Same Tower Negatives"). With queries `q_i`, documents `d_i`
+(The encoder-decoder's token cross-entropy, `seq2seq_loss`, is at the end of this module.)
+
+This is the one contrastive loss of the project (Moiseev et al. 2023, "SamToNe: Improving
+Contrastive Loss for Dual Encoder Retrieval Models with Same Tower Negatives"). With queries `q_i`,
+documents `d_i`
 (row i of each is a positive pair), optional hard-negative documents `n_k` (every hard negative of
 the batch is a candidate for every query) and `s(x, y) = x . y / temperature`:
 
@@ -48,7 +51,9 @@ positive scores at least as high as every other candidate of their softmax row.
 """
 
 from collections.abc import Hashable
+import dataclasses
 import functools
+import math
 from typing import Any
 
 import jax
@@ -340,3 +345,147 @@ def _check_inputs(query: Array, document: Array, negatives: Array | None,
     raise ValueError(f"{where}: row_chunk_size={row_chunk_size} does not divide the {num_anchors} "
                      "anchors of this device (the batch, or the batch / data-axis size when "
                      "sharded); use a divisor of it, or 0 for no chunking.")
+
+
+# --- Sequence-to-sequence token cross-entropy (the T5 encoder-decoder; SKILL) ---------------------
+
+# Named `loss_normalizing_factor`s, T5X's `SpecialLossNormalizingFactor`s in lower case.
+LOSS_NORMALIZING_FACTORS: tuple[str, ...] = (
+    "num_real_target_tokens", "num_total_target_tokens", "average_per_sequence")
+
+
+def seq2seq_loss(logits: Array, targets: Array, weights: Array | None = None, *,
+                 loss_normalizing_factor: float | str | None = None, z_loss: float = 0.0,
+                 label_smoothing: float = 0.0) -> tuple[Array, Metrics]:
+  """Token cross-entropy of a sequence-to-sequence model, with T5X's normalisation and z-loss.
+
+  Per target position t (T5X's `cross_entropy_with_logits`), with log_z = logsumexp(logits_t),
+  soft targets q (1 - label_smoothing on the target, label_smoothing / (V - 1) elsewhere):
+
+    loss_t = -sum_v q_v (logits_tv - log_z) - H(q) + z_loss * log_z^2
+
+  (-H(q) = the entropy constant T5X subtracts so that a perfect prediction scores 0; it is 0
+  without smoothing). The loss is sum_t weights_t * loss_t / normaliser, the normaliser being:
+    None                       1: the weighted sum (T5X's default, loss_normalizing_factor=None);
+    a number                   that constant (T5X's fixed LOSS_NORMALIZING_FACTOR, e.g. 233472 in
+                               the T5 1.1 pre-training configs): gradients scale with the number
+                               of real tokens in the batch, as in T5X;
+    "num_real_target_tokens"   sum of weights: the mean over real tokens;
+    "num_total_target_tokens"  b * l, padding included;
+    "average_per_sequence"     each sequence's weights are divided by their sum (a mean over its
+                               tokens), the normaliser is the number of sequences with a
+                               non-zero weight: the mean over sequences of per-sequence means.
+
+  This is the global view: under `jax.jit` with the batch sharded over the (data, model) mesh
+  (logits [b, l, V] as ('batch', 'length', 'vocab')), the sums are global and XLA inserts the
+  reductions; it needs no shard_map.
+
+  Args:
+    logits: float [b, l, V] next-token logits (computed in float32 here).
+    targets: int [b, l] target ids.
+    weights: float [b, l] loss weights; None: targets > 0 (T5X's `decoder_loss_weights`).
+    loss_normalizing_factor: see above.
+    z_loss: coefficient of the log_z^2 auxiliary loss (1e-4 in T5X's T5 configs); 0: off.
+    label_smoothing: in [0, 1).
+
+  Returns:
+    (loss, metrics): loss [] float32 as above; metrics are [] float32 sums and counts, divided on
+    the host: "loss_sum" (loss * b) and "num_examples" (b), so that the trainer's
+    loss_sum / num_examples is the loss; "cross_entropy_sum" (sum_t weights_t * loss_t without
+    the z-loss term, unnormalised), "z_loss_sum" (sum_t weights_t * z_loss * log_z^2),
+    "num_tokens" (sum of weights), "token_correct" (weighted count of argmax == target).
+
+  Raises:
+    ValueError: mismatched shapes, an unknown named factor, a non-positive factor or a
+      label_smoothing outside [0, 1).
+  """
+  if logits.ndim != 3 or targets.shape != logits.shape[:2]:
+    raise ValueError(f"seq2seq_loss: logits {logits.shape} must be [b, l, V] and targets "
+                     f"{targets.shape} [b, l].")
+  if weights is not None and weights.shape != targets.shape:
+    raise ValueError(f"seq2seq_loss: weights {weights.shape} must have the targets' shape "
+                     f"{targets.shape}.")
+  if isinstance(loss_normalizing_factor, str):
+    if loss_normalizing_factor not in LOSS_NORMALIZING_FACTORS:
+      raise ValueError(f"loss_normalizing_factor={loss_normalizing_factor!r}; expected a "
+                       f"number, None or one of {LOSS_NORMALIZING_FACTORS}.")
+  elif loss_normalizing_factor is not None and not loss_normalizing_factor > 0:
+    raise ValueError(f"loss_normalizing_factor={loss_normalizing_factor!r} must be positive.")
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 1).")
+
+  batch, length, vocab = logits.shape
+  logits = logits.astype(jnp.float32)
+  token_weights = (targets > 0) if weights is None else weights
+  token_weights = token_weights.astype(jnp.float32)
+
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [b, l]
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32),
+                                     axis=-1)[..., 0]
+  cross_entropy = log_z - target_logit
+  if label_smoothing > 0.0:
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    sum_logits = jnp.sum(logits, axis=-1)
+    # -sum_v q_v (logits_v - log_z) = log_z - confidence * logit_t - low * sum_{v != t} logit_v.
+    cross_entropy = (log_z - confidence * target_logit
+                     - low * (sum_logits - target_logit))
+    entropy = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
+    cross_entropy = cross_entropy - entropy
+  z_term = z_loss * jnp.square(log_z)
+
+  normalised_weights = token_weights
+  if loss_normalizing_factor is None:
+    normaliser = jnp.float32(1.0)
+  elif loss_normalizing_factor == "num_real_target_tokens":
+    normaliser = jnp.sum(token_weights)
+  elif loss_normalizing_factor == "num_total_target_tokens":
+    normaliser = jnp.float32(batch * length)
+  elif loss_normalizing_factor == "average_per_sequence":
+    per_sequence = jnp.sum(token_weights, axis=-1, keepdims=True)
+    normalised_weights = token_weights / jnp.where(per_sequence > 0, per_sequence, 1.0)
+    normaliser = jnp.sum(normalised_weights)
+  else:
+    normaliser = jnp.float32(loss_normalizing_factor)
+  # An all-padding batch has nothing to normalise: its loss is 0, not NaN.
+  normaliser = jnp.where(normaliser > 0, normaliser, 1.0)
+
+  loss = jnp.sum((cross_entropy + z_term) * normalised_weights) / normaliser
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  metrics = {
+      "loss_sum": loss * batch,
+      "num_examples": jnp.float32(batch),
+      "cross_entropy_sum": jnp.sum(cross_entropy * token_weights),
+      "z_loss_sum": jnp.sum(z_term * token_weights),
+      "num_tokens": jnp.sum(token_weights),
+      "token_correct": jnp.sum(correct * token_weights),
+  }
+  return loss, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqLossConfig:
+  """The encoder-decoder's loss (`seq2seq_loss`), bound from gin like the contrastive one.
+
+  Attributes:
+    loss_normalizing_factor: None, a number, or one of LOSS_NORMALIZING_FACTORS. Default: the
+      mean over real target tokens, whose scale does not depend on the batch (T5X's function
+      default is None, the plain sum; its T5 1.1 gin configs use the constant 233472).
+    z_loss: coefficient of the log_z^2 term (T5X: 1e-4).
+    label_smoothing: in [0, 1).
+  """
+
+  loss_normalizing_factor: float | str | None = "num_real_target_tokens"
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+
+  def __post_init__(self):
+    factor = self.loss_normalizing_factor
+    if isinstance(factor, str) and factor not in LOSS_NORMALIZING_FACTORS:
+      raise ValueError(f"Seq2SeqLossConfig.loss_normalizing_factor={factor!r}; expected a "
+                       f"number, None or one of {LOSS_NORMALIZING_FACTORS}.")
+    if not isinstance(factor, (str, type(None))) and not factor > 0:
+      raise ValueError(f"Seq2SeqLossConfig.loss_normalizing_factor={factor!r} must be positive.")
+    if not 0.0 <= self.label_smoothing < 1.0:
+      raise ValueError(f"Seq2SeqLossConfig.label_smoothing={self.label_smoothing!r} must be in "
+                       "[0, 1).")

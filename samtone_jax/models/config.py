@@ -79,3 +79,27 @@ class DualEncoderConfig:
       raise ValueError(f"tower_sharing={self.tower_sharing!r}; expected one of {TOWER_SHARING_MODES}")
     if self.pooling not in POOLING_MODES:
       raise ValueError(f"pooling={self.pooling!r}; expected one of {POOLING_MODES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderConfig:
+  """A T5 encoder-decoder (the model SKILL trains): the `T5Encoder` stack, a causal decoder with
+  cross-attention, and a language-model head.
+
+  `t5` gives both stacks their sizes, feed-forward kind, dropout, dtype and remat / scan options
+  (so the `gin/models/*.gin` sizes apply: `EncoderDecoderConfig.t5 = @config.T5Config()`).
+
+  num_decoder_layers: decoder depth; None: `t5.num_layers` (as in every public T5).
+  tie_word_embeddings: the logits are the token embedding's transpose applied to the decoder
+    output scaled by d_model**-0.5 (original T5); False: a separate `logits_dense` kernel without
+    rescaling (T5 1.1). Hugging Face spells False as `tie_word_embeddings: false` (transformers
+    4) or `scale_decoder_outputs: false` (transformers 5) in config.json.
+  """
+
+  t5: T5Config = T5Config()
+  num_decoder_layers: int | None = None
+  tie_word_embeddings: bool = False
+
+  @property
+  def decoder_layers(self) -> int:
+    return self.t5.num_layers if self.num_decoder_layers is None else self.num_decoder_layers

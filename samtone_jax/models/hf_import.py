@@ -1,6 +1,6 @@
 """Import of public T5, T5 1.1 and GTR weights (Hugging Face, sentence-transformers layouts).
 
-Two entry points, both returning host (numpy float32) parameter trees that the caller places on
+Three entry points, all returning host (numpy float32) parameter trees that the caller places on
 devices with the shardings of `partitioning.sharded_init`, e.g. `jax.device_put(params, shardings)`:
 
   import_t5_encoder(directory)      a Hugging Face T5 directory (config.json + model.safetensors,
@@ -12,6 +12,9 @@ devices with the shardings of `partitioning.sharded_init`, e.g. `jax.device_put(
                                     3_Normalize) -> (DualEncoderConfig, `DualEncoder` params).
                                     ADE modes get the same weights in both towers, except from
                                     a query/document `Router` (our ADE exports): one route each.
+  import_t5_encoder_decoder(directory)
+                                    a Hugging Face T5ForConditionalGeneration directory
+                                    -> (EncoderDecoderConfig, `EncoderDecoder` params).
 
 `dual_encoder_params` lays an encoder (and projection) into the dual-encoder tree of any
 tower-sharing mode, e.g. to start a dual encoder from a T5 1.1 checkpoint (projection from init).
@@ -31,7 +34,7 @@ import numpy as np
 from samtone_jax import weight_files
 from samtone_jax.models import dual_encoder
 from samtone_jax.models import t5
-from samtone_jax.models.config import DualEncoderConfig, T5Config
+from samtone_jax.models.config import DualEncoderConfig, EncoderDecoderConfig, T5Config
 
 PathLike = str | os.PathLike
 
@@ -152,6 +155,123 @@ def import_t5_encoder(directory: PathLike,
       "scale": store.get("encoder.final_layer_norm.weight", (c.d_model,), expects)}
   if c.scan_layers:
     params = t5.stack_layers(params)
+  return config, params
+
+
+def encoder_decoder_config_from_hf(path: PathLike, **overrides: Any) -> EncoderDecoderConfig:
+  """Reads a Hugging Face `T5ForConditionalGeneration` config.json (or its directory).
+
+  The head is tied and rescaled (original T5) unless the file says `scale_decoder_outputs: false`
+  (transformers 5) or `tie_word_embeddings: false` (transformers 4, T5 1.1 checkpoints).
+
+  Args:
+    path: the config.json file or its directory.
+    **overrides: T5Config fields, as for `t5_config_from_hf`.
+  """
+  file = weight_files.local_path(path)
+  if file.is_dir():
+    file = file / "config.json"
+  t5_config = t5_config_from_hf(file, **overrides)
+  raw = weight_files.read_json(file)
+  num_decoder_layers = raw.get("num_decoder_layers")
+  if num_decoder_layers == t5_config.num_layers:
+    num_decoder_layers = None
+  if "scale_decoder_outputs" in raw:
+    tied = bool(raw["scale_decoder_outputs"])
+  else:
+    tied = bool(raw.get("tie_word_embeddings", True))
+  return EncoderDecoderConfig(t5=t5_config, num_decoder_layers=num_decoder_layers,
+                              tie_word_embeddings=tied)
+
+
+def import_t5_encoder_decoder(
+    directory: PathLike,
+    config: EncoderDecoderConfig | None = None) -> tuple[EncoderDecoderConfig, dict[str, Any]]:
+  """Loads a Hugging Face `T5ForConditionalGeneration` checkpoint (T5 or T5 1.1).
+
+  The encoder half is `import_t5_encoder`'s. The untied head is `lm_head.weight`, or
+  `shared.weight` where transformers 5 saved the two as one tensor.
+
+  Args:
+    directory: holds config.json and the weights (see module docstring).
+    config: the EncoderDecoderConfig to load into (e.g. with t5.dtype="bfloat16"); its
+      architecture must match config.json. Default: `encoder_decoder_config_from_hf(directory)`.
+
+  Returns:
+    (config, params) with params the `EncoderDecoder` tree, numpy float32.
+
+  Raises:
+    KeyError / ValueError naming the file and tensor for missing or mis-shaped tensors, or a
+    config that differs from config.json.
+  """
+  directory = weight_files.local_path(directory)
+  from_file = encoder_decoder_config_from_hf(directory)
+  if config is None:
+    config = from_file
+  else:
+    _check_architecture(config.t5, from_file.t5, directory / "config.json")
+    for name in ("decoder_layers", "tie_word_embeddings"):
+      if getattr(config, name) != getattr(from_file, name):
+        raise ValueError(f"{directory / 'config.json'}: {name}={getattr(from_file, name)!r} but "
+                         f"the given EncoderDecoderConfig has {name}={getattr(config, name)!r}.")
+  _, encoder = import_t5_encoder(directory, config.t5)
+  store = weight_files.TensorStore(directory)
+  c = config.t5
+  expects = f"{_describe(c)} with {config.decoder_layers} decoder layers"
+  inner = c.num_heads * c.d_kv
+
+  def linear(name, out_features, in_features):  # torch [out, in] -> kernel [in, out].
+    return {"kernel": store.get(name, (out_features, in_features), expects).T}
+
+  def attention(prefix):
+    return {"query": linear(f"{prefix}.q.weight", inner, c.d_model),
+            "key": linear(f"{prefix}.k.weight", inner, c.d_model),
+            "value": linear(f"{prefix}.v.weight", inner, c.d_model),
+            "out": linear(f"{prefix}.o.weight", c.d_model, inner)}
+
+  def norm(name):
+    return {"scale": store.get(name, (c.d_model,), expects)}
+
+  decoder: dict[str, Any] = {"relpos_bias": {"rel_embedding": store.get(
+      "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+      (c.relative_attention_num_buckets, c.num_heads), expects).T}}
+  for i in range(config.decoder_layers):
+    block = f"decoder.block.{i}.layer"
+    ff = f"{block}.2.DenseReluDense"
+    if c.feed_forward_proj == "relu":
+      mlp = {"wi": linear(f"{ff}.wi.weight", c.d_ff, c.d_model)}
+    else:
+      mlp = {"wi_0": linear(f"{ff}.wi_0.weight", c.d_ff, c.d_model),
+             "wi_1": linear(f"{ff}.wi_1.weight", c.d_ff, c.d_model)}
+    mlp["wo"] = linear(f"{ff}.wo.weight", c.d_model, c.d_ff)
+    decoder[f"layers_{i}"] = {
+        "pre_self_attention_layer_norm": norm(f"{block}.0.layer_norm.weight"),
+        "self_attention": attention(f"{block}.0.SelfAttention"),
+        "pre_cross_attention_layer_norm": norm(f"{block}.1.layer_norm.weight"),
+        "encoder_decoder_attention": attention(f"{block}.1.EncDecAttention"),
+        "pre_mlp_layer_norm": norm(f"{block}.2.layer_norm.weight"),
+        "mlp": mlp,
+    }
+  names = store.names()
+  extra = f"decoder.block.{config.decoder_layers}.layer.0.layer_norm.weight"
+  if extra in names:
+    raise ValueError(f"{store.where(extra)}: holds more than {config.decoder_layers} decoder "
+                     f"blocks (found {extra}) but {expects}.")
+  decoder["decoder_norm"] = norm("decoder.final_layer_norm.weight")
+  embedding = encoder["token_embedder"]["embedding"]
+  has_head = "lm_head.weight" in names
+  head = store.get("lm_head.weight", (c.vocab_size, c.d_model), expects) if has_head else None
+  if not config.tie_word_embeddings:
+    decoder["logits_dense"] = {"kernel": (embedding if head is None else head).T.copy()}
+  elif head is not None and not np.array_equal(head, embedding):
+    raise ValueError(f"{store.where('lm_head.weight')}: lm_head.weight differs from the shared "
+                     "embedding, but config.json ties them (original T5 rescaled head); set "
+                     "tie_word_embeddings=false in config.json if the head is separate (T5 1.1).")
+  if c.scan_layers:
+    decoder = t5.stack_layers(decoder)
+  params = {"token_embedder": encoder["token_embedder"],
+            "encoder": {k: v for k, v in encoder.items() if k != "token_embedder"},
+            "decoder": decoder}
   return config, params
 
 

@@ -49,12 +49,15 @@ PAD_ID = 0
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
-                             max_distance: int) -> np.ndarray:
-  """T5's bidirectional relative-position buckets (Mesh TensorFlow / HF formula).
+                             max_distance: int, bidirectional: bool = True) -> np.ndarray:
+  """T5's relative-position buckets (Mesh TensorFlow / HF formula).
 
-  Half of the buckets are for keys after the query (relative_position > 0). Within each half,
-  distances below `num_buckets // 4` get their own bucket; larger distances share logarithmically
-  wider buckets up to `max_distance`, beyond which all fall in the last bucket.
+  Bidirectional (the encoder): half of the buckets are for keys after the query
+  (relative_position > 0). Within each half, distances below `num_buckets // 4` get their own
+  bucket; larger distances share logarithmically wider buckets up to `max_distance`, beyond which
+  all fall in the last bucket. Unidirectional (the decoder's causal self-attention): all buckets
+  are for keys at or before the query (later keys, masked anyway, share bucket 0); distances
+  below `num_buckets // 2` get their own bucket.
 
   Lengths are static, so this is numpy evaluated at trace time; the logarithm is taken in float32
   like the reference implementations, so that boundary cases round the same way.
@@ -63,14 +66,20 @@ def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
     relative_position: int [q, k] memory_position - query_position.
     num_buckets: total number of buckets (both directions).
     max_distance: distances at or beyond this share the last bucket.
+    bidirectional: False for the decoder's unidirectional buckets.
 
   Returns:
     int32 [q, k] bucket ids in [0, num_buckets).
   """
   relative_position = np.asarray(relative_position, dtype=np.int64)
-  half = num_buckets // 2
-  buckets = (relative_position > 0).astype(np.int64) * half
-  distance = np.abs(relative_position)
+  if bidirectional:
+    half = num_buckets // 2  # Buckets per direction.
+    buckets = (relative_position > 0).astype(np.int64) * half
+    distance = np.abs(relative_position)
+  else:
+    half = num_buckets  # One direction: every bucket looks back.
+    buckets = np.zeros_like(relative_position)
+    distance = np.maximum(-relative_position, 0)
   max_exact = half // 2
   is_small = distance < max_exact
   with np.errstate(divide="ignore"):  # log(0) for distance 0 is discarded by is_small.
@@ -171,11 +180,13 @@ class Dense(nn.Module):
 
 
 class RelativePositionBias(nn.Module):
-  """The shared bidirectional relative position bias, one scalar per (head, bucket)."""
+  """The shared relative position bias, one scalar per (head, bucket); bidirectional in the
+  encoder, unidirectional in the decoder."""
 
   num_buckets: int
   max_distance: int
   num_heads: int
+  bidirectional: bool = True
 
   @nn.compact
   def __call__(self, length: int) -> Array:
@@ -185,28 +196,34 @@ class RelativePositionBias(nn.Module):
         (self.num_heads, self.num_buckets), ("heads", "relpos_buckets"))
     positions = np.arange(length)
     buckets = relative_position_bucket(positions[None, :] - positions[:, None],
-                                       self.num_buckets, self.max_distance)
+                                       self.num_buckets, self.max_distance, self.bidirectional)
     # [h, NB] gathered at [q, k] -> [h, q, k].
     values = jnp.take(rel_embedding, jnp.asarray(buckets), axis=1)
     return values[None]
 
 
 class SelfAttention(nn.Module):
-  """T5 multi-head self-attention: no biases, no logit scaling, float32 softmax."""
+  """T5 multi-head attention: no biases, no logit scaling, float32 softmax.
+
+  Self-attention by default; with `inputs_kv` the keys and values come from another sequence
+  (the decoder's attention over the encoder's outputs, without a position bias).
+  """
 
   config: T5Config
 
   @nn.compact
-  def __call__(self, x: Array, position_bias: Array, mask_bias: Array,
-               dropout_keys: Array | None) -> Array:
-    """Attends over `x`.
+  def __call__(self, x: Array, position_bias: Array | None, mask_bias: Array,
+               dropout_keys: Array | None, inputs_kv: Array | None = None) -> Array:
+    """Attends from `x` over `x` (or over `inputs_kv`).
 
     Args:
-      x: [b, l, d] normalised inputs.
-      position_bias: float32 [1, h, l, l] relative position bias.
-      mask_bias: float32 [b, 1, 1, l]: 0 for real keys, a large negative for padding keys. Kept
-        apart from `position_bias` so that no [b, h, l, l] bias is materialised.
+      x: [b, l, d] normalised inputs (the queries; also the keys and values without inputs_kv).
+      position_bias: float32 [1, h, l, s] relative position bias, or None (cross-attention).
+      mask_bias: float32 [b, 1, 1, s] (or anything broadcastable to [b, 1, l, s], e.g. a causal
+        [1, 1, l, l]): 0 for keys to attend to, a large negative for padding (or future) keys.
+        Kept apart from `position_bias` so that no [b, h, l, s] bias is materialised.
       dropout_keys: [b, 2] per-example keys of this layer, or None: no dropout.
+      inputs_kv: [b, s, d] the sequence to attend over, or None: `x` (s = l).
 
     Returns:
       [b, l, d].
@@ -218,17 +235,20 @@ class SelfAttention(nn.Module):
     # T5 does not divide logits by sqrt(d_kv); it folds that factor into the query init.
     query_init = lambda *args: init(*args) / math.sqrt(cfg.d_kv)
     b, l, _ = x.shape
+    kv = x if inputs_kv is None else inputs_kv
 
-    def project(name, kernel_init):
-      y = Dense(inner, ("embed", "heads"), kernel_init, dtype, name=name)(x)
-      y = y.reshape(b, l, cfg.num_heads, cfg.d_kv)
+    def project(name, kernel_init, inputs=x):
+      y = Dense(inner, ("embed", "heads"), kernel_init, dtype, name=name)(inputs)
+      y = y.reshape(b, inputs.shape[1], cfg.num_heads, cfg.d_kv)
       return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     query = project("query", query_init)
-    key = project("key", init)
-    value = project("value", init)
+    key = project("key", init, kv)
+    value = project("value", init, kv)
     logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits + position_bias + mask_bias, axis=-1)
+    if position_bias is not None:
+      logits = logits + position_bias
+    weights = jax.nn.softmax(logits + mask_bias, axis=-1)
     weights = dropout(weights, cfg.dropout_rate, dropout_keys, site=0)
     out = jnp.einsum("bhqs,bshk->bqhk", weights.astype(dtype), value)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
