@@ -347,6 +347,12 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
   for task in tasks:
     for feature in task.output_features.values():
       vocab.check_fits(feature.vocabulary, model.encoder.vocab_size, f"task {task.name!r}")
+  if data.use_cached:
+    # A missing cache, one of another task or vocabulary, or a missing / truncated shard is
+    # named here, before anything is compiled.
+    from samtone_jax.tasks import cache  # pylint: disable=g-import-not-at-top
+    for task in tasks:
+      cache.check_cache(task, cache.find_cache_dir(task, data.cache_dirs), data.split)
 
 
 def write_config(model_dir: str, config_text: str) -> str:

@@ -239,7 +239,8 @@ def check_cache(task: seqio.Task, task_dir: str, split: str) -> list[str]:
       if have != want:
         raise CacheError(info_path, None, f"feature {key!r} was tokenised with vocabulary "
                          f"{have}, but task {task.name!r} uses {want}: the cached ids would be "
-                         "wrong. " + CACHE_HELP.format(task=task.name) + " (with --overwrite)")
+                         f"wrong. Rewrite it: samtone-cache-tasks --tasks={task.name} "
+                         "--output_cache_dir=DIR --overwrite.")
   else:
     logging.warning("%s has no %r section (written by seqio's Beam pipeline?): the task name, "
                     "vocabulary and shard sizes cannot be checked.", info_path, SAMTONE_KEY)
@@ -274,3 +275,25 @@ def verify_records(paths: Sequence[str]) -> int:
                        "it again, or rewrite the cache.") from None
   return total
 
+
+
+def verify_cache(task_name: str, cache_root: str, split: str = "train") -> int:
+  """`check_cache` of `<cache_root>/<task_name>/`, then every record read (CRCs checked), and
+  the record count compared with stats.<split>.json; returns the count.
+
+  Raises:
+    CacheError: naming the first file that is wrong.
+  """
+  task = seqio.get_mixture_or_task(task_name)
+  task_dir = task_cache_dir(cache_root, task_name)
+  if not tf.io.gfile.exists(os.path.join(task_dir, COMPLETED)):
+    raise CacheError(os.path.join(task_dir, COMPLETED), None, "is missing: no complete cache "
+                     "of this task there. " + CACHE_HELP.format(task=task_name))
+  paths = check_cache(task, task_dir, split)
+  count = verify_records(paths)
+  stats_path = seqio.get_cached_stats_path(task_dir, split)
+  with tf.io.gfile.GFile(stats_path) as f:
+    expected = json.load(f).get("examples")
+  if expected is not None and expected != count:
+    raise CacheError(stats_path, None, f"counts {expected} examples, the shards hold {count}.")
+  return count
