@@ -9,8 +9,9 @@ NNNNN-of-NNNNN, info.{split}.json, stats.{split}.json, COMPLETED); train from it
 contiguous range of the source, in order (the cached task yields the uncached task's examples).
 Use at least as many shards as training hosts, ideally a multiple, so each host reads whole files.
 
-One local process (plain TF: Apache Beam is not installed next to this TF, see README "Cached
-tasks"); for full MS MARCO on Dataflow use seqio's own `seqio.scripts.cache_tasks_main` (README).
+One local process (plain TF: Apache Beam needs protobuf < 7, which this environment's sentencepiece
+refuses; see README "Cached tasks"); for full MS MARCO on Dataflow use seqio's own
+`seqio.scripts.cache_tasks_main` in its own environment (README), whose caches training reads too.
 --verify reads every record of an existing cache and checks it against its task (CRCs, shard
 sizes, task name and vocabulary) instead of writing. Data locations: as for training
 (SAMTONE_MSMARCO_DIR, ... or --gin_file/--gin. bindings of samtone_jax.tasks.paths); the tasks

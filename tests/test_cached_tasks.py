@@ -6,6 +6,8 @@ SentencePiece in test_tasks_pipeline.py), seqio's own cached-task reader, and an
 """
 
 import collections
+import glob
+import json
 import os
 import shutil
 import subprocess
@@ -238,8 +240,7 @@ def test_trainer_resumes_a_cached_run_bit_identically(cache_root, tmp_path, name
   # "Killed" after the save at step 9: the run directory as it was then.
   resumed_dir = str(tmp_path / "resumed")
   shutil.copytree(reference_dir, resumed_dir)
-  for step in (12,):
-    shutil.rmtree(os.path.join(checkpoints.checkpoint_dir(resumed_dir), str(step)))
+  shutil.rmtree(os.path.join(checkpoints.checkpoint_dir(resumed_dir), "12"))
   resumed = _train(resumed_dir, name, cache_root, steps)
   assert int(resumed.state.step) == steps
   jax.tree.map(np.testing.assert_array_equal, _host(resumed.state.params),
@@ -247,17 +248,12 @@ def test_trainer_resumes_a_cached_run_bit_identically(cache_root, tmp_path, name
 
   if name == PAIRS:
     # Another host count: refused, naming both counts.
-    for path in tf_glob(os.path.join(step_dir, "input", "*")):
+    for path in glob.glob(os.path.join(step_dir, "input", "*")):
       os.rename(path, path.replace("-of-00001", "-of-00002"))
     shutil.rmtree(os.path.join(checkpoints.checkpoint_dir(reference_dir), "12"))
     os.remove(os.path.join(step_dir, checkpoints.FILES_MANIFEST))
     with pytest.raises(errors.CheckpointError, match="written by 2 processes, and this run has 1"):
       _train(reference_dir, name, cache_root, steps)
-
-
-def tf_glob(pattern):
-  import glob  # pylint: disable=g-import-not-at-top
-  return glob.glob(pattern)
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -315,7 +311,6 @@ def test_missing_and_truncated_shards_are_named(cache_root, tmp_path):
   # A cache without our shard sizes (as seqio's Beam pipeline writes it): the truncated record is
   # found while reading, and named.
   info_path = seqio.get_cached_info_path(task_dir, "train")
-  import json  # pylint: disable=g-import-not-at-top
   with open(info_path) as f:
     info = json.load(f)
   del info["samtone"]

@@ -24,11 +24,12 @@ and every shard's example count and byte size. `check_cache` compares them with 
 task and the files before training reads a record, so a cache of another task or vocabulary, a
 missing shard or a truncated one is named before it can train a model on wrong ids.
 
-This writer is one process (plain TF, no Beam): fine for this machine and the demo, hours for full
-MS MARCO (400M triples); see README "Cached tasks" for the Dataflow route.
+This writer is one process (plain TF; Apache Beam 2.77 needs protobuf < 7, which the sentencepiece
+this package runs with refuses): fine for this machine and the demo, hours for full MS MARCO (400M
+triples); see README "Cached tasks" for the Dataflow route with seqio's own Beam pipeline.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 import hashlib
 import json
 import os
