@@ -346,3 +346,59 @@ def test_command_writes_verifies_and_exits_non_zero_on_a_bad_cache(tmp_path):
                           cwd=REPO, timeout=300)
   assert result.returncode == 1
   assert f"{shard}: has a damaged record" in result.stderr, result.stderr[-2000:]
+
+
+# --- two processes (jax.distributed): each saves its own input state; resume is exact -----------
+
+TWO_PROCESS_TASKS_MODULE = '''
+from samtone_jax.tasks import all as _all  # the demo vocabulary and the rest
+from samtone_jax.tasks import beir, sources, vocab
+
+def _examples():
+  for i in range(64):
+    yield {"queries": f"query {i} how to copy a string number {i % 7}",
+           "passages": f"the function {i} copies the string {i % 5} to a buffer of size {i}"}
+
+beir.register_pairs_task("cached_two_process", sources.examples_source({"train": _examples}),
+                         vocab.demo_vocabulary(), shuffle_buffer_size=16)
+'''
+
+
+def test_two_processes_save_their_input_states_and_resume_exactly(tmp_path, monkeypatch):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from test_multihost import checkpoint_params, free_port, run_processes  # pylint: disable=g-import-not-at-top
+  (tmp_path / "two_process_tasks.py").write_text(TWO_PROCESS_TASKS_MODULE)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  importlib.import_module("two_process_tasks")
+  root = str(tmp_path / "cache")
+  cache.cache_task("cached_two_process", root, num_shards=4)
+
+  def run(model_dir):
+    address = f"localhost:{free_port()}"
+    command = lambda i: [
+        sys.executable, "-m", "samtone_jax.main", "--gin_file=experiments/demo_samtone.gin",
+        f"--gin.MODEL_DIR='{model_dir}'", "--gin.MIXTURE_OR_TASK_NAME='cached_two_process'",
+        "--gin.trainer.DataConfig.tasks_module='two_process_tasks'",
+        "--gin.USE_CACHED_TASKS=True", f"--gin.TASK_CACHE_DIRS=['{root}']",
+        "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=16", "--gin.EVAL_TASKS=[]",
+        "--gin.TASK_FEATURE_LENGTHS={'queries': 8, 'passages': 16}",
+        "--gin.config.T5Config.num_layers=1", "--gin.trainer.LoopConfig.checkpoint_period=3",
+        f"--coordinator_address={address}", "--process_count=2", f"--process_index={i}"]
+    return run_processes([command(0), command(1)], num_devices=4,
+                         extra_env={"PYTHONPATH": f"{tmp_path}:{REPO}"})
+
+  reference = tmp_path / "reference"
+  assert all("Finished at step 6" in out for out in run(reference))
+  for step in (3, 6):
+    step_dir = os.path.join(checkpoints.checkpoint_dir(str(reference)), str(step))
+    with open(os.path.join(step_dir, checkpoints.FILES_MANIFEST)) as f:
+      listed = json.load(f)
+    for host in range(2):  # each host wrote its own state, before process 0's manifest
+      assert any(p.startswith(f"input/process_{host:05d}-of-00002.") for p in listed), listed
+  resumed = tmp_path / "resumed"
+  shutil.copytree(reference, resumed)
+  shutil.rmtree(os.path.join(checkpoints.checkpoint_dir(str(resumed)), "6"))
+  outputs = run(resumed)
+  assert all("Resuming from checkpoint step 3" in out for out in outputs)
+  jax.tree.map(np.testing.assert_array_equal, checkpoint_params(resumed, 6),
+               checkpoint_params(reference, 6))
