@@ -275,8 +275,9 @@ def input_iterator(data: DataConfig, seed: int, start_step: int,
                    f"resumes only with the same host count. Resume with {counts[-1]} processes, "
                    "or start a new MODEL_DIR (INITIAL_CHECKPOINT_PATH can take its parameters).")
       else:
-        problem = ("has no input state (it was written with USE_CACHED_TASKS=False): resume "
-                   "with USE_CACHED_TASKS=False, or start a new MODEL_DIR.")
+        problem = ("has no input state: it was written with USE_CACHED_TASKS=False (resume "
+                   "with that, or start a new MODEL_DIR), or its save was interrupted (delete "
+                   "this step directory to resume from the one before).")
       raise errors.CheckpointError(f"Checkpoint {step_dir} (step {start_step}) {problem} "
                                    f"Expected {prefix}.index.")
     batches.restore(prefix)
