@@ -352,8 +352,9 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
     # A missing cache, one of another task or vocabulary, or a missing / truncated shard is
     # named here, before anything is compiled.
     from samtone_jax.tasks import cache  # pylint: disable=g-import-not-at-top
+    shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
     for task in tasks:
-      cache.check_cache(task, cache.find_cache_dir(task, data.cache_dirs), data.split)
+      cache.check_cache(task, cache.find_cache_dir(task, data.cache_dirs), data.split, shard_info)
 
 
 def write_config(model_dir: str, config_text: str) -> str:

@@ -214,8 +214,12 @@ def read_info(task_dir: str, split: str) -> dict[str, Any]:
     raise CacheError(path, None, f"is not valid JSON ({e}; truncated?).") from None
 
 
-def check_cache(task: seqio.Task, task_dir: str, split: str) -> list[str]:
+def check_cache(task: seqio.Task, task_dir: str, split: str,
+                shard_info: seqio.ShardInfo | None = None) -> list[str]:
   """Checks a cache against its task and its files; returns the shard paths in order.
+
+  With `shard_info` (and at least as many shards as hosts) only that host's shards are sized
+  (one stat per file: on gs:// a pod's hosts then share the work instead of each statting all).
 
   Raises:
     CacheError: naming the file: info.json of another task or vocabulary or without a feature the
@@ -248,11 +252,14 @@ def check_cache(task: seqio.Task, task_dir: str, split: str) -> list[str]:
   paths = [shard_path(task_dir, split, k, num_shards) for k in range(num_shards)]
   found = set(tf.io.gfile.glob(f"{seqio.get_cached_tfrecord_prefix(task_dir, split)}-*"))
   sizes = (ours or {}).get("shard_bytes")
+  mine = set(range(num_shards))
+  if shard_info is not None and num_shards >= shard_info.num_shards:
+    mine = set(range(shard_info.index, num_shards, shard_info.num_shards))
   for k, path in enumerate(paths):
     if path not in found:
       raise CacheError(path, None, f"is missing: {info_path} lists {num_shards} shards. "
                        "Copy the whole cache directory again, or rewrite it.")
-    if sizes is not None:
+    if sizes is not None and k in mine:
       size = int(tf.io.gfile.stat(path).length)
       if size != sizes[k]:
         raise CacheError(path, None, f"has {size} bytes, {sizes[k]} when it was written "

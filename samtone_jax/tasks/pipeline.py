@@ -152,7 +152,8 @@ def cached_task_examples(task: seqio.Task, task_feature_lengths: Mapping[str, in
                          split: str, seed: int, shard_info: seqio.ShardInfo,
                          num_epochs: int | None, cache_dirs: Sequence[str] = (),
                          shuffle_buffer_size: int | None = None, shuffle: bool = True,
-                         record_counter: Callable[[], None] | None = None) -> tf.data.Dataset:
+                         record_counter: Callable[[], None] | None = None,
+                         files_read: list[str] | None = None) -> tf.data.Dataset:
   """One task's examples for this host, read from its cache (module doc: "Cached").
 
   Args:
@@ -165,6 +166,7 @@ def cached_task_examples(task: seqio.Task, task_feature_lengths: Mapping[str, in
     record_counter: called once per record read from a file (instrumentation for the resume
       tests and benchmarks; it makes the pipeline's state depend on Python, so its iterator
       state is saved with `experimental_external_state_policy` WARN).
+    files_read: if given, this host's files are appended to it (for error messages).
 
   Returns:
     examples {"queries": int32 [<=Lq], "passages": int32 [<=Lp], ["negatives": [N, <=Lp]]}.
@@ -174,11 +176,13 @@ def cached_task_examples(task: seqio.Task, task_feature_lengths: Mapping[str, in
       shard (named).
   """
   task_dir = cache.find_cache_dir(task, cache_dirs)
-  paths = cache.check_cache(task, task_dir, split)
+  paths = cache.check_cache(task, task_dir, split, shard_info)
   info = cache.read_info(task_dir, split)
   num_hosts, host = shard_info.num_shards, shard_info.index
   file_level = len(paths) >= num_hosts
   host_paths = paths[host::num_hosts] if file_level else paths
+  if files_read is not None:
+    files_read.extend(host_paths)
   files = tf.data.Dataset.from_tensor_slices(host_paths)
   if shuffle:
     files = files.shuffle(len(host_paths), seed=seed, reshuffle_each_iteration=True)
@@ -250,7 +254,8 @@ def get_train_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[s
                       split: str = "train", num_epochs: int | None = None,
                       shuffle_buffer_size: int | None = None, shuffle: bool = True,
                       use_cached: bool = False, cache_dirs: Sequence[str] = (),
-                      record_counter: Callable[[], None] | None = None) -> tf.data.Dataset:
+                      record_counter: Callable[[], None] | None = None,
+                      files_read: list[str] | None = None) -> tf.data.Dataset:
   """Unbatched model features for one host, starting at this host's example `start_example`.
 
   With `use_cached` the stream always starts at example 0 (`start_example` must be 0): a cached
@@ -268,8 +273,8 @@ def get_train_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[s
     streams = [cached_task_examples(
         t, task_feature_lengths, split=split, seed=seed if len(tasks) == 1 else _task_seed(seed, i),
         shard_info=shard_info, num_epochs=num_epochs, cache_dirs=cache_dirs,
-        shuffle_buffer_size=shuffle_buffer_size, shuffle=shuffle, record_counter=record_counter)
-               for i, t in enumerate(tasks)]
+        shuffle_buffer_size=shuffle_buffer_size, shuffle=shuffle, record_counter=record_counter,
+        files_read=files_read) for i, t in enumerate(tasks)]
     ds = streams[0] if len(tasks) == 1 else tf.data.Dataset.choose_from_datasets(
         streams, _stateless_choice_dataset(seed, rates))
   elif len(tasks) == 1:
@@ -367,7 +372,7 @@ class InputIterator:
     return {k: v.numpy() for k, v in batch.items()}
 
   def _damaged_file_error(self, message: str) -> Exception:
-    """tf.data names no file for a bad record: find it by reading this host's files."""
+    """tf.data names no file for a bad record: find it by reading this host's files again."""
     try:
       cache.verify_records(self._files)
     except cache.CacheError as e:
@@ -429,12 +434,13 @@ def get_train_iterator(mixture_or_task_name: str, task_feature_lengths: dict[str
     raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
                      f"{shard_info.num_shards} hosts.")
   local_batch_size = global_batch_size // shard_info.num_shards
+  files: list[str] = []
   ds = get_train_dataset(mixture_or_task_name, task_feature_lengths, seed=seed,
                          shard_info=shard_info, start_example=start_step * local_batch_size,
                          split=split, num_epochs=num_epochs,
                          shuffle_buffer_size=shuffle_buffer_size, shuffle=shuffle,
                          use_cached=use_cached, cache_dirs=cache_dirs,
-                         record_counter=record_counter)
+                         record_counter=record_counter, files_read=files)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   if not use_cached:
     return _numpy_batches(ds)
@@ -442,7 +448,4 @@ def get_train_iterator(mixture_or_task_name: str, task_feature_lengths: dict[str
     options = tf.data.Options()
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.WARN
     ds = ds.with_options(options)
-  tasks, _ = _tasks_and_rates(seqio.get_mixture_or_task(mixture_or_task_name))
-  files = [path for t in tasks
-           for path in cache.check_cache(t, cache.find_cache_dir(t, cache_dirs), split)]
   return InputIterator(ds, files)
