@@ -384,8 +384,12 @@ def test_two_processes_save_their_input_states_and_resume_exactly(tmp_path, monk
         "--gin.TASK_FEATURE_LENGTHS={'queries': 8, 'passages': 16}",
         "--gin.config.T5Config.num_layers=1", "--gin.trainer.LoopConfig.checkpoint_period=3",
         f"--coordinator_address={address}", "--process_count=2", f"--process_index={i}"]
+    # A shared compilation cache: the resumed run reuses the reference run's programs.
     return run_processes([command(0), command(1)], num_devices=4,
-                         extra_env={"PYTHONPATH": f"{tmp_path}:{REPO}"})
+                         extra_env={"PYTHONPATH": f"{tmp_path}:{REPO}",
+                                    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+                                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
 
   reference = tmp_path / "reference"
   assert all("Finished at step 6" in out for out in run(reference))
