@@ -6,11 +6,15 @@ Layout of a model directory:
   MODEL_DIR/checkpoints/<step>/meta    JSON: step, seed, examples seen, eval metrics
 
   MODEL_DIR/checkpoints/<step>/files.json  {relative path: size in bytes} of every file of the step
+  MODEL_DIR/checkpoints/<step>/input/process_<i>-of-<n>.*   cached-task runs only: host i's
+                                       tf.data iterator state (pipeline.InputIterator), written
+                                       by host i before files.json, so the manifest covers it
 
 Saves are atomic (orbax writes into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoints intact); the last `keep` are kept, plus the best one
-by an eval metric when one is named. The input stream position is the step itself (the data
-pipeline is deterministic and resumable at a step), so restoring the state restores everything.
+by an eval metric when one is named. For uncached tasks the input stream position is the step
+itself (the data pipeline is deterministic and resumable at a step, by skipping); for cached tasks
+it is each host's iterator state under `input/`, restored in constant time.
 
 `restore_params` also reads the checkpoints that `python -m t5x.train --gin_file=gin/t5x/...` writes
 (MODEL_DIR/checkpoint_<step>/state: t5x's orbax format, the same params tree under "target"), so
@@ -87,14 +91,45 @@ def create_manager(model_dir: str, *, keep: int = 3, best_metric: str | None = N
                                item_names=(STATE_ITEM, META_ITEM))
 
 
+INPUT_STATE_DIR = "input"
+
+
+def input_state_prefix(step_dir: str, process_index: int, process_count: int) -> str:
+  """Where host `process_index` of `process_count` keeps its input iterator state in a step."""
+  return os.path.join(step_dir, INPUT_STATE_DIR,
+                      f"process_{process_index:05d}-of-{process_count:05d}")
+
+
+def input_state_process_counts(step_dir: str) -> list[int]:
+  """The process counts whose input states a step holds (normally one), ascending."""
+  directory = os.path.join(step_dir, INPUT_STATE_DIR)
+  if not io_utils.isdir(directory):
+    return []
+  counts = set()
+  for name in tf.io.gfile.listdir(directory):
+    if name.startswith("process_") and "-of-" in name:
+      counts.add(int(name.split("-of-")[1].split(".")[0]))
+  return sorted(counts)
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: PyTree, meta: dict[str, Any],
-         metrics: dict[str, float] | None = None) -> str:
-  """Saves `state` (sharded jax.Arrays) and the JSON `meta` at `step`; returns its directory."""
+         metrics: dict[str, float] | None = None, input_state: Any = None) -> str:
+  """Saves `state` (sharded jax.Arrays) and the JSON `meta` at `step`; returns its directory.
+
+  `input_state`: this host's input iterator (anything with `save(prefix)`, e.g.
+  `pipeline.InputIterator`), saved by every host under `<step>/input/` before files.json.
+  """
   manager.save(step, args=ocp.args.Composite(**{
       STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
                metrics=metrics, force=True)
   manager.wait_until_finished()
   step_dir = os.path.join(manager.directory, str(step))
+  if input_state is not None:
+    input_state.save(input_state_prefix(step_dir, jax.process_index(), jax.process_count()))
+    if jax.process_count() > 1:
+      # files.json (process 0) must list every host's input state.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"input state of step {step} saved")
   if jax.process_index() == 0:
     write_files_manifest(step_dir)
   return step_dir

@@ -73,6 +73,12 @@ class DataConfig:
     num_negatives: hard negatives per query in the task's batches (0: none).
     split: the training split.
     tasks_module: the module whose import registers the tasks.
+    use_cached: read the tasks' caches written by `samtone-cache-tasks` (USE_CACHED_TASKS): each
+      host reads its own files, parsed in the TF graph, and a resume restores each host's
+      iterator state from the checkpoint in constant time (same host count only). See
+      `tasks/pipeline.py`.
+    cache_dirs: directories holding `<task name>/` caches (TASK_CACHE_DIRS), searched before
+      seqio's global cache directories.
   """
 
   mixture_or_task_name: str
@@ -81,6 +87,8 @@ class DataConfig:
   num_negatives: int = 0
   split: str = "train"
   tasks_module: str = "samtone_jax.tasks.all"
+  use_cached: bool = False
+  cache_dirs: Sequence[str] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,13 +246,42 @@ class _MetricsLog:
       writer.close()
 
 
-def input_iterator(data: DataConfig, seed: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-  """This host's slice of the deterministic training stream, starting at `start_step`."""
+def input_iterator(data: DataConfig, seed: int, start_step: int,
+                   step_dir: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """This host's slice of the deterministic training stream, starting at `start_step`.
+
+  Cached tasks (`data.use_cached`): a `pipeline.InputIterator` restored from this host's input
+  state in `step_dir` (the checkpoint of `start_step`; needed when start_step > 0).
+
+  Raises:
+    errors.CheckpointError: the checkpoint has no input state for this process count.
+  """
   from samtone_jax.tasks import pipeline  # pylint: disable=g-import-not-at-top
   shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
-  return pipeline.get_train_iterator(
+  if not data.use_cached:
+    return pipeline.get_train_iterator(
+        data.mixture_or_task_name, dict(data.task_feature_lengths), data.batch_size, seed=seed,
+        start_step=start_step, shard_info=shard_info, split=data.split)
+  batches = pipeline.get_train_iterator(
       data.mixture_or_task_name, dict(data.task_feature_lengths), data.batch_size, seed=seed,
-      start_step=start_step, shard_info=shard_info, split=data.split)
+      shard_info=shard_info, split=data.split, use_cached=True, cache_dirs=tuple(data.cache_dirs))
+  if start_step:
+    prefix = checkpoints.input_state_prefix(step_dir, shard_info.index, shard_info.num_shards)
+    if not io_utils.exists(prefix + ".index"):
+      counts = checkpoints.input_state_process_counts(step_dir)
+      if counts:
+        problem = (f"was written by {counts[-1]} processes, and this run has "
+                   f"{shard_info.num_shards}: a cached run keeps one input position per host and "
+                   f"resumes only with the same host count. Resume with {counts[-1]} processes, "
+                   "or start a new MODEL_DIR (INITIAL_CHECKPOINT_PATH can take its parameters).")
+      else:
+        problem = ("has no input state: it was written with USE_CACHED_TASKS=False (resume "
+                   "with that, or start a new MODEL_DIR), or its save was interrupted (delete "
+                   "this step directory to resume from the one before).")
+      raise errors.CheckpointError(f"Checkpoint {step_dir} (step {start_step}) {problem} "
+                                   f"Expected {prefix}.index.")
+    batches.restore(prefix)
+  return batches
 
 
 def _positive_int(value: Any, binding: str) -> None:
@@ -311,6 +348,13 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
   for task in tasks:
     for feature in task.output_features.values():
       vocab.check_fits(feature.vocabulary, model.encoder.vocab_size, f"task {task.name!r}")
+  if data.use_cached:
+    # A missing cache, one of another task or vocabulary, or a missing / truncated shard is
+    # named here, before anything is compiled.
+    from samtone_jax.tasks import cache  # pylint: disable=g-import-not-at-top
+    shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+    for task in tasks:
+      cache.check_cache(task, cache.find_cache_dir(task, data.cache_dirs), data.split, shard_info)
 
 
 def write_config(model_dir: str, config_text: str) -> str:
@@ -431,7 +475,9 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
     print(f"The run in {model_dir} is already complete: its checkpoint is at step {latest} = "
           "TRAIN_STEPS. Nothing to train; raise TRAIN_STEPS to continue it.", flush=True)
 
-  batches = input_iterator(data, seed, start_step)
+  step_dir = (os.path.join(checkpoints.checkpoint_dir(model_dir), str(start_step))
+              if start_step else None)
+  batches = source = input_iterator(data, seed, start_step, step_dir)
   try:
     first = _first_batch(batches, data)
     batches = itertools.chain([first], batches)
@@ -439,16 +485,21 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
       write_config(model_dir, config_text)
     return _train_loop(preemption, mesh, batches, start_step, resume_step, model_dir=model_dir,
                        model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
-                       seed=seed, initial_checkpoint_path=initial_checkpoint_path, chunks=chunks)
+                       seed=seed, initial_checkpoint_path=initial_checkpoint_path, chunks=chunks,
+                       input_state=source if data.use_cached else None)
   finally:
     _close(batches)
+    _close(source)
 
 
 def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
                 batches: Iterator[dict[str, np.ndarray]], start_step: int,
                 resume_step: int | None, *, model_dir, model, loss, optimizer, data, loop, seed,
-                initial_checkpoint_path, chunks) -> TrainResult:
-  """Builds the step, restores or initialises the state and runs the loop."""
+                initial_checkpoint_path, chunks, input_state=None) -> TrainResult:
+  """Builds the step, restores or initialises the state and runs the loop.
+
+  `input_state`: the cached pipeline's iterator, saved with every checkpoint (None: uncached).
+  """
   spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
                                    num_negatives=data.num_negatives)
   built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
@@ -477,8 +528,11 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
 
   def save(step: int, metrics: dict[str, float] | None = None):
     nonlocal last_saved
-    meta = {"step": step, "seed": seed, "examples_seen": step * data.batch_size}
-    path = checkpoints.save(manager, step, state, meta, metrics=metrics)
+    meta = {"step": step, "seed": seed, "examples_seen": step * data.batch_size,
+            "process_count": jax.process_count()}
+    # The input iterator has produced exactly the batches of steps < `step` (no Python
+    # read-ahead), so its state is the position of step `step`.
+    path = checkpoints.save(manager, step, state, meta, metrics=metrics, input_state=input_state)
     last_saved = step
     logging.info("Saved checkpoint %s", path)
     print(f"Saved checkpoint step {step}: {path}", flush=True)

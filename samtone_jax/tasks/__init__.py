@@ -2,6 +2,7 @@
 
   all.py               import it to register every task, mixture and eval set
   pipeline.py          get_train_iterator: per-host, deterministic, resumable numpy batches
+  cache.py             cached tasks (seqio layout, TFRecord shards): cache_task, check_cache
   feature_converter.py DualEncoderFeatureConverter (task features -> model features)
   preprocessors.py     output features, tokenise + T5 EOS convention
   vocab.py             SentencePiece vocabularies (T5's public one, the demo's own)

@@ -161,7 +161,9 @@ def register_pairs_task(name: str, source: seqio.DataSource, vocabulary: seqio.V
   seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name, source=source,
-      preprocessors=[preprocessors.tokenize_trim_append_eos],
+      # Split at seqio's cache point, so `samtone-cache-tasks` can cache the token ids.
+      preprocessors=[preprocessors.tokenize, seqio.CacheDatasetPlaceholder(),
+                     preprocessors.trim_append_eos],
       output_features=preprocessors.output_features(vocabulary, with_negatives=with_negatives),
       shuffle_buffer_size=shuffle_buffer_size)
 

@@ -53,7 +53,9 @@ def _trim_and_append_eos(tokens: tf.Tensor | tf.RaggedTensor, length: int | None
     tokens = tokens[..., :length - 1]
   if isinstance(tokens, tf.RaggedTensor):
     eos = tf.fill([tokens.nrows(), 1], tf.constant(eos_id, tokens.dtype))
-    return tf.concat([tokens, tf.RaggedTensor.from_tensor(eos)], axis=1)
+    # (row_splits dtype of the input: seqio's cache reader parses ragged features with int32.)
+    return tf.concat([tokens, tf.RaggedTensor.from_tensor(
+        eos, row_splits_dtype=tokens.row_splits.dtype)], axis=1)
   return tf.concat([tokens, tf.constant([eos_id], tokens.dtype)], axis=0)
 
 
@@ -69,6 +71,32 @@ def _tokenize_trim_append_eos(example, output_features, sequence_length):
       if feature.add_eos:
         value = _trim_and_append_eos(value, feature_length(sequence_length, key),
                                      feature.vocabulary.eos_id)
+    result[key] = value
+  return result
+
+
+# The same two steps as `_tokenize_trim_append_eos`, split at seqio's cache point: the token ids
+# are cached (untrimmed, no EOS) and each run trims them to its own lengths, so a cache serves
+# every TASK_FEATURE_LENGTHS and a cached task yields the ids of the uncached one.
+@seqio.map_over_dataset(num_parallel_calls=tf.data.AUTOTUNE)
+def tokenize(example, output_features):
+  """Pre-cache step: texts -> int32 token ids ([L] or ragged [N, L]); no trimming, no EOS."""
+  return {key: tf.cast(output_features[key].vocabulary.encode_tf(value),
+                       output_features[key].dtype) if key in output_features else value
+          for key, value in example.items()}
+
+
+@seqio.map_over_dataset(num_parallel_calls=tf.data.AUTOTUNE)
+def trim_append_eos(example, output_features, sequence_length):
+  """Post-cache step: cuts each feature to its length - 1 and appends EOS (see module doc)."""
+  result = {}
+  for key, value in example.items():
+    feature = output_features.get(key)
+    if feature is not None and feature.add_eos:
+      if isinstance(value, tf.Tensor) and value.shape.rank == 2:  # negatives parsed dense
+        value = tf.RaggedTensor.from_tensor(value)
+      value = _trim_and_append_eos(value, feature_length(sequence_length, key),
+                                   feature.vocabulary.eos_id)
     result[key] = value
   return result
 
