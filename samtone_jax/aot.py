@@ -22,6 +22,7 @@ import jax
 from jax.experimental import topologies
 import numpy as np
 
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as train_step_lib
@@ -139,7 +140,7 @@ def topology_devices(topology: str) -> list[jax.Device]:
 
 
 def compile_train_step(topology: str, *, model_config: model_config_lib.DualEncoderConfig,
-                       loss_config: train_step_lib.LossConfig,
+                       loss_config: losses.LossConfig,
                        optimizer_config: optimizers.OptimizerConfig, batch_size: int,
                        task_feature_lengths: dict[str, int], num_negatives: int = 0,
                        mesh_data: int = -1, mesh_model: int = 1,
@@ -222,12 +223,14 @@ def configured_train_arguments() -> dict:
 
 def compile_configured(topology: str) -> tuple[MemoryReport, int]:
   """Compiles the configured run's train step for `topology`; returns (report, batch size)."""
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   args = configured_train_arguments()
   data = args["data"]
   mesh_data, mesh_model = args["mesh_shape"]
   report = compile_train_step(
       topology, model_config=args["model"], loss_config=args["loss"],
       optimizer_config=args["optimizer"], batch_size=data.batch_size,
-      task_feature_lengths=dict(data.task_feature_lengths), num_negatives=data.num_negatives,
+      task_feature_lengths=dict(data.task_feature_lengths),
+      num_negatives=trainer.num_negatives(data, args["loss"]),
       mesh_data=mesh_data, mesh_model=mesh_model, chunks=args["chunks"])
   return report, data.batch_size

@@ -11,7 +11,7 @@ Flags:
                       `gin/experiments/X.gin` work from any directory, installed or not.
   --gin.NAME=VALUE    a gin binding (t5x's shorthand for --gin_bindings='NAME = VALUE'), applied
                       after the files; e.g. --gin.MODEL_DIR=\"/tmp/run\", --gin.BATCH_SIZE=64,
-                      --gin.train_step.LossConfig.same_tower_negatives=False.
+                      --gin.losses.LossConfig.same_tower_negatives=False.
   --gin_search_paths  comma-separated directories for gin files and includes; the repository's
                       gin/ directory is always searched.
   --tfds_data_dir     where TFDS datasets live (overrides seqio's default).
@@ -35,7 +35,9 @@ import functools
 import importlib
 import logging as std_logging
 import os
+import re
 import sys
+import warnings
 
 from absl import app
 from absl import flags
@@ -122,13 +124,31 @@ def _macros() -> tuple[set[str], set[str]]:
   return bound, referenced
 
 
+# Configurables renamed in this release: {old selector: new}. Gin files reach an old name through
+# its module's deprecated attribute (e.g. `train_step.__getattr__`); a --gin. binding is looked up
+# by name, so `parse_gin` rewrites it (with a FutureWarning). Remove after the next release.
+DEPRECATED_SELECTORS = {"train_step.LossConfig": "losses.LossConfig"}
+
+
+def _renamed_binding(binding: str) -> str:
+  """`binding` with every deprecated selector replaced by its new name (warning once each)."""
+  for old, new in DEPRECATED_SELECTORS.items():
+    renamed = re.sub(rf"(?<![\w.]){re.escape(old)}\b", new, binding)
+    if renamed != binding:
+      warnings.warn(f"{old} is deprecated and will be removed after the next release: spell it "
+                    f"{new} (--gin.{new}.X=Y).", FutureWarning, stacklevel=3)
+      binding = renamed
+  return binding
+
+
 def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
               search_paths: Sequence[str] = ()) -> None:
   """Parses gin files then bindings (later wins), searching `search_paths` and GIN_DIR.
 
   gin checks parameter names, but a macro is just a name: `--gin.TRAIN_STEP=1` would silently
   define a new macro that nothing reads. So a macro bound by `gin_bindings` that no file defines
-  and nothing references is refused, naming the closest known macro.
+  and nothing references is refused, naming the closest known macro. Deprecated selectors in
+  `gin_bindings` (DEPRECATED_SELECTORS) are rewritten to their new names.
 
   Raises:
     errors.ConfigError: a file is missing, a binding does not parse or names an unknown
@@ -140,7 +160,8 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
   try:
     gin.parse_config_files_and_bindings(list(gin_files), None, finalize_config=False)
     from_files, _ = _macros()
-    gin.parse_config_files_and_bindings(None, list(gin_bindings), finalize_config=False)
+    gin.parse_config_files_and_bindings(None, [_renamed_binding(b) for b in gin_bindings],
+                                        finalize_config=False)
   except errors.UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except

@@ -37,6 +37,7 @@ from t5x import metrics as t5x_metrics
 from t5x import models as t5x_models
 from t5x import partitioning as t5x_partitioning
 
+from samtone_jax import losses
 from samtone_jax import partitioning
 from samtone_jax import train_step
 from samtone_jax.models import config as model_config_lib
@@ -128,7 +129,7 @@ class DualEncoderModel(t5x_models.BaseModel):
       feature_converter.DualEncoderFeatureConverter)
 
   def __init__(self, model_config: model_config_lib.DualEncoderConfig,
-               loss_config: train_step.LossConfig, optimizer_def: Any):
+               loss_config: losses.LossConfig, optimizer_def: Any):
     """Builds the model.
 
     Args:

@@ -20,6 +20,7 @@ gradients in a `lax.scan`. Activation memory is that of one chunk; per-example d
 import dataclasses
 import functools
 from typing import Any, NamedTuple
+import warnings
 
 import flax
 import flax.linen as nn
@@ -43,31 +44,20 @@ Array = jax.Array
 PyTree = Any
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """Which contrastive loss is trained (bound by `gin/losses/*.gin`).
+def __getattr__(name: str) -> Any:
+  """The old spelling `train_step.LossConfig` (gin files, `--gin.` bindings, code), deprecated.
 
-  Attributes:
-    temperature: softmax temperature (initial value when learned).
-    learn_temperature: train `log_temperature` with the other parameters.
-    same_tower_negatives: SamToNe: other queries are negatives of each query (and other documents
-      of each document when bidirectional). False: the plain in-batch softmax loss.
-    bidirectional: add the document-to-query loss.
-    use_hard_negatives: feed the batch's "negatives" feature to the loss as extra candidates.
-    mask_duplicates: pass the batch's query_ids / passage_ids so that repeated questions and shared
-      answers are never each other's negatives.
+  `LossConfig` moved to `losses.LossConfig`; for one release the old name is the same class, so
+  gin binds the one configurable whichever spelling a file uses (a FutureWarning names the new
+  spelling). Remove after the next release.
   """
-
-  temperature: float = 0.01
-  learn_temperature: bool = False
-  same_tower_negatives: bool = True
-  bidirectional: bool = False
-  use_hard_negatives: bool = False
-  mask_duplicates: bool = True
-
-  def __post_init__(self):
-    if self.temperature <= 0:
-      raise ValueError(f"LossConfig.temperature={self.temperature} must be > 0")
+  if name == "LossConfig":
+    warnings.warn("train_step.LossConfig is deprecated and will be removed after the next "
+                  "release: spell it losses.LossConfig (`from samtone_jax import losses` in gin "
+                  "files, --gin.losses.LossConfig.X=Y on the command line).", FutureWarning,
+                  stacklevel=2)
+    return losses.LossConfig
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,17 +119,15 @@ class TrainState:
   opt_state: PyTree
 
 
-def model_inputs(batch: dict[str, Array], loss_config: LossConfig
+def model_inputs(batch: dict[str, Array], loss_config: losses.LossConfig
                  ) -> tuple[Array, Array, Array | None]:
   """(queries [B, Lq], passages [B, Lp], negatives [B, N, Lp] or None) from a batch."""
+  loss_config.check_features(batch, "the batch")
   negatives = batch.get(features.NEGATIVES) if loss_config.use_hard_negatives else None
-  if loss_config.use_hard_negatives and negatives is None:
-    raise ValueError("LossConfig.use_hard_negatives=True but the batch has no "
-                     f"{features.NEGATIVES!r} feature; use a task with hard negatives.")
   return batch[features.QUERIES], batch[features.PASSAGES], negatives
 
 
-def temperature_of(params: PyTree, loss_config: LossConfig) -> Array | float:
+def temperature_of(params: PyTree, loss_config: losses.LossConfig) -> Array | float:
   """The loss temperature: learned (exp of params["loss"]["log_temperature"]) or fixed."""
   if loss_config.learn_temperature:
     return jnp.exp(params["loss"]["log_temperature"])
@@ -147,7 +135,7 @@ def temperature_of(params: PyTree, loss_config: LossConfig) -> Array | float:
 
 
 def embedding_loss(embeddings: tuple[Array, Array, Array | None], loss_params: PyTree,
-                   batch: dict[str, Array], *, loss_config: LossConfig, mesh: Mesh | None,
+                   batch: dict[str, Array], *, loss_config: losses.LossConfig, mesh: Mesh | None,
                    loss_chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
   """The contrastive loss of a global batch's embeddings.
 
@@ -175,8 +163,8 @@ def embedding_loss(embeddings: tuple[Array, Array, Array | None], loss_params: P
 
 
 def loss_and_metrics(params: PyTree, batch: dict[str, Array], *, model: dual_encoder.DualEncoder,
-                     loss_config: LossConfig, mesh: Mesh | None, dropout_rng: Array | None = None,
-                     loss_chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
+                     loss_config: losses.LossConfig, mesh: Mesh | None,
+                     dropout_rng: Array | None = None, loss_chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
   """The mean contrastive loss of a global batch and its metric sums.
 
   Args:
@@ -202,7 +190,7 @@ def loss_and_metrics(params: PyTree, batch: dict[str, Array], *, model: dual_enc
 
 
 def cached_gradients(params: PyTree, batch: dict[str, Array], *, model: dual_encoder.DualEncoder,
-                     loss_config: LossConfig, mesh: Mesh | None, chunks: ChunkConfig,
+                     loss_config: losses.LossConfig, mesh: Mesh | None, chunks: ChunkConfig,
                      dropout_rng: Array | None = None) -> tuple[dict[str, Array], PyTree]:
   """The metrics and gradients of `loss_and_metrics`, by gradient caching.
 
@@ -284,7 +272,7 @@ def cached_gradients(params: PyTree, batch: dict[str, Array], *, model: dual_enc
 
 
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
-               model: dual_encoder.DualEncoder, loss_config: LossConfig,
+               model: dual_encoder.DualEncoder, loss_config: losses.LossConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule, trainable: PyTree,
                mesh: Mesh | None, chunks: ChunkConfig = ChunkConfig()
                ) -> tuple[TrainState, dict[str, Array]]:
@@ -440,7 +428,7 @@ def abstract_model_params_of(model_config: model_config_lib.DualEncoderConfig, m
                       nn.meta.unbox(boxed)["params"], shardings)
 
 
-def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossConfig,
+def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.LossConfig,
           optimizer_config: optimizers.OptimizerConfig, mesh: Mesh,
           batch: dict[str, jax.ShapeDtypeStruct], chunks: ChunkConfig = ChunkConfig()) -> Built:
   """Builds the model, optimizer, sharded state layout and the jitted step, running nothing.

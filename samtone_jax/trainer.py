@@ -48,6 +48,7 @@ import seqio
 from samtone_jax import checkpoints
 from samtone_jax import errors
 from samtone_jax import io_utils
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import run_lock
@@ -69,8 +70,8 @@ class DataConfig:
   Attributes:
     mixture_or_task_name: a registered seqio task or mixture (MIXTURE_OR_TASK_NAME).
     task_feature_lengths: {"queries": Lq, "passages": Lp} (TASK_FEATURE_LENGTHS).
-    batch_size: global batch size (BATCH_SIZE), summed over all hosts.
-    num_negatives: hard negatives per query in the task's batches (0: none).
+    batch_size: global batch size (BATCH_SIZE), summed over all hosts. How many hard negatives
+      a batch holds per query is the task's (`num_negatives`), never bound.
     split: the training split.
     tasks_module: the module whose import registers the tasks.
   """
@@ -78,7 +79,6 @@ class DataConfig:
   mixture_or_task_name: str
   task_feature_lengths: dict[str, int]
   batch_size: int
-  num_negatives: int = 0
   split: str = "train"
   tasks_module: str = "samtone_jax.tasks.all"
 
@@ -252,7 +252,7 @@ def _positive_int(value: Any, binding: str) -> None:
     raise errors.ConfigError(f"{binding} = {value!r}: expected a positive integer.")
 
 
-def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib.LossConfig,
+def check_config(model: model_config_lib.DualEncoderConfig, loss: losses.LossConfig,
                  data: DataConfig, loop: LoopConfig, mesh: jax.sharding.Mesh,
                  chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()) -> None:
   """Checks what can be checked before a model is built; reads only the vocabulary files.
@@ -279,13 +279,6 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
     if key not in lengths:
       raise errors.ConfigError(f"TASK_FEATURE_LENGTHS = {lengths!r} has no {key!r} length.")
     _positive_int(lengths[key], f"TASK_FEATURE_LENGTHS[{key!r}]")
-  if data.num_negatives < 0:
-    raise errors.ConfigError(f"trainer.DataConfig.num_negatives = {data.num_negatives}: "
-                             "expected 0 or more.")
-  if loss.use_hard_negatives and not data.num_negatives:
-    raise errors.ConfigError(
-        "LossConfig.use_hard_negatives=True needs DataConfig.num_negatives > 0 "
-        "(NUM_NEGATIVES) and a task with hard negatives.")
   if isinstance(loop.train_steps, bool) or not isinstance(loop.train_steps, (int, np.integer)) or (
       loop.train_steps < 0):
     raise errors.ConfigError(f"TRAIN_STEPS (trainer.LoopConfig.train_steps) = "
@@ -311,6 +304,22 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
   for task in tasks:
     for feature in task.output_features.values():
       vocab.check_fits(feature.vocabulary, model.encoder.vocab_size, f"task {task.name!r}")
+  try:
+    for task in tasks:
+      loss.check_features(task.output_features, f"task {task.name!r}")
+    num_negatives(data, loss)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+
+
+def num_negatives(data: DataConfig, loss: losses.LossConfig) -> int:
+  """Hard negatives per query in the step's batches: the task's (see `pipeline.num_negatives`)
+  when the loss uses them, else 0 (the feature is then not sent to the devices)."""
+  if not loss.use_hard_negatives:
+    return 0
+  from samtone_jax.tasks import pipeline  # pylint: disable=g-import-not-at-top
+  importlib.import_module(data.tasks_module)  # registers the task
+  return pipeline.num_negatives(data.mixture_or_task_name, data.split)
 
 
 def write_config(model_dir: str, config_text: str) -> str:
@@ -349,7 +358,7 @@ def initial_state(built: train_step_lib.Built, seed: int, model_config,
 
 
 def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
-          loss: train_step_lib.LossConfig, optimizer: optimizers.OptimizerConfig,
+          loss: losses.LossConfig, optimizer: optimizers.OptimizerConfig,
           data: DataConfig, loop: LoopConfig, seed: int = 0,
           mesh_shape: tuple[int, int] = (-1, 1),
           initial_checkpoint_path: str | None = None,
@@ -450,7 +459,7 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
                 initial_checkpoint_path, chunks) -> TrainResult:
   """Builds the step, restores or initialises the state and runs the loop."""
   spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
-                                   num_negatives=data.num_negatives)
+                                   num_negatives=num_negatives(data, loss))
   built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)

@@ -158,7 +158,7 @@ CASES = [
     # gin and flags
     ("misspelled_macro", "train", ["--gin.TRAIN_STEP=1"], {},
      ["macro TRAIN_STEP", "did you mean TRAIN_STEPS?"]),
-    ("misspelled_parameter", "train", ["--gin.train_step.LossConfig.temprature=0.5"], {},
+    ("misspelled_parameter", "train", ["--gin.losses.LossConfig.temprature=0.5"], {},
      ["Error in the gin configuration", "temprature"]),
     ("missing_gin_file", "train", ["--gin_file=experiments/no_such.gin"], {},
      ["Error in the gin configuration", "no_such.gin"]),
@@ -177,6 +177,9 @@ CASES = [
      ["trainer.train.mesh_shape = (3, 1)"]),
     ("unknown_task", "train", ['--gin.MIXTURE_OR_TASK_NAME="demo_manpage"'], {},
      ["MIXTURE_OR_TASK_NAME = 'demo_manpage'", "did you mean 'demo_manpages'"]),
+    ("hard_negatives_task_has_none", "train", ["--gin.losses.LossConfig.use_hard_negatives=True"],
+     {}, ["LossConfig.use_hard_negatives=True but task 'demo_manpages' has no 'negatives' feature",
+          "losses/samtone.gin"]),
     ("unknown_eval_set", "train", ['--gin.EVAL_TASKS=["demo_manpages_tst"]'], {},
      ["EVAL_TASKS names 'demo_manpages_tst'", "did you mean 'demo_manpages_test'"]),
     # vocabularies

@@ -159,7 +159,7 @@ def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache, c
 
 def test_bad_binding_exits_with_gins_message(tmp_path, compile_cache):
   result = subprocess.run(
-      _command(str(tmp_path / "bad"), "--gin.train_step.LossConfig.temprature=0.5"),
+      _command(str(tmp_path / "bad"), "--gin.losses.LossConfig.temprature=0.5"),
       capture_output=True, text=True, env=compile_cache, cwd=REPO, timeout=300)
   assert result.returncode != 0
   assert "temprature" in result.stderr
@@ -176,6 +176,57 @@ def test_missing_gin_file_and_flag_rewriting():
       ["prog", "--gin.MODEL_DIR=\"/x=y\"", "--gin_file=a.gin", "--gin.A.b=[1, 2]"]) == [
           "prog", "--gin_bindings=MODEL_DIR = \"/x=y\"", "--gin_file=a.gin",
           "--gin_bindings=A.b = [1, 2]"]
+
+
+# gin/losses/'s 2x3 grid written out: (same_tower_negatives, bidirectional, use_hard_negatives).
+LOSS_FILES = {"samtone": (True, False, False), "samtone_bidirectional": (True, True, False),
+              "samtone_hard_negatives": (True, False, True), "in_batch": (False, False, False),
+              "in_batch_bidirectional": (False, True, False),
+              "in_batch_hard_negatives": (False, False, True)}
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_FILES))
+def test_loss_files_bind_only_what_they_change(name):
+  """Each gin/losses/ file gives its cell of the grid; the rest are LossConfig's defaults."""
+  from samtone_jax import losses  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, "gin", "losses", f"{name}.gin")
+  with open(path) as f:
+    bound = [line.split("=")[0].strip() for line in f
+             if line.startswith("losses.LossConfig.")]
+  gin.clear_config()
+  try:
+    main_lib.parse_gin([f"losses/{name}.gin"], [])
+    loss = gin.get_configurable(losses.LossConfig)()
+  finally:
+    gin.clear_config()
+  same_tower, bidirectional, hard_negatives = LOSS_FILES[name]
+  assert loss == losses.LossConfig(temperature=0.01, learn_temperature=False,
+                                   same_tower_negatives=same_tower, bidirectional=bidirectional,
+                                   use_hard_negatives=hard_negatives, mask_duplicates=True)
+  defaults = losses.LossConfig()
+  changed = [f"losses.LossConfig.{field}" for field in ("same_tower_negatives", "bidirectional",
+                                                         "use_hard_negatives")
+             if getattr(loss, field) != getattr(defaults, field)]
+  assert bound == changed
+
+
+def test_old_loss_spelling_binds_the_same_config_with_a_warning(tmp_path):
+  """`train_step.LossConfig.X` (deprecated for one release), in a gin file or a --gin. binding,
+  and `losses.LossConfig.X` are one configurable: every spelling in one config applies."""
+  from samtone_jax import losses  # pylint: disable=g-import-not-at-top
+  old_file = tmp_path / "old_loss.gin"
+  old_file.write_text("from __gin__ import dynamic_registration\n"
+                      "from samtone_jax import train_step\n"
+                      "train_step.LossConfig.bidirectional = True\n")
+  gin.clear_config()
+  try:
+    with pytest.warns(FutureWarning, match="spell it losses.LossConfig"):
+      main_lib.parse_gin(["losses/in_batch.gin", str(old_file), "runs/pretrain.gin"], [
+          "train_step.LossConfig.temperature = 0.05"])
+    loss = gin.get_configurable(losses.LossConfig)()
+  finally:
+    gin.clear_config()
+  assert (loss.temperature, loss.same_tower_negatives, loss.bidirectional) == (0.05, False, True)
 
 
 @pytest.mark.parametrize("size,num_layers,d_model", [("base", 12, 768), ("large", 24, 1024),

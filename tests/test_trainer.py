@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from samtone_jax import checkpoints
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -40,7 +41,7 @@ def _host(tree):
 def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
   metrics = ("mrr@10", "ndcg@10")
   result = trainer.train(
-      model_dir=str(tmp_path / "run"), model=MODEL, loss=ts.LossConfig(temperature=0.05),
+      model_dir=str(tmp_path / "run"), model=MODEL, loss=losses.LossConfig(temperature=0.05),
       optimizer=optimizers.OptimizerConfig(name="adamw", learning_rate=2e-3, warmup_steps=10,
                                            decay="linear", decay_steps=60),
       data=_data(32),
@@ -71,7 +72,7 @@ def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
 
   # Multi-stage training: a second run starts from this run's parameters (not its optimizer).
   second = trainer.train(
-      model_dir=str(tmp_path / "second"), model=MODEL, loss=ts.LossConfig(),
+      model_dir=str(tmp_path / "second"), model=MODEL, loss=losses.LossConfig(),
       optimizer=optimizers.OptimizerConfig(name="adafactor"), data=_data(32),
       loop=trainer.LoopConfig(train_steps=0), seed=1,
       initial_checkpoint_path=str(tmp_path / "run"))
@@ -86,7 +87,7 @@ def test_non_finite_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
   # the second step's loss is not finite.
   with pytest.raises(trainer.NonFiniteLossError) as error:
     trainer.train(
-        model_dir=model_dir, model=MODEL, loss=ts.LossConfig(),
+        model_dir=model_dir, model=MODEL, loss=losses.LossConfig(),
         optimizer=optimizers.OptimizerConfig(name="adamw", learning_rate=1e30, warmup_steps=0,
                                              decay="constant", grad_clip_norm=None),
         data=trainer.DataConfig(mixture_or_task_name=demo.TRAIN_TASK,
