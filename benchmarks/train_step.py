@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from samtone_jax import gin_config
 from samtone_jax import losses
-from samtone_jax import main as main_lib
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -31,7 +31,7 @@ from samtone_jax.models import config as model_config
 
 def model_config_of(size: str) -> model_config.DualEncoderConfig:
   gin.clear_config()
-  main_lib.parse_gin([f"models/{size}.gin", "architectures/sde.gin"], [])
+  gin_config.parse_gin([f"models/{size}.gin", "architectures/sde.gin"], [])
   config = gin.get_configurable(model_config.DualEncoderConfig)()
   gin.clear_config()
   return config

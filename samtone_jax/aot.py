@@ -12,16 +12,15 @@ the chip's HBM); `compile_configured` does it for the run the parsed gin config 
 """
 
 import dataclasses
-import inspect
 import os
 import re
 import time
 
-import gin
 import jax
 from jax.experimental import topologies
 import numpy as np
 
+from samtone_jax import gin_config
 from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
@@ -205,26 +204,12 @@ def does_not_fit_message(report: MemoryReport, batch_size: int) -> str:
           "(T5Config.dtype='bfloat16'), or a larger topology.")
 
 
-def configured_train_arguments() -> dict:
-  """The arguments the parsed gin config gives `trainer.train` (defaults filled in).
-
-  The AOT check reads the same bindings a real run gets, so it compiles exactly that run's step.
-  """
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
-  bound.apply_defaults()
-  missing = [name for name in ("model", "loss", "optimizer", "data")
-             if name not in bound.arguments]
-  if missing:
-    raise ValueError(f"The gin config does not bind trainer.train's {', '.join(missing)}; pass "
-                     "an experiment's --gin_file (or its model, architecture, loss and run files).")
-  return bound.arguments
-
-
 def compile_configured(topology: str) -> tuple[MemoryReport, int]:
   """Compiles the configured run's train step for `topology`; returns (report, batch size)."""
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  args = configured_train_arguments()
+  # The bindings a real run gets, so that this compiles exactly that run's step.
+  args = gin_config.configured_arguments(trainer.train,
+                                         required=("model", "loss", "optimizer", "data"))
   data = args["data"]
   mesh_data, mesh_model = args["mesh_shape"]
   report = compile_train_step(

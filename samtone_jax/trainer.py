@@ -7,7 +7,7 @@ call directly. One run directory (`model_dir`) holds:
   checkpoints/<step>/   orbax checkpoints (see checkpoints.py); a restart resumes from the latest
   metrics.jsonl         one JSON object per log / eval event
   train/, eval/         TensorBoard event files (clu metric_writers)
-  config.gin            the operative gin config (written by main.py)
+  config.gin            the operative gin config (written by `train`; see `config_text_of`)
 
 Resuming restores the step, the parameters and optimizer state; the dropout key of a step is
 `fold_in(PRNGKey(seed), step)` and the input stream restarts at the step (`start_step`), so a run
@@ -332,6 +332,25 @@ def write_config(model_dir: str, config_text: str) -> str:
   return path
 
 
+def config_text_of(arguments: dict[str, Any]) -> str:
+  """The text of MODEL_DIR/config.gin for a `train` call with `arguments`.
+
+  The operative gin config (`gin.config_str()`) when gin bound `train` (the commands,
+  `gin_config.run_from_gin`); otherwise, e.g. `train(...)` called from a notebook with
+  dataclasses, the arguments themselves, as gin comments (so the file still parses).
+  """
+  import gin  # pylint: disable=g-import-not-at-top  (read only to record the run's config)
+  try:
+    configured = bool(gin.get_bindings(train))
+  except ValueError:  # no gin file imported samtone_jax.trainer
+    configured = False
+  if configured:
+    return gin.config_str()
+  lines = ["# trainer.train was called directly, not through gin; its arguments:"]
+  lines += [f"#   {name} = {value!r}" for name, value in arguments.items()]
+  return "\n".join(lines) + "\n"
+
+
 def _first_batch(batches: Iterator[dict[str, np.ndarray]], data: DataConfig
                  ) -> dict[str, np.ndarray]:
   """The first batch, or a DataFormatError saying why the task is empty."""
@@ -377,8 +396,9 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     mesh_shape: (data, model) mesh sizes; -1 fills with the remaining devices.
     initial_checkpoint_path: parameters to start from when `model_dir` has no checkpoint: a
       samtone_jax checkpoint (params only) or public T5 / GTR weights (INITIAL_CHECKPOINT_PATH).
-    config_text: the gin config (`gin.config_str()`), written to MODEL_DIR/config.gin once the
-      configuration and the first batch are checked; None: no config.gin.
+    config_text: what MODEL_DIR/config.gin holds, written once the configuration and the first
+      batch are checked. None (the commands, `gin_config.run_from_gin`, a notebook): the
+      operative gin config when gin bound this call, else this call's arguments (`config_text_of`).
     chunks: gradient caching and loss row chunking for huge batches (EMBEDDING_CHUNK_SIZE,
       LOSS_CHUNK_SIZE); the same update as without.
 
@@ -394,6 +414,11 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     NonFiniteLossError: the loss became NaN/inf; the message names the step and the last good
       checkpoint.
   """
+  if config_text is None:
+    config_text = config_text_of(dict(
+        model_dir=model_dir, model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
+        seed=seed, mesh_shape=mesh_shape, initial_checkpoint_path=initial_checkpoint_path,
+        chunks=chunks))
   importlib.import_module(data.tasks_module)  # registers the tasks and evaluation sets
   try:
     mesh = partitioning.create_mesh(*mesh_shape)
@@ -444,8 +469,7 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
   try:
     first = _first_batch(batches, data)
     batches = itertools.chain([first], batches)
-    if config_text is not None:
-      write_config(model_dir, config_text)
+    write_config(model_dir, config_text)
     return _train_loop(preemption, mesh, batches, start_step, resume_step, model_dir=model_dir,
                        model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
                        seed=seed, initial_checkpoint_path=initial_checkpoint_path, chunks=chunks)

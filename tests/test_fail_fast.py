@@ -25,7 +25,7 @@ import pytest
 
 from samtone_jax import checkpoints
 from samtone_jax import errors
-from samtone_jax import main as main_lib
+from samtone_jax import gin_config
 from samtone_jax import partitioning
 from samtone_jax import run_lock
 from samtone_jax import train_step as train_step_lib
@@ -257,12 +257,12 @@ def test_bad_inputs_exit_with_one_message(tmp_path, env):
 def test_macros_bound_on_the_command_line_must_be_known():
   try:
     # A new macro is fine when a binding uses it; an existing one may be overridden.
-    main_lib.parse_gin([EXPERIMENT], ["MY_STEPS = 7", "TRAIN_STEPS = %MY_STEPS", "BATCH_SIZE = 8"])
+    gin_config.parse_gin([EXPERIMENT], ["MY_STEPS = 7", "TRAIN_STEPS = %MY_STEPS", "BATCH_SIZE = 8"])
     assert gin.query_parameter("%TRAIN_STEPS").scoped_selector == "MY_STEPS/gin.macro"
     gin.clear_config()
     with pytest.raises(errors.ConfigError, match="macro BATCH_SIZ is bound .* did you mean "
                        "BATCH_SIZE"):
-      main_lib.parse_gin([EXPERIMENT], ["BATCH_SIZ = 8"])
+      gin_config.parse_gin([EXPERIMENT], ["BATCH_SIZ = 8"])
   finally:
     gin.clear_config()
 

@@ -5,7 +5,6 @@ preempted (SIGTERM), then finished in-process; its final parameters must equal a
 run's bit for bit. Subprocesses are slow (JAX + TF imports), so there are only three.
 """
 
-import inspect
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from samtone_jax import checkpoints
 from samtone_jax import errors
+from samtone_jax import gin_config
 from samtone_jax import main as main_lib
 from samtone_jax.models import config as model_config_lib
 
@@ -81,13 +81,7 @@ def _read_until(process, marker):
 
 
 def _train_in_process(model_dir, overrides=OVERRIDES):
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  main_lib.parse_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *overrides])
-  try:
-    return gin.get_configurable(trainer.train)()
-  finally:
-    gin.clear_config()
+  return gin_config.run_from_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *overrides])
 
 
 def _params(state):
@@ -170,7 +164,7 @@ def test_bad_binding_exits_with_gins_message(tmp_path, compile_cache):
 def test_missing_gin_file_and_flag_rewriting():
   with pytest.raises(errors.ConfigError,
                      match="Error in the gin configuration: .*no_such_experiment.gin"):
-    main_lib.parse_gin(["experiments/no_such_experiment.gin"], [])
+    gin_config.parse_gin(["experiments/no_such_experiment.gin"], [])
   gin.clear_config()
   assert main_lib.rewrite_gin_args(
       ["prog", "--gin.MODEL_DIR=\"/x=y\"", "--gin_file=a.gin", "--gin.A.b=[1, 2]"]) == [
@@ -195,7 +189,7 @@ def test_loss_files_bind_only_what_they_change(name):
              if line.startswith("losses.LossConfig.")]
   gin.clear_config()
   try:
-    main_lib.parse_gin([f"losses/{name}.gin"], [])
+    gin_config.parse_gin([f"losses/{name}.gin"], [])
     loss = gin.get_configurable(losses.LossConfig)()
   finally:
     gin.clear_config()
@@ -221,7 +215,7 @@ def test_old_loss_spelling_binds_the_same_config_with_a_warning(tmp_path):
   gin.clear_config()
   try:
     with pytest.warns(FutureWarning, match="spell it losses.LossConfig"):
-      main_lib.parse_gin(["losses/in_batch.gin", str(old_file), "runs/pretrain.gin"], [
+      gin_config.parse_gin(["losses/in_batch.gin", str(old_file), "runs/pretrain.gin"], [
           "train_step.LossConfig.temperature = 0.05"])
     loss = gin.get_configurable(losses.LossConfig)()
   finally:
@@ -236,11 +230,11 @@ def test_scan_remat_gin_applies_to_every_size(size, num_layers, d_model):
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:
-    main_lib.parse_gin([f"models/{size}.gin", "models/scan_remat.gin", "architectures/ade.gin",
+    gin_config.parse_gin([f"models/{size}.gin", "models/scan_remat.gin", "architectures/ade.gin",
                         "losses/samtone.gin", "runs/pretrain.gin"],
                        ["MIXTURE_OR_TASK_NAME = 'unused'", "MODEL_DIR = '/tmp/unused'"])
-    bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
-    model = bound.arguments["model"]
+    bound = gin_config.configured_arguments(trainer.train)
+    model = bound["model"]
   finally:
     gin.clear_config()
   assert (model.encoder.num_layers, model.encoder.d_model) == (num_layers, d_model)
@@ -259,9 +253,9 @@ def test_experiment_size_is_one_more_gin_file(experiment, size, num_layers, d_mo
   gin.clear_config()
   files = [f"experiments/{experiment}.gin"] + ([f"models/{size}.gin"] if size else [])
   try:
-    main_lib.parse_gin(files, ["MODEL_DIR = '/tmp/unused'", "INITIAL_CHECKPOINT_PATH = None"])
-    bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
-    model, data = bound.arguments["model"], bound.arguments["data"]
+    gin_config.parse_gin(files, ["MODEL_DIR = '/tmp/unused'", "INITIAL_CHECKPOINT_PATH = None"])
+    bound = gin_config.configured_arguments(trainer.train)
+    model, data = bound["model"], bound["data"]
   finally:
     gin.clear_config()
   assert (model.encoder.num_layers, model.encoder.d_model) == (num_layers, d_model)

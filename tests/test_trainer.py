@@ -60,6 +60,12 @@ def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
   for key in ("accuracy", "learning_rate", "grad_norm", "examples_per_second",
               "seconds_per_step"):
     assert key in records[0]
+  # Called without gin, train still records its configuration: the arguments, as comments.
+  with open(tmp_path / "run" / "config.gin") as f:
+    config_lines = f.read().splitlines()
+  assert config_lines[0] == "# trainer.train was called directly, not through gin; its arguments:"
+  assert f"#   loss = {losses.LossConfig(temperature=0.05)!r}" in config_lines
+  assert "#   seed = 0" in config_lines
 
   untrained = result.built.init_state(jax.random.PRNGKey(0))
   before = runner.evaluate_params(result.built.model, untrained.params, result.mesh,
