@@ -152,10 +152,10 @@ class DualEncoderModel(t5x_models.BaseModel):
         feature_converter.DualEncoderFeatureConverter,
         with_negatives=loss_config.use_hard_negatives)
     hyper_params = getattr(optimizer_def, "hyper_params", None)
-    if (model_config.tower_sharing == "ade_fte"
+    if (dual_encoder.FROZEN_PARTS.get(model_config.tower_sharing)
         and getattr(hyper_params, "weight_decay_rate", None)):
-      raise ValueError("t5x_model.DualEncoderModel: tower_sharing='ade_fte' freezes the shared "
-                       "token embedder through a zero gradient; the optimizer's "
+      raise ValueError(f"t5x_model.DualEncoderModel: tower_sharing={model_config.tower_sharing!r} "
+                       "freezes the shared token embedder through a zero gradient; the optimizer's "
                        f"weight_decay_rate={hyper_params.weight_decay_rate} would still move it. "
                        "Set it to None.")
 

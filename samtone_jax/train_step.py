@@ -164,7 +164,8 @@ def embedding_loss(embeddings: tuple[Array, Array, Array | None], loss_params: P
 
 def loss_and_metrics(params: PyTree, batch: dict[str, Array], *, model: dual_encoder.DualEncoder,
                      loss_config: losses.LossConfig, mesh: Mesh | None,
-                     dropout_rng: Array | None = None, loss_chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
+                     dropout_rng: Array | None = None, loss_chunk_size: int = 0
+                     ) -> tuple[Array, dict[str, Array]]:
   """The mean contrastive loss of a global batch and its metric sums.
 
   Args:
@@ -345,10 +346,10 @@ class Built(NamedTuple):
     batch_shardings: dict of NamedSharding, like `batch_spec`.
     rng_sharding: NamedSharding of the [2] uint32 base key (replicated).
     init_state: `init_state(rng [2] uint32) -> TrainState`, jitted with out_shardings (never
-      builds anything unsharded); an `InMesh`.
+      builds anything unsharded); a `partitioning.InMesh`.
     train_step: `train_step(state, batch, rng) -> (state, metrics)`, jitted with in/out
-      shardings, state donated; an `InMesh`. `train_step.lower(abstract_state, batch_spec,
-      rng_spec)` lowers it without running (the AOT compile check).
+      shardings, state donated; a `partitioning.InMesh`. `train_step.lower(abstract_state,
+      batch_spec, rng_spec)` lowers it without running (the AOT compile check).
   """
 
   model: dual_encoder.DualEncoder
@@ -363,35 +364,13 @@ class Built(NamedTuple):
   train_step: Any
 
 
-class InMesh:
-  """A jitted function that is traced, called and lowered with `mesh` and the logical axis rules
-  active (the model's logical sharding constraints resolve against them; `jax.set_mesh` must be
-  entered outside of `jax.jit`, hence this wrapper rather than a context inside the function).
-
-  `InMesh(f, mesh)(*args)` and `InMesh(f, mesh).lower(*args)` behave like `f(*args)` and
-  `f.lower(*args)`.
-  """
-
-  def __init__(self, jitted: Any, mesh: Mesh):
-    self.jitted = jitted
-    self.mesh = mesh
-
-  def __call__(self, *args):
-    with partitioning.mesh_context(self.mesh):
-      return self.jitted(*args)
-
-  def lower(self, *args):
-    with partitioning.mesh_context(self.mesh):
-      return self.jitted.lower(*args)
-
-
 def _opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: PyTree,
                          abstract_params: PyTree, param_shardings: PyTree,
                          mesh: Mesh) -> PyTree:
   """Shardings of the optimizer state: a leaf shaped like its parameter (Adam moments, unfactored
   Adafactor moments) is sharded like it; factored/row/column moments and counters, which are
   small, are replicated."""
-  replicated = NamedSharding(mesh, P())
+  replicated = partitioning.replicated(mesh)
 
   def like_param(state_leaf, param_leaf, param_sharding):
     if isinstance(state_leaf, optax.MaskedNode):
@@ -421,11 +400,7 @@ def abstract_model_params_of(model_config: model_config_lib.DualEncoderConfig, m
   """The DualEncoder's `params` as jax.ShapeDtypeStruct with their NamedShardings on `mesh`
   (from the logical axis names), without creating any array."""
   init_variables = _model_initializer(dual_encoder.DualEncoder(model_config))
-  with partitioning.mesh_context(mesh):
-    boxed = jax.eval_shape(init_variables, jax.ShapeDtypeStruct((2,), jnp.uint32))
-  shardings = partitioning.logical_to_sharding(nn.get_partition_spec(boxed), mesh)["params"]
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.meta.unbox(boxed)["params"], shardings)
+  return partitioning.abstract_sharded(init_variables, mesh, rng_spec())["params"]
 
 
 def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.LossConfig,
@@ -453,7 +428,7 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.
   init_variables = _model_initializer(model)
   abstract_model_params = abstract_model_params_of(model_config, mesh)
   model_param_shardings = jax.tree.map(lambda a: a.sharding, abstract_model_params)
-  replicated = NamedSharding(mesh, P())
+  replicated = partitioning.replicated(mesh)
   loss_params = ({"log_temperature": jax.ShapeDtypeStruct((), jnp.float32)}
                  if loss_config.learn_temperature else {})
   abstract_params = {"model": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
@@ -486,11 +461,11 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.
   step_fn = functools.partial(train_step, model=model, loss_config=loss_config, tx=tx,
                               schedule=schedule, trainable=trainable, mesh=mesh, chunks=chunks)
   batch_shardings = {k: partitioning.data_sharding(mesh, len(v.shape)) for k, v in batch.items()}
-  jitted_init = InMesh(jax.jit(init_state, in_shardings=replicated,
-                               out_shardings=state_shardings), mesh)
-  jitted_step = InMesh(jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, replicated),
-                               out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
-                       mesh)
+  jitted_init = partitioning.InMesh(
+      jax.jit(init_state, in_shardings=replicated, out_shardings=state_shardings), mesh)
+  jitted_step = partitioning.InMesh(
+      jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, replicated),
+              out_shardings=(state_shardings, replicated), donate_argnums=(0,)), mesh)
   return Built(model=model, tx=tx, schedule=schedule, trainable=trainable,
                abstract_state=abstract_state, state_shardings=state_shardings,
                batch_shardings=batch_shardings, rng_sharding=replicated, init_state=jitted_init,
