@@ -477,6 +477,104 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
     _close(batches)
 
 
+class _LoopSteps:
+  """The named steps of the training loop (`_train_loop`) and what they share between steps: the
+  window of device metrics since the last flush and the step of the last checkpoint.
+
+  Progress and ETA are printed here rather than by clu's `periodic_actions.ReportProgress`: that
+  logs through absl at INFO (the commands log at WARNING) and reports steps/s alone, while this
+  line carries the loss, accuracy and throughput of the same window, from metrics that `flush`
+  fetches anyway.
+  """
+
+  def __init__(self, built: train_step_lib.Built, manager: Any, mesh: jax.sharding.Mesh, *,
+               model_dir: str, data: DataConfig, loop: LoopConfig, seed: int,
+               last_saved: int | None):
+    self.built, self.manager, self.mesh = built, manager, mesh
+    self.model_dir, self.data, self.loop, self.seed = model_dir, data, loop, seed
+    self.last_saved = last_saved
+    self.last_summary: dict[str, float] = {}
+    self.log = _MetricsLog(model_dir)
+    self.window: list[tuple[int, PyTree]] = []  # (step, device metrics) since the last flush
+    self.window_start = time.time()
+
+  def is_log_step(self, step: int) -> bool:
+    return step % self.loop.log_period == 0 or step == self.loop.train_steps
+
+  def is_eval_step(self, step: int) -> bool:
+    return bool(self.loop.eval_sets) and (
+        step == self.loop.train_steps or bool(self.loop.eval_period
+                                              and step % self.loop.eval_period == 0))
+
+  def is_checkpoint_step(self, step: int) -> bool:
+    return step % self.loop.checkpoint_period == 0 or step == self.loop.train_steps
+
+  def train(self, state: train_step_lib.TrainState, step: int,
+            local_batch: dict[str, np.ndarray], rng: jax.Array) -> train_step_lib.TrainState:
+    """Input and step: this host's batch as a global one, one optimizer step; its (device)
+    metrics join the window without waiting for them."""
+    batch = train_step_lib.as_global_batch(local_batch, self.built.batch_shardings)
+    state, metrics = self.built.train_step(state, batch, rng)
+    self.window.append((step, metrics))
+    return state
+
+  def flush_metrics(self, step: int, *, write: bool) -> None:
+    """Fetches the window's metrics, stops on a non-finite loss, and (`write`) logs them."""
+    if not self.window:
+      return
+    fetched = jax.device_get([m for _, m in self.window])
+    for (s, _), m in zip(self.window, fetched):
+      if not np.isfinite(m["loss_sum"]) or not np.isfinite(m["grad_norm"]):
+        where = (f"{self.manager.directory}/{self.last_saved} (step {self.last_saved})"
+                 if self.last_saved is not None else "none (no checkpoint was saved)")
+        raise NonFiniteLossError(
+            f"Non-finite loss at step {s} (loss_sum={float(m['loss_sum'])}, "
+            f"grad_norm={float(m['grad_norm'])}). Last good checkpoint: {where}.")
+    if not write:
+      return
+    summary = summarize_metrics(fetched)
+    elapsed = time.time() - self.window_start
+    summary["seconds_per_step"] = elapsed / len(fetched)
+    summary["examples_per_second"] = len(fetched) * self.data.batch_size / max(elapsed, 1e-9)
+    self.log.write("train", step, summary)
+    self.last_summary = summary
+    remaining = (self.loop.train_steps - step) * summary["seconds_per_step"]
+    print(f"step {step}/{self.loop.train_steps} loss={summary['loss']:.4f} "
+          f"acc={summary['accuracy']:.3f} lr={summary['learning_rate']:.3g} "
+          f"|g|={summary['grad_norm']:.3g} {summary['examples_per_second']:.1f} ex/s "
+          f"{summary['seconds_per_step']:.3f} s/step ETA {_format_duration(remaining)}",
+          flush=True)
+    self.window = []
+    self.window_start = time.time()
+
+  def evaluate(self, state: train_step_lib.TrainState, step: int) -> dict[str, float]:
+    """Retrieval metrics of the eval sets at `step` (after checking the loss is finite)."""
+    self.flush_metrics(step, write=False)
+    loop = self.loop
+    eval_metrics = runner.evaluate_params(
+        self.built.model, state.params, self.mesh, loop.eval_sets,
+        output_dir=os.path.join(self.model_dir, "eval_results", str(step)),
+        metrics=list(loop.eval_metrics) or None, feature_lengths=loop.eval_feature_lengths,
+        ignore_identical_ids=loop.eval_ignore_identical_ids)
+    self.log.write("eval", step, eval_metrics)
+    print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
+                                           sorted(eval_metrics.items())), flush=True)
+    return eval_metrics
+
+  def save(self, state: train_step_lib.TrainState, step: int,
+           metrics: dict[str, float] | None = None) -> None:
+    """Checkpoints `state` at `step`; never a state after a non-finite loss."""
+    self.flush_metrics(step, write=False)
+    meta = {"step": step, "seed": self.seed, "examples_seen": step * self.data.batch_size}
+    path = checkpoints.save(self.manager, step, state, meta, metrics=metrics)
+    self.last_saved = step
+    logging.info("Saved checkpoint %s", path)
+    print(f"Saved checkpoint step {step}: {path}", flush=True)
+
+  def close(self) -> None:
+    self.log.close()
+
+
 def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
                 batches: Iterator[dict[str, np.ndarray]], start_step: int,
                 resume_step: int | None, *, model_dir, model, loss, optimizer, data, loop, seed,
@@ -489,7 +587,6 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
   rng = jax.device_put(jax.random.PRNGKey(seed), built.rng_sharding)
 
-  last_saved = resume_step
   if resume_step is not None:
     state, meta = checkpoints.restore(manager, built.abstract_state, resume_step)
     logging.info("Resumed from %s at step %d", manager.directory, int(state.step))
@@ -500,92 +597,34 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
     state = initial_state(built, seed, model, initial_checkpoint_path)
   assert int(state.step) == start_step, (int(state.step), start_step)
 
-  log = _MetricsLog(model_dir)
-  window: list[tuple[int, PyTree]] = []  # (step, device metrics) since the last flush
-  last_summary: dict[str, float] = {}
+  steps = _LoopSteps(built, manager, mesh, model_dir=model_dir, data=data, loop=loop, seed=seed,
+                     last_saved=resume_step)
   eval_metrics: dict[str, float] = {}
   preempted = False
-  window_start = time.time()
   run_start = time.time()
-
-  def save(step: int, metrics: dict[str, float] | None = None):
-    nonlocal last_saved
-    meta = {"step": step, "seed": seed, "examples_seen": step * data.batch_size}
-    path = checkpoints.save(manager, step, state, meta, metrics=metrics)
-    last_saved = step
-    logging.info("Saved checkpoint %s", path)
-    print(f"Saved checkpoint step {step}: {path}", flush=True)
-
-  def flush(step: int, *, write: bool):
-    """Fetches the window's metrics, stops on a non-finite loss, and logs them."""
-    nonlocal window, window_start, last_summary
-    if not window:
-      return
-    fetched = jax.device_get([m for _, m in window])
-    for (s, _), m in zip(window, fetched):
-      if not np.isfinite(m["loss_sum"]) or not np.isfinite(m["grad_norm"]):
-        where = (f"{manager.directory}/{last_saved} (step {last_saved})"
-                 if last_saved is not None else "none (no checkpoint was saved)")
-        raise NonFiniteLossError(
-            f"Non-finite loss at step {s} (loss_sum={float(m['loss_sum'])}, "
-            f"grad_norm={float(m['grad_norm'])}). Last good checkpoint: {where}.")
-    if not write:
-      return
-    summary = summarize_metrics(fetched)
-    elapsed = time.time() - window_start
-    summary["seconds_per_step"] = elapsed / len(fetched)
-    summary["examples_per_second"] = len(fetched) * data.batch_size / max(elapsed, 1e-9)
-    log.write("train", step, summary)
-    last_summary = summary
-    remaining = (loop.train_steps - step) * summary["seconds_per_step"]
-    print(f"step {step}/{loop.train_steps} loss={summary['loss']:.4f} "
-          f"acc={summary['accuracy']:.3f} lr={summary['learning_rate']:.3g} "
-          f"|g|={summary['grad_norm']:.3g} {summary['examples_per_second']:.1f} ex/s "
-          f"{summary['seconds_per_step']:.3f} s/step ETA {_format_duration(remaining)}",
-          flush=True)
-    window = []
-    window_start = time.time()
-
   try:
     step = start_step
     while step < loop.train_steps:
       if preemption.should_stop(step):
         preempted = True
         break
-      local_batch = next(batches)
-      batch = train_step_lib.as_global_batch(local_batch, built.batch_shardings)
-      state, metrics = built.train_step(state, batch, rng)
-      window.append((step, metrics))
+      state = steps.train(state, step, next(batches), rng)
       step += 1
-      is_last = step == loop.train_steps
-      if step % loop.log_period == 0 or is_last:
-        flush(step, write=True)
-      do_eval = bool(loop.eval_sets) and (
-          is_last or (loop.eval_period and step % loop.eval_period == 0))
-      if do_eval:
-        flush(step, write=False)
-        eval_metrics = runner.evaluate_params(
-            built.model, state.params, mesh, loop.eval_sets,
-            output_dir=os.path.join(model_dir, "eval_results", str(step)),
-            metrics=list(loop.eval_metrics) or None,
-            feature_lengths=loop.eval_feature_lengths,
-            ignore_identical_ids=loop.eval_ignore_identical_ids)
-        log.write("eval", step, eval_metrics)
-        print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
-                                               sorted(eval_metrics.items())), flush=True)
-      if step % loop.checkpoint_period == 0 or is_last:
-        flush(step, write=False)  # never checkpoint a state after a non-finite loss
-        save(step, eval_metrics if do_eval and loop.best_metric else None)
-    if preempted and last_saved != step:
-      flush(step, write=False)
-      save(step)
-    if window:
-      flush(step, write=True)
+      if steps.is_log_step(step):
+        steps.flush_metrics(step, write=True)
+      evaluated = steps.is_eval_step(step)
+      if evaluated:
+        eval_metrics = steps.evaluate(state, step)
+      if steps.is_checkpoint_step(step):
+        steps.save(state, step, eval_metrics if evaluated and loop.best_metric else None)
+    if preempted and steps.last_saved != step:
+      steps.save(state, step)
+    steps.flush_metrics(step, write=True)
   finally:
-    log.close()
+    steps.close()
   total = time.time() - run_start
   print(f"Finished at step {int(state.step)} in {_format_duration(total)}"
         f"{' (preempted)' if preempted else ''}; run directory {io_utils.abspath(model_dir)}",
         flush=True)
-  return TrainResult(state=state, built=built, mesh=mesh, train_metrics=last_summary,
+  return TrainResult(state=state, built=built, mesh=mesh, train_metrics=steps.last_summary,
                      eval_metrics=eval_metrics, preempted=preempted)
