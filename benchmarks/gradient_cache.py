@@ -24,6 +24,7 @@ import time
 import jax
 import numpy as np
 
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -36,7 +37,7 @@ def jax_step(config, batch: dict[str, np.ndarray], chunk: int):
   """A closure running one step of the real train step (state carried between calls)."""
   mesh = partitioning.create_mesh(1, 1, devices=jax.devices()[:1])
   spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  built = ts.build(config, ts.LossConfig(temperature=TEMPERATURE, same_tower_negatives=False),
+  built = ts.build(config, losses.LossConfig(temperature=TEMPERATURE, same_tower_negatives=False),
                    optimizers.OptimizerConfig(name="adamw", warmup_steps=10), mesh, spec,
                    ts.ChunkConfig(embedding_chunk_size=chunk))
   state = [built.init_state(jax.random.PRNGKey(0))]

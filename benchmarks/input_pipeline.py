@@ -68,6 +68,7 @@ def time_train_step(size: str, batch: dict[str, np.ndarray], batch_size: int, st
                     ) -> float:
   """Examples/s of the real jitted train step for model `size` ("tiny" or "small")."""
   import jax  # pylint: disable=g-import-not-at-top
+  from samtone_jax import losses  # pylint: disable=g-import-not-at-top
   from samtone_jax import optimizers  # pylint: disable=g-import-not-at-top
   from samtone_jax import partitioning  # pylint: disable=g-import-not-at-top
   from samtone_jax import train_step  # pylint: disable=g-import-not-at-top
@@ -82,7 +83,7 @@ def time_train_step(size: str, batch: dict[str, np.ndarray], batch_size: int, st
   local = {k: v[:batch_size] for k, v in batch.items()}
   mesh = partitioning.create_mesh()
   spec = train_step.batch_spec(batch_size, LENGTHS, num_negatives=local["negatives"].shape[1])
-  built = train_step.build(model_config, train_step.LossConfig(use_hard_negatives=True),
+  built = train_step.build(model_config, losses.LossConfig(use_hard_negatives=True),
                            optimizers.OptimizerConfig(), mesh, spec)
   state = built.init_state(jax.random.PRNGKey(0))
   global_batch = train_step.as_global_batch(local, built.batch_shardings)

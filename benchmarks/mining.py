@@ -44,7 +44,7 @@ def measure_encode(num_docs: int, num_queries: int) -> tuple[float, float]:
   import gin  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from samtone_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+  from samtone_jax import gin_config  # pylint: disable=g-import-not-at-top
   from samtone_jax import partitioning  # pylint: disable=g-import-not-at-top
   from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
   from samtone_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -53,7 +53,7 @@ def measure_encode(num_docs: int, num_queries: int) -> tuple[float, float]:
   from samtone_jax.tasks import eval_sets  # pylint: disable=g-import-not-at-top
   demo.register()
   data = eval_sets.get_eval_set(demo.TRAIN_EVAL_SET)
-  main_lib.parse_gin(["experiments/demo_samtone.gin"], ['MODEL_DIR = "/tmp/unused"'])
+  gin_config.parse_gin(["experiments/demo_samtone.gin"], ['MODEL_DIR = "/tmp/unused"'])
   model_config = gin.get_configurable(config_lib.DualEncoderConfig)()
   gin.clear_config()
   model = dual_encoder.DualEncoder(model_config)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samtone_jax import main as main_lib
+from samtone_jax import gin_config
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -30,7 +31,7 @@ from samtone_jax.models import config as model_config
 
 def model_config_of(size: str) -> model_config.DualEncoderConfig:
   gin.clear_config()
-  main_lib.parse_gin([f"models/{size}.gin", "architectures/sde.gin"], [])
+  gin_config.parse_gin([f"models/{size}.gin", "architectures/sde.gin"], [])
   config = gin.get_configurable(model_config.DualEncoderConfig)()
   gin.clear_config()
   return config
@@ -69,7 +70,7 @@ def step_flops(config: model_config.DualEncoderConfig, batch: int, lq: int, lp: 
 def bench(config, batch: int, lq: int, lp: int, same_tower: bool, steps: int) -> dict:
   mesh = partitioning.create_mesh(1, 1, devices=jax.devices()[:1])
   spec = ts.batch_spec(batch, {"queries": lq, "passages": lp})
-  built = ts.build(config, ts.LossConfig(same_tower_negatives=same_tower),
+  built = ts.build(config, losses.LossConfig(same_tower_negatives=same_tower),
                    optimizers.OptimizerConfig(name="adamw", warmup_steps=10), mesh, spec)
   state = built.init_state(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)

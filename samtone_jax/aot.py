@@ -12,16 +12,16 @@ the chip's HBM); `compile_configured` does it for the run the parsed gin config 
 """
 
 import dataclasses
-import inspect
 import os
 import re
 import time
 
-import gin
 import jax
 from jax.experimental import topologies
 import numpy as np
 
+from samtone_jax import gin_config
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as train_step_lib
@@ -139,7 +139,7 @@ def topology_devices(topology: str) -> list[jax.Device]:
 
 
 def compile_train_step(topology: str, *, model_config: model_config_lib.DualEncoderConfig,
-                       loss_config: train_step_lib.LossConfig,
+                       loss_config: losses.LossConfig,
                        optimizer_config: optimizers.OptimizerConfig, batch_size: int,
                        task_feature_lengths: dict[str, int], num_negatives: int = 0,
                        mesh_data: int = -1, mesh_model: int = 1,
@@ -204,30 +204,18 @@ def does_not_fit_message(report: MemoryReport, batch_size: int) -> str:
           "(T5Config.dtype='bfloat16'), or a larger topology.")
 
 
-def configured_train_arguments() -> dict:
-  """The arguments the parsed gin config gives `trainer.train` (defaults filled in).
-
-  The AOT check reads the same bindings a real run gets, so it compiles exactly that run's step.
-  """
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
-  bound.apply_defaults()
-  missing = [name for name in ("model", "loss", "optimizer", "data")
-             if name not in bound.arguments]
-  if missing:
-    raise ValueError(f"The gin config does not bind trainer.train's {', '.join(missing)}; pass "
-                     "an experiment's --gin_file (or its model, architecture, loss and run files).")
-  return bound.arguments
-
-
 def compile_configured(topology: str) -> tuple[MemoryReport, int]:
   """Compiles the configured run's train step for `topology`; returns (report, batch size)."""
-  args = configured_train_arguments()
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  # The bindings a real run gets, so that this compiles exactly that run's step.
+  args = gin_config.configured_arguments(trainer.train,
+                                         required=("model", "loss", "optimizer", "data"))
   data = args["data"]
   mesh_data, mesh_model = args["mesh_shape"]
   report = compile_train_step(
       topology, model_config=args["model"], loss_config=args["loss"],
       optimizer_config=args["optimizer"], batch_size=data.batch_size,
-      task_feature_lengths=dict(data.task_feature_lengths), num_negatives=data.num_negatives,
+      task_feature_lengths=dict(data.task_feature_lengths),
+      num_negatives=trainer.num_negatives(data, args["loss"]),
       mesh_data=mesh_data, mesh_model=mesh_model, chunks=args["chunks"])
   return report, data.batch_size

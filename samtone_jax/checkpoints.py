@@ -585,28 +585,14 @@ def _spec(a: jax.ShapeDtypeStruct) -> tuple[Any, ...]:
 
 def _abstract_unstacked(tree: Any) -> Any:
   """Abstract stacked `layers` -> `layers_{i}` (each layer sharded like the stacked slice)."""
-  if not isinstance(tree, Mapping):
-    return tree
-  out = {k: _abstract_unstacked(v) for k, v in tree.items() if k != "layers"}
-  if "layers" in tree:
-    num_layers = jax.tree.leaves(tree["layers"])[0].shape[0]
-    for i in range(num_layers):
-      out[f"layers_{i}"] = jax.tree.map(lambda a: _with_spec(a, a.shape[1:], _spec(a)[1:]),
-                                        tree["layers"])
-  return out
+  return t5.unstack_layers(tree, lambda a, _: _with_spec(a, a.shape[1:], _spec(a)[1:]))
 
 
 def _abstract_stacked(tree: Any) -> Any:
   """Abstract `layers_{i}` -> one stacked `layers` (layer axis replicated)."""
-  if not isinstance(tree, Mapping):
-    return tree
-  out = {k: _abstract_stacked(v) for k, v in tree.items() if t5.layer_index(k) is None}
-  layers = [tree[k] for k in sorted((k for k in tree if t5.layer_index(k) is not None),
-                                    key=t5.layer_index)]
-  if layers:
-    out["layers"] = jax.tree.map(
-        lambda a: _with_spec(a, (len(layers),) + a.shape, (None,) + _spec(a)), layers[0])
-  return out
+  return t5.stack_layers(
+      tree, lambda *layers: _with_spec(layers[0], (len(layers),) + layers[0].shape,
+                                       (None,) + _spec(layers[0])))
 
 
 def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> PyTree:

@@ -34,12 +34,11 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-import gin
 import jax
 
 from samtone_jax import bm25
+from samtone_jax import gin_config
 from samtone_jax import io_utils
-from samtone_jax import main as main_lib
 
 OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where the runs and results go (default demo_runs/<UTC timestamp>).")
@@ -83,11 +82,9 @@ class RunResult:
 
 def train_experiment(gin_file: str, model_dir: str, extra_bindings: Sequence[str] = ()):
   """Parses one experiment's gin files from scratch and runs `trainer.train`; returns its
-  TrainResult."""
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  main_lib.parse_gin([gin_file], [f"MODEL_DIR = {model_dir!r}", *extra_bindings])
-  return gin.get_configurable(trainer.train)(config_text=gin.config_str())
+  TrainResult. The config stays parsed (the caller reads its macros) until the next run."""
+  return gin_config.run_from_gin([gin_file], [f"MODEL_DIR = {model_dir!r}", *extra_bindings],
+                                 keep_config=True)
 
 
 def _metric_name(metric: str) -> str:
@@ -217,7 +214,7 @@ def run_demo(output_dir: str, train_steps: int | None = None, *, seeds: int = 1,
             model_dir, result.built.model.config,
             {m: result.eval_metrics[f"{eval_set_name}/{m}"] for m in METRICS},
             _run_file(model_dir, step, eval_set_name)))
-        feature_lengths = main_lib.gin_macro("TASK_FEATURE_LENGTHS")
+        feature_lengths = gin_config.gin_macro("TASK_FEATURE_LENGTHS")
 
   eval_set = eval_sets.get_eval_set(eval_set_name)
   names = {loss: label for label, loss, _ in LOSSES}

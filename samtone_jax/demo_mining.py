@@ -28,10 +28,9 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
-import gin
 
+from samtone_jax import gin_config
 from samtone_jax import io_utils
-from samtone_jax import main as main_lib
 
 OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where the runs and results go (default demo_runs/mining-<UTC timestamp>).")
@@ -63,25 +62,8 @@ CONTROL_BINDINGS = ("TRAIN_STEPS = 150", "LEARNING_RATE = 1e-3", "WARMUP_STEPS =
                     "trainer.LoopConfig.checkpoint_period = 150")
 
 
-def _configured_call(gin_files: Sequence[str], bindings: Sequence[str], fn):
-  """Parses the gin files and bindings from scratch and calls `fn` with its bindings."""
-  gin.clear_config()
-  main_lib.parse_gin(list(gin_files), list(bindings))
-  try:
-    return gin.get_configurable(fn)()
-  finally:
-    gin.clear_config()
-
-
 def _train(gin_file: str, model_dir: str, bindings: Sequence[str]):
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  main_lib.parse_gin([gin_file], [f"MODEL_DIR = {model_dir!r}", *bindings])
-  main_lib.write_config(model_dir)
-  try:
-    return gin.get_configurable(trainer.train)()
-  finally:
-    gin.clear_config()
+  return gin_config.run_from_gin([gin_file], [f"MODEL_DIR = {model_dir!r}", *bindings])
 
 
 def _final_run(model_dir: str) -> dict[str, dict[str, float]]:
@@ -121,7 +103,7 @@ def run_demo(output_dir: str, stage1_dir: str | None = None, stage1_steps: int |
 
   mined_dir = os.path.join(output_dir, "mined")
   print(f"\n=== Mining hard negatives for {MINE_TASK} with {stage1_dir} ===", flush=True)
-  manifest = _configured_call(
+  manifest = gin_config.run_from_gin(
       [MINE_GIN, STAGE1_GIN],
       [f"CHECKPOINT_PATH = {stage1_dir!r}", f"MINE_TASK = {MINE_TASK!r}",
        f"MINE_OUTPUT_DIR = {mined_dir!r}", *MINE_BINDINGS], mining.mine_to_directory)

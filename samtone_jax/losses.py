@@ -50,7 +50,7 @@ Metrics are sums and counts (divided on the host): `loss_sum` (= loss * B), `num
 positive scores at least as high as every other candidate of their softmax row.
 """
 
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
 import dataclasses
 import functools
 import math
@@ -62,9 +62,57 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from samtone_jax.partitioning import DATA_AXIS
+from samtone_jax.tasks import features
 
 Array = jax.Array
 Metrics = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Which contrastive loss is trained (bound by `gin/losses/*.gin` as `losses.LossConfig`).
+
+  The defaults are SamToNe's (same-tower negatives, query side only, fixed temperature 0.01);
+  each `gin/losses/*.gin` binds only the fields it changes.
+
+  Attributes:
+    temperature: softmax temperature (initial value when learned).
+    learn_temperature: train `log_temperature` with the other parameters.
+    same_tower_negatives: SamToNe: other queries are negatives of each query (and other documents
+      of each document when bidirectional). False: the plain in-batch softmax loss.
+    bidirectional: add the document-to-query loss.
+    use_hard_negatives: feed the batch's "negatives" feature to the loss as extra candidates; how
+      many per query is the task's (its examples' "negatives" feature), never bound here.
+    mask_duplicates: pass the batch's query_ids / passage_ids so that repeated questions and shared
+      answers are never each other's negatives.
+  """
+
+  temperature: float = 0.01
+  learn_temperature: bool = False
+  same_tower_negatives: bool = True
+  bidirectional: bool = False
+  use_hard_negatives: bool = False
+  mask_duplicates: bool = True
+
+  def __post_init__(self):
+    if self.temperature <= 0:
+      raise ValueError(f"LossConfig.temperature={self.temperature} must be > 0")
+
+  def check_features(self, feature_names: Collection[str], where: str) -> None:
+    """Raises ValueError unless `feature_names` has every feature this loss reads.
+
+    The one check of it, applied to a task's output features before a run is built (trainer) and
+    to a batch's keys when a step is traced (`train_step.model_inputs`).
+
+    Args:
+      feature_names: a task's output features, or a batch's keys.
+      where: what they belong to, for the message (e.g. "task 'demo_manpages'").
+    """
+    if self.use_hard_negatives and features.NEGATIVES not in feature_names:
+      raise ValueError(
+          f"LossConfig.use_hard_negatives=True but {where} has no {features.NEGATIVES!r} "
+          "feature: train on a task with hard negatives (e.g. a mined task, "
+          "experiments/*_mined.gin) or use a loss file without them (losses/samtone.gin).")
 
 
 # Masked logits get a large finite negative rather than -inf: exp() of it is exactly 0, and a block

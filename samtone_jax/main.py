@@ -11,7 +11,7 @@ Flags:
                       `gin/experiments/X.gin` work from any directory, installed or not.
   --gin.NAME=VALUE    a gin binding (t5x's shorthand for --gin_bindings='NAME = VALUE'), applied
                       after the files; e.g. --gin.MODEL_DIR=\"/tmp/run\", --gin.BATCH_SIZE=64,
-                      --gin.train_step.LossConfig.same_tower_negatives=False.
+                      --gin.losses.LossConfig.same_tower_negatives=False.
   --gin_search_paths  comma-separated directories for gin files and includes; the repository's
                       gin/ directory is always searched.
   --tfds_data_dir     where TFDS datasets live (overrides seqio's default).
@@ -28,39 +28,29 @@ one message on stderr naming the file / line / binding / step and what to do, an
 traceback.
 """
 
-from collections.abc import Callable, Iterator, Sequence
-import difflib
+from collections.abc import Callable, Sequence
 import faulthandler
 import functools
 import importlib
-import logging as std_logging
 import os
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-import gin
 
 from samtone_jax import distributed
 from samtone_jax import errors
+from samtone_jax import gin_config
 
 EXIT_WATCHDOG_SECONDS = 60
-
-# The gin files, inside the package so that a wheel ships them: in the checkout `samtone_jax/gin` is
-# a symlink to the top-level `gin/` (the one copy in git, where T5X users look for it), which
-# setuptools follows into the wheel.
-GIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gin")
-# Searched after GIN_DIR so that the checkout's spelling `gin/experiments/X.gin` (and the t5x gin
-# files' `include 'gin/...'`) resolves from any directory too.
-_PACKAGE_DIR = os.path.dirname(GIN_DIR)
 
 GIN_FILES = flags.DEFINE_multi_string(
     "gin_file", [], "Gin config file(s), parsed in order; relative to --gin_search_paths.")
 GIN_BINDINGS = flags.DEFINE_multi_string(
     "gin_bindings", [], "Individual gin bindings (also given as --gin.NAME=VALUE).")
 GIN_SEARCH_PATHS = flags.DEFINE_list(
-    "gin_search_paths", [GIN_DIR],
+    "gin_search_paths", [gin_config.GIN_DIR],
     "Comma-separated directories searched for gin files and includes (the package's gin/ "
     "directory, the repository's top-level gin/, is always added).")
 TFDS_DATA_DIR = flags.DEFINE_string(
@@ -87,90 +77,6 @@ def rewrite_gin_args(args: Sequence[str]) -> list[str]:
   return rewritten
 
 
-class _QuietGinResourceReader(std_logging.Filter):
-  """gin first looks each file up as a package resource and logs 'Path not found' at ERROR
-  before finding it on the search path; those lines are noise, not errors."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return not record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
-
-
-std_logging.getLogger().addFilter(_QuietGinResourceReader())
-
-
-def _macro_references(value) -> Iterator[str]:
-  """Names of the macros `%NAME` referenced anywhere inside a bound value (lists, dicts...)."""
-  if isinstance(value, gin.config.ConfigurableReference):
-    if value.configurable.name == "macro":
-      yield value.scoped_selector.split("/")[0]
-  elif isinstance(value, dict):
-    for item in value.values():
-      yield from _macro_references(item)
-  elif isinstance(value, (list, tuple, set)):
-    for item in value:
-      yield from _macro_references(item)
-
-
-def _macros() -> tuple[set[str], set[str]]:
-  """(macros bound, macros referenced) in the current gin config."""
-  bound, referenced = set(), set()
-  for (scope, selector), params in gin.config._CONFIG.items():  # pylint: disable=protected-access
-    if selector == "gin.macro":
-      bound.add(scope)
-    for value in params.values():
-      referenced.update(_macro_references(value))
-  return bound, referenced
-
-
-def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
-              search_paths: Sequence[str] = ()) -> None:
-  """Parses gin files then bindings (later wins), searching `search_paths` and GIN_DIR.
-
-  gin checks parameter names, but a macro is just a name: `--gin.TRAIN_STEP=1` would silently
-  define a new macro that nothing reads. So a macro bound by `gin_bindings` that no file defines
-  and nothing references is refused, naming the closest known macro.
-
-  Raises:
-    errors.ConfigError: a file is missing, a binding does not parse or names an unknown
-      configurable, parameter or macro.
-  """
-  for path in list(search_paths) + [GIN_DIR, _PACKAGE_DIR]:
-    if path:
-      gin.add_config_file_search_path(os.path.abspath(path))
-  try:
-    gin.parse_config_files_and_bindings(list(gin_files), None, finalize_config=False)
-    from_files, _ = _macros()
-    gin.parse_config_files_and_bindings(None, list(gin_bindings), finalize_config=False)
-  except errors.UserError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    # gin raises ValueError / IOError / KeyError etc. with the file and line in the message.
-    raise errors.ConfigError(f"Error in the gin configuration: {type(e).__name__}: {e}") from e
-  bound, referenced = _macros()
-  known = from_files | referenced
-  for name in sorted(bound - known):
-    close = difflib.get_close_matches(name, sorted(known), n=1)
-    hint = (f"did you mean {close[0]}?" if close else
-            f"known macros: {', '.join(sorted(known))}")
-    raise errors.ConfigError(
-        f"Error in the gin configuration: macro {name} is bound on the command line but no gin "
-        f"file defines or uses it; {hint}")
-
-
-def gin_macro(name: str, default=None):
-  """The value of gin macro `name` (e.g. "MODEL_DIR"), or `default` when it is not bound."""
-  try:
-    return gin.query_parameter(f"%{name}")
-  except ValueError:
-    return default
-
-
-def write_config(model_dir: str) -> str:
-  """Writes the current gin config to MODEL_DIR/config.gin (process 0); returns the path."""
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  return trainer.write_config(model_dir, gin.config_str())
-
-
 def setup_from_flags() -> None:
   """Multi-host start-up, TFDS directory, gin parsing and data locations from the parsed flags.
 
@@ -184,36 +90,8 @@ def setup_from_flags() -> None:
   if TFDS_DATA_DIR.value:
     import seqio  # pylint: disable=g-import-not-at-top
     seqio.set_tfds_data_dir_override(TFDS_DATA_DIR.value)
-  parse_gin(GIN_FILES.value, GIN_BINDINGS.value, GIN_SEARCH_PATHS.value)
-  configure_data_from_gin()
-
-
-def configure_data_from_gin() -> None:
-  """Calls `paths.configure_data_dirs` with its gin bindings, if it has any.
-
-  Data locations and per-dataset vocabularies must be known before the tasks are registered
-  (the commands import `samtone_jax.tasks.all` later), so the boundary applies them here.
-  """
-  from samtone_jax.tasks import paths  # pylint: disable=g-import-not-at-top
-  try:
-    bindings = gin.get_bindings(paths.configure_data_dirs)
-  except ValueError:  # no gin file imports samtone_jax.tasks.paths
-    bindings = {}
-  if bindings:
-    gin.get_configurable(paths.configure_data_dirs)()
-
-
-def call_configured(fn: Callable[..., object], **kwargs) -> object:
-  """Calls `fn` with its gin bindings (and `kwargs`, which gin does not bind).
-
-  Raises:
-    errors.ConfigError: `fn` is not configurable (no gin file imports its module).
-  """
-  try:
-    configured = gin.get_configurable(fn)
-  except ValueError as e:
-    raise errors.ConfigError(f"Error in the gin configuration: {e}") from e
-  return configured(**kwargs)
+  gin_config.parse_gin(GIN_FILES.value, GIN_BINDINGS.value, GIN_SEARCH_PATHS.value)
+  gin_config.configure_data_from_gin()
 
 
 def main(argv: Sequence[str]) -> None:
@@ -223,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   # The trainer writes MODEL_DIR/config.gin once it holds the run directory's lock and has
   # checked the configuration and the data, so that a refused run leaves nothing behind.
-  call_configured(trainer.train, config_text=gin.config_str())
+  gin_config.call_configured(trainer.train)
 
 
 def run_configured_entry_point(run_gin: str, module_name: str, function_name: str) -> None:
@@ -237,7 +115,7 @@ def run_configured_entry_point(run_gin: str, module_name: str, function_name: st
   setup_from_flags()
   module = importlib.import_module(module_name)
   # A missing or unreadable checkpoint is an errors.UserError: `run` reports it as one message.
-  call_configured(getattr(module, function_name))
+  gin_config.call_configured(getattr(module, function_name))
 
 
 HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")

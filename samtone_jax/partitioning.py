@@ -2,7 +2,9 @@
 
 The one place where logical axis names (used by the model on every parameter and key activation)
 are mapped to the physical mesh axes `data` and `model`. Everything that creates sharded arrays
-goes through `create_mesh`, `LOGICAL_AXIS_RULES` and `sharded_init`.
+goes through `create_mesh`, `LOGICAL_AXIS_RULES` and `abstract_sharded` (the layout) /
+`sharded_init` (the arrays); `replicated` and `InMesh` (a jitted function run with the mesh and
+rules active) are the other sharding helpers.
 """
 
 from collections.abc import Callable, Sequence
@@ -99,20 +101,36 @@ def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, str | None]] = LOGICAL_A
     yield
 
 
+def abstract_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args,
+                     rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> Any:
+  """What `sharded_init(init_fn, mesh, *args)` creates, without creating it.
+
+  `init_fn(*args)` is only shape-evaluated (args may be `jax.ShapeDtypeStruct`s); its logical
+  specs are mapped to mesh shardings.
+
+  Returns:
+    The unboxed variables as `jax.ShapeDtypeStruct` leaves, each with its NamedSharding.
+  """
+  with mesh_context(mesh, rules):
+    boxed = jax.eval_shape(init_fn, *args)
+  shardings = logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
+
+
 def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *args,
                  rules: Sequence[tuple[str, str | None]] = LOGICAL_AXIS_RULES) -> tuple[Any, Any]:
   """Initialises a pytree directly into its sharded layout; nothing unsharded is ever built.
 
   `init_fn(*args)` returns variables whose leaves may be `nn.LogicallyPartitioned` (from
-  `nn.with_logical_partitioning`); it is shape-evaluated, its logical specs are mapped to mesh
-  shardings, and it is then run under `jax.jit(out_shardings=...)`.
+  `nn.with_logical_partitioning`); their shardings come from `abstract_sharded`, and `init_fn`
+  is then run under `jax.jit(out_shardings=...)`.
 
   Returns:
     (variables, shardings): unboxed variables and a same-structured tree of NamedShardings.
   """
-  abstract = jax.eval_shape(init_fn, *args)
-  logical_specs = nn.get_partition_spec(abstract)
-  shardings = logical_to_sharding(logical_specs, mesh, rules)
+  shardings = jax.tree.map(lambda a: a.sharding,
+                           abstract_sharded(init_fn, mesh, *args, rules=rules))
   with mesh_context(mesh, rules):
     variables = jax.jit(init_fn, out_shardings=shardings)(*args)
   return nn.meta.unbox(variables), shardings
@@ -124,4 +142,27 @@ def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """The sharding of an array every device holds whole (scalars, small optimizer state)."""
   return NamedSharding(mesh, P())
+
+
+class InMesh:
+  """A jitted function that is traced, called and lowered with `mesh` and the logical axis rules
+  active (the model's logical sharding constraints resolve against them; `jax.set_mesh` must be
+  entered outside of `jax.jit`, hence this wrapper rather than a context inside the function).
+
+  `InMesh(f, mesh)(*args)` and `InMesh(f, mesh).lower(*args)` behave like `f(*args)` and
+  `f.lower(*args)`.
+  """
+
+  def __init__(self, jitted: Any, mesh: Mesh):
+    self.jitted = jitted
+    self.mesh = mesh
+
+  def __call__(self, *args):
+    with mesh_context(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with mesh_context(self.mesh):
+      return self.jitted.lower(*args)

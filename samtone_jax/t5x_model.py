@@ -37,6 +37,7 @@ from t5x import metrics as t5x_metrics
 from t5x import models as t5x_models
 from t5x import partitioning as t5x_partitioning
 
+from samtone_jax import losses
 from samtone_jax import partitioning
 from samtone_jax import train_step
 from samtone_jax.models import config as model_config_lib
@@ -128,7 +129,7 @@ class DualEncoderModel(t5x_models.BaseModel):
       feature_converter.DualEncoderFeatureConverter)
 
   def __init__(self, model_config: model_config_lib.DualEncoderConfig,
-               loss_config: train_step.LossConfig, optimizer_def: Any):
+               loss_config: losses.LossConfig, optimizer_def: Any):
     """Builds the model.
 
     Args:
@@ -151,10 +152,10 @@ class DualEncoderModel(t5x_models.BaseModel):
         feature_converter.DualEncoderFeatureConverter,
         with_negatives=loss_config.use_hard_negatives)
     hyper_params = getattr(optimizer_def, "hyper_params", None)
-    if (model_config.tower_sharing == "ade_fte"
+    if (dual_encoder.FROZEN_PARTS.get(model_config.tower_sharing)
         and getattr(hyper_params, "weight_decay_rate", None)):
-      raise ValueError("t5x_model.DualEncoderModel: tower_sharing='ade_fte' freezes the shared "
-                       "token embedder through a zero gradient; the optimizer's "
+      raise ValueError(f"t5x_model.DualEncoderModel: tower_sharing={model_config.tower_sharing!r} "
+                       "freezes the shared token embedder through a zero gradient; the optimizer's "
                        f"weight_decay_rate={hyper_params.weight_decay_rate} would still move it. "
                        "Set it to None.")
 

@@ -20,6 +20,7 @@ gradients in a `lax.scan`. Activation memory is that of one chunk; per-example d
 import dataclasses
 import functools
 from typing import Any, NamedTuple
+import warnings
 
 import flax
 import flax.linen as nn
@@ -43,31 +44,20 @@ Array = jax.Array
 PyTree = Any
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """Which contrastive loss is trained (bound by `gin/losses/*.gin`).
+def __getattr__(name: str) -> Any:
+  """The old spelling `train_step.LossConfig` (gin files, `--gin.` bindings, code), deprecated.
 
-  Attributes:
-    temperature: softmax temperature (initial value when learned).
-    learn_temperature: train `log_temperature` with the other parameters.
-    same_tower_negatives: SamToNe: other queries are negatives of each query (and other documents
-      of each document when bidirectional). False: the plain in-batch softmax loss.
-    bidirectional: add the document-to-query loss.
-    use_hard_negatives: feed the batch's "negatives" feature to the loss as extra candidates.
-    mask_duplicates: pass the batch's query_ids / passage_ids so that repeated questions and shared
-      answers are never each other's negatives.
+  `LossConfig` moved to `losses.LossConfig`; for one release the old name is the same class, so
+  gin binds the one configurable whichever spelling a file uses (a FutureWarning names the new
+  spelling). Remove after the next release.
   """
-
-  temperature: float = 0.01
-  learn_temperature: bool = False
-  same_tower_negatives: bool = True
-  bidirectional: bool = False
-  use_hard_negatives: bool = False
-  mask_duplicates: bool = True
-
-  def __post_init__(self):
-    if self.temperature <= 0:
-      raise ValueError(f"LossConfig.temperature={self.temperature} must be > 0")
+  if name == "LossConfig":
+    warnings.warn("train_step.LossConfig is deprecated and will be removed after the next "
+                  "release: spell it losses.LossConfig (`from samtone_jax import losses` in gin "
+                  "files, --gin.losses.LossConfig.X=Y on the command line).", FutureWarning,
+                  stacklevel=2)
+    return losses.LossConfig
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,17 +119,15 @@ class TrainState:
   opt_state: PyTree
 
 
-def model_inputs(batch: dict[str, Array], loss_config: LossConfig
+def model_inputs(batch: dict[str, Array], loss_config: losses.LossConfig
                  ) -> tuple[Array, Array, Array | None]:
   """(queries [B, Lq], passages [B, Lp], negatives [B, N, Lp] or None) from a batch."""
+  loss_config.check_features(batch, "the batch")
   negatives = batch.get(features.NEGATIVES) if loss_config.use_hard_negatives else None
-  if loss_config.use_hard_negatives and negatives is None:
-    raise ValueError("LossConfig.use_hard_negatives=True but the batch has no "
-                     f"{features.NEGATIVES!r} feature; use a task with hard negatives.")
   return batch[features.QUERIES], batch[features.PASSAGES], negatives
 
 
-def temperature_of(params: PyTree, loss_config: LossConfig) -> Array | float:
+def temperature_of(params: PyTree, loss_config: losses.LossConfig) -> Array | float:
   """The loss temperature: learned (exp of params["loss"]["log_temperature"]) or fixed."""
   if loss_config.learn_temperature:
     return jnp.exp(params["loss"]["log_temperature"])
@@ -147,7 +135,7 @@ def temperature_of(params: PyTree, loss_config: LossConfig) -> Array | float:
 
 
 def embedding_loss(embeddings: tuple[Array, Array, Array | None], loss_params: PyTree,
-                   batch: dict[str, Array], *, loss_config: LossConfig, mesh: Mesh | None,
+                   batch: dict[str, Array], *, loss_config: losses.LossConfig, mesh: Mesh | None,
                    loss_chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
   """The contrastive loss of a global batch's embeddings.
 
@@ -175,8 +163,9 @@ def embedding_loss(embeddings: tuple[Array, Array, Array | None], loss_params: P
 
 
 def loss_and_metrics(params: PyTree, batch: dict[str, Array], *, model: dual_encoder.DualEncoder,
-                     loss_config: LossConfig, mesh: Mesh | None, dropout_rng: Array | None = None,
-                     loss_chunk_size: int = 0) -> tuple[Array, dict[str, Array]]:
+                     loss_config: losses.LossConfig, mesh: Mesh | None,
+                     dropout_rng: Array | None = None, loss_chunk_size: int = 0
+                     ) -> tuple[Array, dict[str, Array]]:
   """The mean contrastive loss of a global batch and its metric sums.
 
   Args:
@@ -202,7 +191,7 @@ def loss_and_metrics(params: PyTree, batch: dict[str, Array], *, model: dual_enc
 
 
 def cached_gradients(params: PyTree, batch: dict[str, Array], *, model: dual_encoder.DualEncoder,
-                     loss_config: LossConfig, mesh: Mesh | None, chunks: ChunkConfig,
+                     loss_config: losses.LossConfig, mesh: Mesh | None, chunks: ChunkConfig,
                      dropout_rng: Array | None = None) -> tuple[dict[str, Array], PyTree]:
   """The metrics and gradients of `loss_and_metrics`, by gradient caching.
 
@@ -284,7 +273,7 @@ def cached_gradients(params: PyTree, batch: dict[str, Array], *, model: dual_enc
 
 
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
-               model: dual_encoder.DualEncoder, loss_config: LossConfig,
+               model: dual_encoder.DualEncoder, loss_config: losses.LossConfig,
                tx: optax.GradientTransformation, schedule: optax.Schedule, trainable: PyTree,
                mesh: Mesh | None, chunks: ChunkConfig = ChunkConfig()
                ) -> tuple[TrainState, dict[str, Array]]:
@@ -357,10 +346,10 @@ class Built(NamedTuple):
     batch_shardings: dict of NamedSharding, like `batch_spec`.
     rng_sharding: NamedSharding of the [2] uint32 base key (replicated).
     init_state: `init_state(rng [2] uint32) -> TrainState`, jitted with out_shardings (never
-      builds anything unsharded); an `InMesh`.
+      builds anything unsharded); a `partitioning.InMesh`.
     train_step: `train_step(state, batch, rng) -> (state, metrics)`, jitted with in/out
-      shardings, state donated; an `InMesh`. `train_step.lower(abstract_state, batch_spec,
-      rng_spec)` lowers it without running (the AOT compile check).
+      shardings, state donated; a `partitioning.InMesh`. `train_step.lower(abstract_state,
+      batch_spec, rng_spec)` lowers it without running (the AOT compile check).
   """
 
   model: dual_encoder.DualEncoder
@@ -375,35 +364,13 @@ class Built(NamedTuple):
   train_step: Any
 
 
-class InMesh:
-  """A jitted function that is traced, called and lowered with `mesh` and the logical axis rules
-  active (the model's logical sharding constraints resolve against them; `jax.set_mesh` must be
-  entered outside of `jax.jit`, hence this wrapper rather than a context inside the function).
-
-  `InMesh(f, mesh)(*args)` and `InMesh(f, mesh).lower(*args)` behave like `f(*args)` and
-  `f.lower(*args)`.
-  """
-
-  def __init__(self, jitted: Any, mesh: Mesh):
-    self.jitted = jitted
-    self.mesh = mesh
-
-  def __call__(self, *args):
-    with partitioning.mesh_context(self.mesh):
-      return self.jitted(*args)
-
-  def lower(self, *args):
-    with partitioning.mesh_context(self.mesh):
-      return self.jitted.lower(*args)
-
-
 def _opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: PyTree,
                          abstract_params: PyTree, param_shardings: PyTree,
                          mesh: Mesh) -> PyTree:
   """Shardings of the optimizer state: a leaf shaped like its parameter (Adam moments, unfactored
   Adafactor moments) is sharded like it; factored/row/column moments and counters, which are
   small, are replicated."""
-  replicated = NamedSharding(mesh, P())
+  replicated = partitioning.replicated(mesh)
 
   def like_param(state_leaf, param_leaf, param_sharding):
     if isinstance(state_leaf, optax.MaskedNode):
@@ -433,14 +400,10 @@ def abstract_model_params_of(model_config: model_config_lib.DualEncoderConfig, m
   """The DualEncoder's `params` as jax.ShapeDtypeStruct with their NamedShardings on `mesh`
   (from the logical axis names), without creating any array."""
   init_variables = _model_initializer(dual_encoder.DualEncoder(model_config))
-  with partitioning.mesh_context(mesh):
-    boxed = jax.eval_shape(init_variables, jax.ShapeDtypeStruct((2,), jnp.uint32))
-  shardings = partitioning.logical_to_sharding(nn.get_partition_spec(boxed), mesh)["params"]
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.meta.unbox(boxed)["params"], shardings)
+  return partitioning.abstract_sharded(init_variables, mesh, rng_spec())["params"]
 
 
-def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossConfig,
+def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.LossConfig,
           optimizer_config: optimizers.OptimizerConfig, mesh: Mesh,
           batch: dict[str, jax.ShapeDtypeStruct], chunks: ChunkConfig = ChunkConfig()) -> Built:
   """Builds the model, optimizer, sharded state layout and the jitted step, running nothing.
@@ -465,7 +428,7 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossCon
   init_variables = _model_initializer(model)
   abstract_model_params = abstract_model_params_of(model_config, mesh)
   model_param_shardings = jax.tree.map(lambda a: a.sharding, abstract_model_params)
-  replicated = NamedSharding(mesh, P())
+  replicated = partitioning.replicated(mesh)
   loss_params = ({"log_temperature": jax.ShapeDtypeStruct((), jnp.float32)}
                  if loss_config.learn_temperature else {})
   abstract_params = {"model": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
@@ -498,11 +461,11 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossCon
   step_fn = functools.partial(train_step, model=model, loss_config=loss_config, tx=tx,
                               schedule=schedule, trainable=trainable, mesh=mesh, chunks=chunks)
   batch_shardings = {k: partitioning.data_sharding(mesh, len(v.shape)) for k, v in batch.items()}
-  jitted_init = InMesh(jax.jit(init_state, in_shardings=replicated,
-                               out_shardings=state_shardings), mesh)
-  jitted_step = InMesh(jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, replicated),
-                               out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
-                       mesh)
+  jitted_init = partitioning.InMesh(
+      jax.jit(init_state, in_shardings=replicated, out_shardings=state_shardings), mesh)
+  jitted_step = partitioning.InMesh(
+      jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, replicated),
+              out_shardings=(state_shardings, replicated), donate_argnums=(0,)), mesh)
   return Built(model=model, tx=tx, schedule=schedule, trainable=trainable,
                abstract_state=abstract_state, state_shardings=state_shardings,
                batch_shardings=batch_shardings, rng_sharding=replicated, init_state=jitted_init,

@@ -7,7 +7,7 @@ call directly. One run directory (`model_dir`) holds:
   checkpoints/<step>/   orbax checkpoints (see checkpoints.py); a restart resumes from the latest
   metrics.jsonl         one JSON object per log / eval event
   train/, eval/         TensorBoard event files (clu metric_writers)
-  config.gin            the operative gin config (written by main.py)
+  config.gin            the operative gin config (written by `train`; see `config_text_of`)
 
 Resuming restores the step, the parameters and optimizer state; the dropout key of a step is
 `fold_in(PRNGKey(seed), step)` and the input stream restarts at the step (`start_step`), so a run
@@ -48,6 +48,7 @@ import seqio
 from samtone_jax import checkpoints
 from samtone_jax import errors
 from samtone_jax import io_utils
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import run_lock
@@ -69,8 +70,8 @@ class DataConfig:
   Attributes:
     mixture_or_task_name: a registered seqio task or mixture (MIXTURE_OR_TASK_NAME).
     task_feature_lengths: {"queries": Lq, "passages": Lp} (TASK_FEATURE_LENGTHS).
-    batch_size: global batch size (BATCH_SIZE), summed over all hosts.
-    num_negatives: hard negatives per query in the task's batches (0: none).
+    batch_size: global batch size (BATCH_SIZE), summed over all hosts. How many hard negatives
+      a batch holds per query is the task's (`num_negatives`), never bound.
     split: the training split.
     tasks_module: the module whose import registers the tasks.
     use_cached: read the tasks' caches written by `samtone-cache-tasks` (USE_CACHED_TASKS): each
@@ -84,7 +85,6 @@ class DataConfig:
   mixture_or_task_name: str
   task_feature_lengths: dict[str, int]
   batch_size: int
-  num_negatives: int = 0
   split: str = "train"
   tasks_module: str = "samtone_jax.tasks.all"
   use_cached: bool = False
@@ -289,7 +289,7 @@ def _positive_int(value: Any, binding: str) -> None:
     raise errors.ConfigError(f"{binding} = {value!r}: expected a positive integer.")
 
 
-def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib.LossConfig,
+def check_config(model: model_config_lib.DualEncoderConfig, loss: losses.LossConfig,
                  data: DataConfig, loop: LoopConfig, mesh: jax.sharding.Mesh,
                  chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()) -> None:
   """Checks what can be checked before a model is built; reads only the vocabulary files.
@@ -316,13 +316,6 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
     if key not in lengths:
       raise errors.ConfigError(f"TASK_FEATURE_LENGTHS = {lengths!r} has no {key!r} length.")
     _positive_int(lengths[key], f"TASK_FEATURE_LENGTHS[{key!r}]")
-  if data.num_negatives < 0:
-    raise errors.ConfigError(f"trainer.DataConfig.num_negatives = {data.num_negatives}: "
-                             "expected 0 or more.")
-  if loss.use_hard_negatives and not data.num_negatives:
-    raise errors.ConfigError(
-        "LossConfig.use_hard_negatives=True needs DataConfig.num_negatives > 0 "
-        "(NUM_NEGATIVES) and a task with hard negatives.")
   if isinstance(loop.train_steps, bool) or not isinstance(loop.train_steps, (int, np.integer)) or (
       loop.train_steps < 0):
     raise errors.ConfigError(f"TRAIN_STEPS (trainer.LoopConfig.train_steps) = "
@@ -355,6 +348,22 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
     shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
     for task in tasks:
       cache.check_cache(task, cache.find_cache_dir(task, data.cache_dirs), data.split, shard_info)
+  try:
+    for task in tasks:
+      loss.check_features(task.output_features, f"task {task.name!r}")
+    num_negatives(data, loss)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+
+
+def num_negatives(data: DataConfig, loss: losses.LossConfig) -> int:
+  """Hard negatives per query in the step's batches: the task's (see `pipeline.num_negatives`)
+  when the loss uses them, else 0 (the feature is then not sent to the devices)."""
+  if not loss.use_hard_negatives:
+    return 0
+  from samtone_jax.tasks import pipeline  # pylint: disable=g-import-not-at-top
+  importlib.import_module(data.tasks_module)  # registers the task
+  return pipeline.num_negatives(data.mixture_or_task_name, data.split)
 
 
 def write_config(model_dir: str, config_text: str) -> str:
@@ -365,6 +374,25 @@ def write_config(model_dir: str, config_text: str) -> str:
     with io_utils.open_file(path, "w") as f:
       f.write(config_text)
   return path
+
+
+def config_text_of(arguments: dict[str, Any]) -> str:
+  """The text of MODEL_DIR/config.gin for a `train` call with `arguments`.
+
+  The operative gin config (`gin.config_str()`) when gin bound `train` (the commands,
+  `gin_config.run_from_gin`); otherwise, e.g. `train(...)` called from a notebook with
+  dataclasses, the arguments themselves, as gin comments (so the file still parses).
+  """
+  import gin  # pylint: disable=g-import-not-at-top  (read only to record the run's config)
+  try:
+    configured = bool(gin.get_bindings(train))
+  except ValueError:  # no gin file imported samtone_jax.trainer
+    configured = False
+  if configured:
+    return gin.config_str()
+  lines = ["# trainer.train was called directly, not through gin; its arguments:"]
+  lines += [f"#   {name} = {value!r}" for name, value in arguments.items()]
+  return "\n".join(lines) + "\n"
 
 
 def _first_batch(batches: Iterator[dict[str, np.ndarray]], data: DataConfig
@@ -393,7 +421,7 @@ def initial_state(built: train_step_lib.Built, seed: int, model_config,
 
 
 def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
-          loss: train_step_lib.LossConfig, optimizer: optimizers.OptimizerConfig,
+          loss: losses.LossConfig, optimizer: optimizers.OptimizerConfig,
           data: DataConfig, loop: LoopConfig, seed: int = 0,
           mesh_shape: tuple[int, int] = (-1, 1),
           initial_checkpoint_path: str | None = None,
@@ -412,8 +440,9 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     mesh_shape: (data, model) mesh sizes; -1 fills with the remaining devices.
     initial_checkpoint_path: parameters to start from when `model_dir` has no checkpoint: a
       samtone_jax checkpoint (params only) or public T5 / GTR weights (INITIAL_CHECKPOINT_PATH).
-    config_text: the gin config (`gin.config_str()`), written to MODEL_DIR/config.gin once the
-      configuration and the first batch are checked; None: no config.gin.
+    config_text: what MODEL_DIR/config.gin holds, written once the configuration and the first
+      batch are checked. None (the commands, `gin_config.run_from_gin`, a notebook): the
+      operative gin config when gin bound this call, else this call's arguments (`config_text_of`).
     chunks: gradient caching and loss row chunking for huge batches (EMBEDDING_CHUNK_SIZE,
       LOSS_CHUNK_SIZE); the same update as without.
 
@@ -429,6 +458,11 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     NonFiniteLossError: the loss became NaN/inf; the message names the step and the last good
       checkpoint.
   """
+  if config_text is None:
+    config_text = config_text_of(dict(
+        model_dir=model_dir, model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
+        seed=seed, mesh_shape=mesh_shape, initial_checkpoint_path=initial_checkpoint_path,
+        chunks=chunks))
   importlib.import_module(data.tasks_module)  # registers the tasks and evaluation sets
   try:
     mesh = partitioning.create_mesh(*mesh_shape)
@@ -481,8 +515,7 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
   try:
     first = _first_batch(batches, data)
     batches = itertools.chain([first], batches)
-    if config_text is not None:
-      write_config(model_dir, config_text)
+    write_config(model_dir, config_text)
     return _train_loop(preemption, mesh, batches, start_step, resume_step, model_dir=model_dir,
                        model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
                        seed=seed, initial_checkpoint_path=initial_checkpoint_path, chunks=chunks,
@@ -490,6 +523,109 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
   finally:
     _close(batches)
     _close(source)
+
+
+class _LoopSteps:
+  """The named steps of the training loop (`_train_loop`) and what they share between steps: the
+  window of device metrics since the last flush and the step of the last checkpoint.
+
+  Progress and ETA are printed here rather than by clu's `periodic_actions.ReportProgress`: that
+  logs through absl at INFO (the commands log at WARNING) and reports steps/s alone, while this
+  line carries the loss, accuracy and throughput of the same window, from metrics that `flush`
+  fetches anyway.
+  """
+
+  def __init__(self, built: train_step_lib.Built, manager: Any, mesh: jax.sharding.Mesh, *,
+               model_dir: str, data: DataConfig, loop: LoopConfig, seed: int,
+               last_saved: int | None, input_state: Any = None):
+    self.built, self.manager, self.mesh = built, manager, mesh
+    self.input_state = input_state  # the cached pipeline's iterator (None: uncached)
+    self.model_dir, self.data, self.loop, self.seed = model_dir, data, loop, seed
+    self.last_saved = last_saved
+    self.last_summary: dict[str, float] = {}
+    self.log = _MetricsLog(model_dir)
+    self.window: list[tuple[int, PyTree]] = []  # (step, device metrics) since the last flush
+    self.window_start = time.time()
+
+  def is_log_step(self, step: int) -> bool:
+    return step % self.loop.log_period == 0 or step == self.loop.train_steps
+
+  def is_eval_step(self, step: int) -> bool:
+    return bool(self.loop.eval_sets) and (
+        step == self.loop.train_steps or bool(self.loop.eval_period
+                                              and step % self.loop.eval_period == 0))
+
+  def is_checkpoint_step(self, step: int) -> bool:
+    return step % self.loop.checkpoint_period == 0 or step == self.loop.train_steps
+
+  def train(self, state: train_step_lib.TrainState, step: int,
+            local_batch: dict[str, np.ndarray], rng: jax.Array) -> train_step_lib.TrainState:
+    """Input and step: this host's batch as a global one, one optimizer step; its (device)
+    metrics join the window without waiting for them."""
+    batch = train_step_lib.as_global_batch(local_batch, self.built.batch_shardings)
+    state, metrics = self.built.train_step(state, batch, rng)
+    self.window.append((step, metrics))
+    return state
+
+  def flush_metrics(self, step: int, *, write: bool) -> None:
+    """Fetches the window's metrics, stops on a non-finite loss, and (`write`) logs them."""
+    if not self.window:
+      return
+    fetched = jax.device_get([m for _, m in self.window])
+    for (s, _), m in zip(self.window, fetched):
+      if not np.isfinite(m["loss_sum"]) or not np.isfinite(m["grad_norm"]):
+        where = (f"{self.manager.directory}/{self.last_saved} (step {self.last_saved})"
+                 if self.last_saved is not None else "none (no checkpoint was saved)")
+        raise NonFiniteLossError(
+            f"Non-finite loss at step {s} (loss_sum={float(m['loss_sum'])}, "
+            f"grad_norm={float(m['grad_norm'])}). Last good checkpoint: {where}.")
+    if not write:
+      return
+    summary = summarize_metrics(fetched)
+    elapsed = time.time() - self.window_start
+    summary["seconds_per_step"] = elapsed / len(fetched)
+    summary["examples_per_second"] = len(fetched) * self.data.batch_size / max(elapsed, 1e-9)
+    self.log.write("train", step, summary)
+    self.last_summary = summary
+    remaining = (self.loop.train_steps - step) * summary["seconds_per_step"]
+    print(f"step {step}/{self.loop.train_steps} loss={summary['loss']:.4f} "
+          f"acc={summary['accuracy']:.3f} lr={summary['learning_rate']:.3g} "
+          f"|g|={summary['grad_norm']:.3g} {summary['examples_per_second']:.1f} ex/s "
+          f"{summary['seconds_per_step']:.3f} s/step ETA {_format_duration(remaining)}",
+          flush=True)
+    self.window = []
+    self.window_start = time.time()
+
+  def evaluate(self, state: train_step_lib.TrainState, step: int) -> dict[str, float]:
+    """Retrieval metrics of the eval sets at `step` (after checking the loss is finite)."""
+    self.flush_metrics(step, write=False)
+    loop = self.loop
+    eval_metrics = runner.evaluate_params(
+        self.built.model, state.params, self.mesh, loop.eval_sets,
+        output_dir=os.path.join(self.model_dir, "eval_results", str(step)),
+        metrics=list(loop.eval_metrics) or None, feature_lengths=loop.eval_feature_lengths,
+        ignore_identical_ids=loop.eval_ignore_identical_ids)
+    self.log.write("eval", step, eval_metrics)
+    print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
+                                           sorted(eval_metrics.items())), flush=True)
+    return eval_metrics
+
+  def save(self, state: train_step_lib.TrainState, step: int,
+           metrics: dict[str, float] | None = None) -> None:
+    """Checkpoints `state` at `step`; never a state after a non-finite loss."""
+    self.flush_metrics(step, write=False)
+    meta = {"step": step, "seed": self.seed, "examples_seen": step * self.data.batch_size,
+            "process_count": jax.process_count()}
+    # The input iterator has produced exactly the batches of steps < `step` (no Python
+    # read-ahead), so its state is the position of step `step`.
+    path = checkpoints.save(self.manager, step, state, meta, metrics=metrics,
+                            input_state=self.input_state)
+    self.last_saved = step
+    logging.info("Saved checkpoint %s", path)
+    print(f"Saved checkpoint step {step}: {path}", flush=True)
+
+  def close(self) -> None:
+    self.log.close()
 
 
 def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
@@ -501,13 +637,12 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
   `input_state`: the cached pipeline's iterator, saved with every checkpoint (None: uncached).
   """
   spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
-                                   num_negatives=data.num_negatives)
+                                   num_negatives=num_negatives(data, loss))
   built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
   rng = jax.device_put(jax.random.PRNGKey(seed), built.rng_sharding)
 
-  last_saved = resume_step
   if resume_step is not None:
     state, meta = checkpoints.restore(manager, built.abstract_state, resume_step)
     logging.info("Resumed from %s at step %d", manager.directory, int(state.step))
@@ -518,95 +653,34 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
     state = initial_state(built, seed, model, initial_checkpoint_path)
   assert int(state.step) == start_step, (int(state.step), start_step)
 
-  log = _MetricsLog(model_dir)
-  window: list[tuple[int, PyTree]] = []  # (step, device metrics) since the last flush
-  last_summary: dict[str, float] = {}
+  steps = _LoopSteps(built, manager, mesh, model_dir=model_dir, data=data, loop=loop, seed=seed,
+                     last_saved=resume_step, input_state=input_state)
   eval_metrics: dict[str, float] = {}
   preempted = False
-  window_start = time.time()
   run_start = time.time()
-
-  def save(step: int, metrics: dict[str, float] | None = None):
-    nonlocal last_saved
-    meta = {"step": step, "seed": seed, "examples_seen": step * data.batch_size,
-            "process_count": jax.process_count()}
-    # The input iterator has produced exactly the batches of steps < `step` (no Python
-    # read-ahead), so its state is the position of step `step`.
-    path = checkpoints.save(manager, step, state, meta, metrics=metrics, input_state=input_state)
-    last_saved = step
-    logging.info("Saved checkpoint %s", path)
-    print(f"Saved checkpoint step {step}: {path}", flush=True)
-
-  def flush(step: int, *, write: bool):
-    """Fetches the window's metrics, stops on a non-finite loss, and logs them."""
-    nonlocal window, window_start, last_summary
-    if not window:
-      return
-    fetched = jax.device_get([m for _, m in window])
-    for (s, _), m in zip(window, fetched):
-      if not np.isfinite(m["loss_sum"]) or not np.isfinite(m["grad_norm"]):
-        where = (f"{manager.directory}/{last_saved} (step {last_saved})"
-                 if last_saved is not None else "none (no checkpoint was saved)")
-        raise NonFiniteLossError(
-            f"Non-finite loss at step {s} (loss_sum={float(m['loss_sum'])}, "
-            f"grad_norm={float(m['grad_norm'])}). Last good checkpoint: {where}.")
-    if not write:
-      return
-    summary = summarize_metrics(fetched)
-    elapsed = time.time() - window_start
-    summary["seconds_per_step"] = elapsed / len(fetched)
-    summary["examples_per_second"] = len(fetched) * data.batch_size / max(elapsed, 1e-9)
-    log.write("train", step, summary)
-    last_summary = summary
-    remaining = (loop.train_steps - step) * summary["seconds_per_step"]
-    print(f"step {step}/{loop.train_steps} loss={summary['loss']:.4f} "
-          f"acc={summary['accuracy']:.3f} lr={summary['learning_rate']:.3g} "
-          f"|g|={summary['grad_norm']:.3g} {summary['examples_per_second']:.1f} ex/s "
-          f"{summary['seconds_per_step']:.3f} s/step ETA {_format_duration(remaining)}",
-          flush=True)
-    window = []
-    window_start = time.time()
-
   try:
     step = start_step
     while step < loop.train_steps:
       if preemption.should_stop(step):
         preempted = True
         break
-      local_batch = next(batches)
-      batch = train_step_lib.as_global_batch(local_batch, built.batch_shardings)
-      state, metrics = built.train_step(state, batch, rng)
-      window.append((step, metrics))
+      state = steps.train(state, step, next(batches), rng)
       step += 1
-      is_last = step == loop.train_steps
-      if step % loop.log_period == 0 or is_last:
-        flush(step, write=True)
-      do_eval = bool(loop.eval_sets) and (
-          is_last or (loop.eval_period and step % loop.eval_period == 0))
-      if do_eval:
-        flush(step, write=False)
-        eval_metrics = runner.evaluate_params(
-            built.model, state.params, mesh, loop.eval_sets,
-            output_dir=os.path.join(model_dir, "eval_results", str(step)),
-            metrics=list(loop.eval_metrics) or None,
-            feature_lengths=loop.eval_feature_lengths,
-            ignore_identical_ids=loop.eval_ignore_identical_ids)
-        log.write("eval", step, eval_metrics)
-        print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
-                                               sorted(eval_metrics.items())), flush=True)
-      if step % loop.checkpoint_period == 0 or is_last:
-        flush(step, write=False)  # never checkpoint a state after a non-finite loss
-        save(step, eval_metrics if do_eval and loop.best_metric else None)
-    if preempted and last_saved != step:
-      flush(step, write=False)
-      save(step)
-    if window:
-      flush(step, write=True)
+      if steps.is_log_step(step):
+        steps.flush_metrics(step, write=True)
+      evaluated = steps.is_eval_step(step)
+      if evaluated:
+        eval_metrics = steps.evaluate(state, step)
+      if steps.is_checkpoint_step(step):
+        steps.save(state, step, eval_metrics if evaluated and loop.best_metric else None)
+    if preempted and steps.last_saved != step:
+      steps.save(state, step)
+    steps.flush_metrics(step, write=True)
   finally:
-    log.close()
+    steps.close()
   total = time.time() - run_start
   print(f"Finished at step {int(state.step)} in {_format_duration(total)}"
         f"{' (preempted)' if preempted else ''}; run directory {io_utils.abspath(model_dir)}",
         flush=True)
-  return TrainResult(state=state, built=built, mesh=mesh, train_metrics=last_summary,
+  return TrainResult(state=state, built=built, mesh=mesh, train_metrics=steps.last_summary,
                      eval_metrics=eval_metrics, preempted=preempted)

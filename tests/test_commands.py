@@ -11,14 +11,13 @@ import os
 import subprocess
 import sys
 
-import gin
 import jax
 import numpy as np
 import pytest
 import pytrec_eval
 
 from fixtures import tasks_data
-from samtone_jax import main as main_lib
+from samtone_jax import gin_config
 from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import runner
 
@@ -34,14 +33,8 @@ TRAIN_BINDINGS = MODEL_BINDINGS + ("TRAIN_STEPS=3", "BATCH_SIZE=16", "EVAL_TASKS
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """(run directory, TrainResult) of a 3-step tiny demo run."""
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path_factory.mktemp("run"))
-  gin.clear_config()
-  main_lib.parse_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *TRAIN_BINDINGS])
-  try:
-    result = gin.get_configurable(trainer.train)()
-  finally:
-    gin.clear_config()
+  result = gin_config.run_from_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *TRAIN_BINDINGS])
   return model_dir, result
 
 
@@ -53,6 +46,16 @@ def _run(module, model_dir, *bindings):
   result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   return result
+
+
+def test_run_from_gin_leaves_the_operative_config_in_the_run_directory(trained):
+  """`trainer.train` writes config.gin itself, also when called in-process (`run_from_gin`)."""
+  model_dir, _ = trained
+  with open(os.path.join(model_dir, "config.gin")) as f:
+    text = f.read()
+  for expected in ("TRAIN_STEPS = 3", "BATCH_SIZE = 16", "config.T5Config.num_layers = 1",
+                   f"MODEL_DIR = '{model_dir}'", "trainer.LoopConfig.checkpoint_period = 3"):
+    assert expected in text, expected
 
 
 def test_evaluate_command_metrics_equal_pytrec_eval_of_its_run_file(trained, tmp_path):

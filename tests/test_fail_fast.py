@@ -25,7 +25,7 @@ import pytest
 
 from samtone_jax import checkpoints
 from samtone_jax import errors
-from samtone_jax import main as main_lib
+from samtone_jax import gin_config
 from samtone_jax import partitioning
 from samtone_jax import run_lock
 from samtone_jax import train_step as train_step_lib
@@ -158,7 +158,7 @@ CASES = [
     # gin and flags
     ("misspelled_macro", "train", ["--gin.TRAIN_STEP=1"], {},
      ["macro TRAIN_STEP", "did you mean TRAIN_STEPS?"]),
-    ("misspelled_parameter", "train", ["--gin.train_step.LossConfig.temprature=0.5"], {},
+    ("misspelled_parameter", "train", ["--gin.losses.LossConfig.temprature=0.5"], {},
      ["Error in the gin configuration", "temprature"]),
     ("missing_gin_file", "train", ["--gin_file=experiments/no_such.gin"], {},
      ["Error in the gin configuration", "no_such.gin"]),
@@ -177,6 +177,9 @@ CASES = [
      ["trainer.train.mesh_shape = (3, 1)"]),
     ("unknown_task", "train", ['--gin.MIXTURE_OR_TASK_NAME="demo_manpage"'], {},
      ["MIXTURE_OR_TASK_NAME = 'demo_manpage'", "did you mean 'demo_manpages'"]),
+    ("hard_negatives_task_has_none", "train", ["--gin.losses.LossConfig.use_hard_negatives=True"],
+     {}, ["LossConfig.use_hard_negatives=True but task 'demo_manpages' has no 'negatives' feature",
+          "losses/samtone.gin"]),
     ("unknown_eval_set", "train", ['--gin.EVAL_TASKS=["demo_manpages_tst"]'], {},
      ["EVAL_TASKS names 'demo_manpages_tst'", "did you mean 'demo_manpages_test'"]),
     # vocabularies
@@ -254,12 +257,12 @@ def test_bad_inputs_exit_with_one_message(tmp_path, env):
 def test_macros_bound_on_the_command_line_must_be_known():
   try:
     # A new macro is fine when a binding uses it; an existing one may be overridden.
-    main_lib.parse_gin([EXPERIMENT], ["MY_STEPS = 7", "TRAIN_STEPS = %MY_STEPS", "BATCH_SIZE = 8"])
+    gin_config.parse_gin([EXPERIMENT], ["MY_STEPS = 7", "TRAIN_STEPS = %MY_STEPS", "BATCH_SIZE = 8"])
     assert gin.query_parameter("%TRAIN_STEPS").scoped_selector == "MY_STEPS/gin.macro"
     gin.clear_config()
     with pytest.raises(errors.ConfigError, match="macro BATCH_SIZ is bound .* did you mean "
                        "BATCH_SIZE"):
-      main_lib.parse_gin([EXPERIMENT], ["BATCH_SIZ = 8"])
+      gin_config.parse_gin([EXPERIMENT], ["BATCH_SIZ = 8"])
   finally:
     gin.clear_config()
 

@@ -19,7 +19,6 @@ import tensorflow as tf
 
 from samtone_jax import checkpoints
 from samtone_jax import io_utils
-from samtone_jax import main as main_lib
 from samtone_jax import trainer
 from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import retrieval
@@ -81,7 +80,7 @@ def test_write_config_to_ram():
   gin.clear_config()
   try:
     gin.parse_config([f"MODEL_DIR = '{model_dir}'", "BATCH_SIZE = 64"])
-    path = main_lib.write_config(model_dir)
+    path = trainer.write_config(model_dir, gin.config_str())
     assert path == model_dir + "/config.gin"
     expected = gin.config_str()
   finally:

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -24,8 +25,8 @@ ENCODER = model_config.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_
 LENGTHS = {"queries": 6, "passages": 8}
 BATCH = 16
 NUM_NEGATIVES = 2
-LOSS = ts.LossConfig(temperature=0.05, learn_temperature=True, same_tower_negatives=True,
-                     bidirectional=True, use_hard_negatives=True, mask_duplicates=True)
+LOSS = losses.LossConfig(temperature=0.05, learn_temperature=True, same_tower_negatives=True,
+                         bidirectional=True, use_hard_negatives=True, mask_duplicates=True)
 # adam_eps 1e-3 rather than 1e-8: AdamW's first update is lr * g / (|g| + eps), ~lr * sign(g), so
 # with a tiny eps a parameter whose gradient is float32 noise (~1e-8) moves by an arbitrary
 # fraction of a step in either step; with eps 1e-3 the update is smooth in g and the parameters
@@ -176,7 +177,7 @@ def test_cached_step_temporaries_grow_only_by_embedding_and_loss_block_buffers()
   encoder = model_config.T5Config(vocab_size=32128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                                   num_heads=4)
   model = model_config.DualEncoderConfig(encoder=encoder, projection_dim=64)
-  loss = ts.LossConfig(same_tower_negatives=True, bidirectional=True)
+  loss = losses.LossConfig(same_tower_negatives=True, bidirectional=True)
   optimizer = optimizers.OptimizerConfig(name="adafactor")
   mesh = partitioning.create_mesh(8, 1)
   lengths = {"queries": 16, "passages": 64}

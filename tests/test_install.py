@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 
+from samtone_jax import gin_config
 from samtone_jax import main as main_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_gin_files_resolve_from_any_directory(tmp_path, monkeypatch):
   configs = []
   for spelling in ("experiments/demo_samtone.gin", "gin/experiments/demo_samtone.gin"):
     gin.clear_config()
-    main_lib.parse_gin([spelling], [])
+    gin_config.parse_gin([spelling], [])
     configs.append(gin.config_str())
   gin.clear_config()
   assert configs[0] == configs[1]

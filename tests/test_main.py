@@ -5,7 +5,6 @@ preempted (SIGTERM), then finished in-process; its final parameters must equal a
 run's bit for bit. Subprocesses are slow (JAX + TF imports), so there are only three.
 """
 
-import inspect
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 
 from samtone_jax import checkpoints
 from samtone_jax import errors
+from samtone_jax import gin_config
 from samtone_jax import main as main_lib
 from samtone_jax.models import config as model_config_lib
 
@@ -81,13 +81,7 @@ def _read_until(process, marker):
 
 
 def _train_in_process(model_dir, overrides=OVERRIDES):
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
-  gin.clear_config()
-  main_lib.parse_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *overrides])
-  try:
-    return gin.get_configurable(trainer.train)()
-  finally:
-    gin.clear_config()
+  return gin_config.run_from_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *overrides])
 
 
 def _params(state):
@@ -159,7 +153,7 @@ def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache, c
 
 def test_bad_binding_exits_with_gins_message(tmp_path, compile_cache):
   result = subprocess.run(
-      _command(str(tmp_path / "bad"), "--gin.train_step.LossConfig.temprature=0.5"),
+      _command(str(tmp_path / "bad"), "--gin.losses.LossConfig.temprature=0.5"),
       capture_output=True, text=True, env=compile_cache, cwd=REPO, timeout=300)
   assert result.returncode != 0
   assert "temprature" in result.stderr
@@ -170,12 +164,63 @@ def test_bad_binding_exits_with_gins_message(tmp_path, compile_cache):
 def test_missing_gin_file_and_flag_rewriting():
   with pytest.raises(errors.ConfigError,
                      match="Error in the gin configuration: .*no_such_experiment.gin"):
-    main_lib.parse_gin(["experiments/no_such_experiment.gin"], [])
+    gin_config.parse_gin(["experiments/no_such_experiment.gin"], [])
   gin.clear_config()
   assert main_lib.rewrite_gin_args(
       ["prog", "--gin.MODEL_DIR=\"/x=y\"", "--gin_file=a.gin", "--gin.A.b=[1, 2]"]) == [
           "prog", "--gin_bindings=MODEL_DIR = \"/x=y\"", "--gin_file=a.gin",
           "--gin_bindings=A.b = [1, 2]"]
+
+
+# gin/losses/'s 2x3 grid written out: (same_tower_negatives, bidirectional, use_hard_negatives).
+LOSS_FILES = {"samtone": (True, False, False), "samtone_bidirectional": (True, True, False),
+              "samtone_hard_negatives": (True, False, True), "in_batch": (False, False, False),
+              "in_batch_bidirectional": (False, True, False),
+              "in_batch_hard_negatives": (False, False, True)}
+
+
+@pytest.mark.parametrize("name", sorted(LOSS_FILES))
+def test_loss_files_bind_only_what_they_change(name):
+  """Each gin/losses/ file gives its cell of the grid; the rest are LossConfig's defaults."""
+  from samtone_jax import losses  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, "gin", "losses", f"{name}.gin")
+  with open(path) as f:
+    bound = [line.split("=")[0].strip() for line in f
+             if line.startswith("losses.LossConfig.")]
+  gin.clear_config()
+  try:
+    gin_config.parse_gin([f"losses/{name}.gin"], [])
+    loss = gin.get_configurable(losses.LossConfig)()
+  finally:
+    gin.clear_config()
+  same_tower, bidirectional, hard_negatives = LOSS_FILES[name]
+  assert loss == losses.LossConfig(temperature=0.01, learn_temperature=False,
+                                   same_tower_negatives=same_tower, bidirectional=bidirectional,
+                                   use_hard_negatives=hard_negatives, mask_duplicates=True)
+  defaults = losses.LossConfig()
+  changed = [f"losses.LossConfig.{field}" for field in ("same_tower_negatives", "bidirectional",
+                                                         "use_hard_negatives")
+             if getattr(loss, field) != getattr(defaults, field)]
+  assert bound == changed
+
+
+def test_old_loss_spelling_binds_the_same_config_with_a_warning(tmp_path):
+  """`train_step.LossConfig.X` (deprecated for one release), in a gin file or a --gin. binding,
+  and `losses.LossConfig.X` are one configurable: every spelling in one config applies."""
+  from samtone_jax import losses  # pylint: disable=g-import-not-at-top
+  old_file = tmp_path / "old_loss.gin"
+  old_file.write_text("from __gin__ import dynamic_registration\n"
+                      "from samtone_jax import train_step\n"
+                      "train_step.LossConfig.bidirectional = True\n")
+  gin.clear_config()
+  try:
+    with pytest.warns(FutureWarning, match="spell it losses.LossConfig"):
+      gin_config.parse_gin(["losses/in_batch.gin", str(old_file), "runs/pretrain.gin"], [
+          "train_step.LossConfig.temperature = 0.05"])
+    loss = gin.get_configurable(losses.LossConfig)()
+  finally:
+    gin.clear_config()
+  assert (loss.temperature, loss.same_tower_negatives, loss.bidirectional) == (0.05, False, True)
 
 
 @pytest.mark.parametrize("size,num_layers,d_model", [("base", 12, 768), ("large", 24, 1024),
@@ -185,11 +230,11 @@ def test_scan_remat_gin_applies_to_every_size(size, num_layers, d_model):
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:
-    main_lib.parse_gin([f"models/{size}.gin", "models/scan_remat.gin", "architectures/ade.gin",
+    gin_config.parse_gin([f"models/{size}.gin", "models/scan_remat.gin", "architectures/ade.gin",
                         "losses/samtone.gin", "runs/pretrain.gin"],
                        ["MIXTURE_OR_TASK_NAME = 'unused'", "MODEL_DIR = '/tmp/unused'"])
-    bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
-    model = bound.arguments["model"]
+    bound = gin_config.configured_arguments(trainer.train)
+    model = bound["model"]
   finally:
     gin.clear_config()
   assert (model.encoder.num_layers, model.encoder.d_model) == (num_layers, d_model)
@@ -208,9 +253,9 @@ def test_experiment_size_is_one_more_gin_file(experiment, size, num_layers, d_mo
   gin.clear_config()
   files = [f"experiments/{experiment}.gin"] + ([f"models/{size}.gin"] if size else [])
   try:
-    main_lib.parse_gin(files, ["MODEL_DIR = '/tmp/unused'", "INITIAL_CHECKPOINT_PATH = None"])
-    bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
-    model, data = bound.arguments["model"], bound.arguments["data"]
+    gin_config.parse_gin(files, ["MODEL_DIR = '/tmp/unused'", "INITIAL_CHECKPOINT_PATH = None"])
+    bound = gin_config.configured_arguments(trainer.train)
+    model, data = bound["model"], bound["data"]
   finally:
     gin.clear_config()
   assert (model.encoder.num_layers, model.encoder.d_model) == (num_layers, d_model)

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from samtone_jax import checkpoints
-from samtone_jax import main as main_lib
+from samtone_jax import gin_config
+from samtone_jax import losses
 from samtone_jax import partitioning
 from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import mining
@@ -76,7 +77,7 @@ def write_fixture(root):
 
 def parse(bindings):
   gin.clear_config()
-  main_lib.parse_gin(["runs/mine.gin", EXPERIMENT], list(bindings))
+  gin_config.parse_gin(["runs/mine.gin", EXPERIMENT], list(bindings))
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +106,10 @@ def setup(tmp_path_factory):
 
 
 def mine_in_process(checkpoint, output_dir, *extra):
-  parse([*BINDINGS, f'CHECKPOINT_PATH="{checkpoint}"', f'MINE_TASK="{TASK}"',
-         f'MINE_OUTPUT_DIR="{output_dir}"', *extra])
-  try:
-    return gin.get_configurable(mining.mine_to_directory)()
-  finally:
-    gin.clear_config()
+  return gin_config.run_from_gin(
+      ["runs/mine.gin", EXPERIMENT], [*BINDINGS, f'CHECKPOINT_PATH="{checkpoint}"',
+                                      f'MINE_TASK="{TASK}"', f'MINE_OUTPUT_DIR="{output_dir}"',
+                                      *extra], mining.mine_to_directory)
 
 
 def command(checkpoint, output_dir, task=TASK, *extra):
@@ -264,21 +263,21 @@ def test_public_gtr_weights_load_for_mining(tmp_path):
 def test_stage2_experiments_train_on_the_mined_task(mined, experiment, num_negatives):
   """The stage-2 gin files turn HARD_NEGATIVES_PATH into the trainer's task with negatives."""
   import seqio  # pylint: disable=g-import-not-at-top
-  from samtone_jax import train_step  # pylint: disable=g-import-not-at-top
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   output_dir, _, _ = mined
   gin.clear_config()
-  main_lib.parse_gin([experiment], [
+  gin_config.parse_gin([experiment], [
       'MODEL_DIR = "/tmp/unused"', f'HARD_NEGATIVES_PATH = "{output_dir}"',
       'INITIAL_CHECKPOINT_PATH = "/tmp/stage1"', 'EVAL_TASKS = ["beir_fixture_train"]'])
   try:
     data = gin.get_configurable(trainer.DataConfig)()
-    loss = gin.get_configurable(train_step.LossConfig)()
+    loss = gin.get_configurable(losses.LossConfig)()
     initial = gin.query_parameter("%INITIAL_CHECKPOINT_PATH")
   finally:
     gin.clear_config()
   assert data.mixture_or_task_name == "beir_fixture_train_mined"
-  assert data.num_negatives == num_negatives and loss.use_hard_negatives
+  # The batches' hard negatives per query come from the mined task's features (NUM_NEGATIVES).
+  assert loss.use_hard_negatives and trainer.num_negatives(data, loss) == num_negatives
   assert loss.same_tower_negatives and initial == "/tmp/stage1"
   task = seqio.get_mixture_or_task(data.mixture_or_task_name)
   assert set(task.output_features) == {"queries", "passages", "negatives"}

@@ -221,16 +221,15 @@ NUM_STEPS = 5
 
 
 def tiny_configs():
+  from samtone_jax import losses  # pylint: disable=g-import-not-at-top
   from samtone_jax import optimizers  # pylint: disable=g-import-not-at-top
-  from samtone_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   from samtone_jax.models import config as model_config_lib  # pylint: disable=g-import-not-at-top
   # Heads, d_ff and vocab divisible by 4 so that every mesh shards them over `model`.
   encoder = model_config_lib.T5Config(vocab_size=128, d_model=16, d_kv=4, d_ff=32, num_layers=2,
                                       num_heads=4, dropout_rate=0.1)
   model = model_config_lib.DualEncoderConfig(encoder=encoder, tower_sharing="ade_ste",
                                              projection_dim=8)
-  loss = train_step_lib.LossConfig(temperature=0.05, same_tower_negatives=True,
-                                   bidirectional=True)
+  loss = losses.LossConfig(temperature=0.05, same_tower_negatives=True, bidirectional=True)
   optimizer = optimizers.OptimizerConfig(name="adamw", learning_rate=1e-2, warmup_steps=2,
                                          decay="constant")
   return model, loss, optimizer

@@ -14,7 +14,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from samtone_jax import main as main_lib
+from samtone_jax import gin_config
 from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import runner
 
@@ -29,14 +29,12 @@ OVERRIDES = ("TRAIN_STEPS=2", "BATCH_SIZE=16", 'TASK_FEATURE_LENGTHS={"queries":
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   model_dir = str(tmp_path_factory.mktemp("probe") / "run")
-  gin.clear_config()
-  main_lib.parse_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *OVERRIDES])
   try:
-    gin.get_configurable(trainer.train)()
+    gin_config.run_from_gin([EXPERIMENT], [f'MODEL_DIR = "{model_dir}"', *OVERRIDES],
+                            keep_config=True)
     model_config = gin.get_configurable("samtone_jax.models.config.DualEncoderConfig")()
-    lengths = main_lib.gin_macro("TASK_FEATURE_LENGTHS")
+    lengths = gin_config.gin_macro("TASK_FEATURE_LENGTHS")
   finally:
     gin.clear_config()
   return model_dir, model_config, lengths

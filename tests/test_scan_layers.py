@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from samtone_jax import checkpoints
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -124,7 +125,7 @@ def test_scanned_model_trains_like_the_unrolled_one_with_adafactor():
   cfg = model_config.DualEncoderConfig(encoder=ENCODER, projection_dim=16,
                                        tower_sharing="ade_fte")
   scan_cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(ENCODER, scan_layers=True))
-  loss_config = ts.LossConfig(temperature=0.05, same_tower_negatives=True)
+  loss_config = losses.LossConfig(temperature=0.05, same_tower_negatives=True)
   # Factor moments of dims >= 16, so that the [32, 64] kernels are factored.
   opt = optimizers.OptimizerConfig(name="adafactor", learning_rate=1e-2, warmup_steps=2,
                                    decay="constant", grad_clip_norm=1.0,
@@ -186,7 +187,7 @@ def test_checkpoint_restores_into_the_other_layer_layout(tmp_path, saved_scanned
   scan_cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(ENCODER, scan_layers=True))
   if saved_scanned:
     cfg, scan_cfg = scan_cfg, cfg
-  loss_config = ts.LossConfig(temperature=0.05)
+  loss_config = losses.LossConfig(temperature=0.05)
   opt = optimizers.OptimizerConfig(name="adafactor")
   spec = ts.batch_spec(BATCH, LENGTHS)
   mesh = partitioning.create_mesh(4, 2)

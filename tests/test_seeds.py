@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from samtone_jax import main as main_lib
+from samtone_jax import gin_config
 from samtone_jax import train_step as ts
 from samtone_jax import trainer
 
@@ -29,10 +29,10 @@ def _host(tree):
 
 
 def test_seed_sets_init_dropout_and_data_order(tmp_path):
-  gin.clear_config()
-  main_lib.parse_gin([EXPERIMENT], [f'MODEL_DIR = "{tmp_path / "run"}"', "SEED = 1", *OVERRIDES])
   try:
-    result = gin.get_configurable(trainer.train)()
+    result = gin_config.run_from_gin(
+        [EXPERIMENT], [f'MODEL_DIR = "{tmp_path / "run"}"', "SEED = 1", *OVERRIDES],
+        keep_config=True)
     model = gin.get_configurable("samtone_jax.models.config.DualEncoderConfig")()
     data = gin.get_configurable(trainer.DataConfig)()
   finally:

@@ -37,6 +37,7 @@ from t5x import train_state as t5x_train_state
 
 from samtone_jax import checkpoints
 from samtone_jax import evaluate
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import t5x_model
@@ -88,8 +89,8 @@ pytestmark = pytest.mark.usefixtures("fast_compile")
 def partitioned():
   """A t5x model, its train state and t5x's partitioner on a (data 4, model 2) mesh."""
   assert jax.device_count() == 8, "tests/conftest.py provides 8 fake CPU devices"
-  loss_config = train_step.LossConfig(temperature=0.05, same_tower_negatives=True,
-                                      bidirectional=True)
+  loss_config = losses.LossConfig(temperature=0.05, same_tower_negatives=True,
+                                  bidirectional=True)
   # min_dim_size_to_factor=4: factor even these tiny kernels (t5x default: dims >= 128).
   optimizer_def = adafactor.Adafactor(min_dim_size_to_factor=4,
                                       logical_factor_rules=t5x_model.adafactor_factor_rules())
@@ -151,8 +152,7 @@ def test_scanned_layers_shard_like_our_trainer_with_per_layer_adafactor():
                                                              scan_layers=True))
   optimizer_def = adafactor.Adafactor(min_dim_size_to_factor=4,
                                       logical_factor_rules=t5x_model.adafactor_factor_rules())
-  model = t5x_model.DualEncoderModel(cfg, train_step.LossConfig(temperature=0.05),
-                                     optimizer_def)
+  model = t5x_model.DualEncoderModel(cfg, losses.LossConfig(temperature=0.05), optimizer_def)
   partitioner = t5x_model.PjitPartitioner(num_partitions=2,
                                           logical_axis_rules=t5x_model.logical_axis_rules())
   state = t5x_train_state.FlaxOptimTrainState.create(
@@ -218,7 +218,7 @@ def test_ade_fte_embedder_stays_frozen_under_t5x_adafactor():
                                         projection_dim=config.projection_dim)
   optimizer_def = adafactor.Adafactor(min_dim_size_to_factor=4,
                                       logical_factor_rules=t5x_model.adafactor_factor_rules())
-  model = t5x_model.DualEncoderModel(config, train_step.LossConfig(), optimizer_def)
+  model = t5x_model.DualEncoderModel(config, losses.LossConfig(), optimizer_def)
   state = t5x_train_state.FlaxOptimTrainState.create(
       optimizer_def, model.get_initial_variables(jax.random.PRNGKey(0), _SHAPES))
   batch = _random_batch(np.random.default_rng(3), 8, 6, 10)
@@ -229,7 +229,7 @@ def test_ade_fte_embedder_stays_frozen_under_t5x_adafactor():
                                 before["token_embedder"]["embedding"])
   assert not np.allclose(after["query_projection"]["kernel"], before["query_projection"]["kernel"])
   with pytest.raises(ValueError, match="weight_decay_rate"):
-    t5x_model.DualEncoderModel(config, train_step.LossConfig(),
+    t5x_model.DualEncoderModel(config, losses.LossConfig(),
                                adafactor.Adafactor(weight_decay_rate=1e-3))
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from samtone_jax import checkpoints
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -36,7 +37,7 @@ def _config(mode, identical=True, scan_layers=False):
 
 def _build(cfg):
   spec = ts.batch_spec(BATCH, LENGTHS)
-  built = ts.build(cfg, ts.LossConfig(), optimizers.OptimizerConfig(
+  built = ts.build(cfg, losses.LossConfig(), optimizers.OptimizerConfig(
       name="adamw", learning_rate=1e-2, warmup_steps=1), partitioning.create_mesh(4, 2), spec)
   rng = np.random.default_rng(0)
   batch = {k: rng.integers(1, 64, v.shape).astype(np.int32) for k, v in spec.items()}

@@ -56,8 +56,8 @@ def test_learning_rate_schedule_matches_formula():
 
 def test_sharded_step_equals_hand_computation_and_one_device_step():
   cfg = model_config.DualEncoderConfig(encoder=ENCODER, projection_dim=16, tower_sharing="sde")
-  loss_config = ts.LossConfig(temperature=0.05, same_tower_negatives=True, bidirectional=True,
-                              use_hard_negatives=True)
+  loss_config = losses.LossConfig(temperature=0.05, same_tower_negatives=True, bidirectional=True,
+                                  use_hard_negatives=True)
   opt = optimizers.OptimizerConfig(name="adamw", learning_rate=1e-2, warmup_steps=4,
                                    decay="linear", decay_steps=20, grad_clip_norm=0.5,
                                    weight_decay=0.01)
@@ -121,7 +121,7 @@ def test_frozen_embedder_gets_no_update_and_no_state():
                                        tower_sharing="ade_fte")
   spec = ts.batch_spec(BATCH, LENGTHS)
   mesh = partitioning.create_mesh(8, 1)
-  built = ts.build(cfg, ts.LossConfig(learn_temperature=True),
+  built = ts.build(cfg, losses.LossConfig(learn_temperature=True),
                    optimizers.OptimizerConfig(name="adafactor", warmup_steps=1,
                                               weight_decay=0.1), mesh, spec)
   state0 = built.init_state(jax.random.PRNGKey(0))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from samtone_jax import checkpoints
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -40,7 +41,7 @@ def _host(tree):
 def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
   metrics = ("mrr@10", "ndcg@10")
   result = trainer.train(
-      model_dir=str(tmp_path / "run"), model=MODEL, loss=ts.LossConfig(temperature=0.05),
+      model_dir=str(tmp_path / "run"), model=MODEL, loss=losses.LossConfig(temperature=0.05),
       optimizer=optimizers.OptimizerConfig(name="adamw", learning_rate=2e-3, warmup_steps=10,
                                            decay="linear", decay_steps=60),
       data=_data(32),
@@ -59,6 +60,12 @@ def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
   for key in ("accuracy", "learning_rate", "grad_norm", "examples_per_second",
               "seconds_per_step"):
     assert key in records[0]
+  # Called without gin, train still records its configuration: the arguments, as comments.
+  with open(tmp_path / "run" / "config.gin") as f:
+    config_lines = f.read().splitlines()
+  assert config_lines[0] == "# trainer.train was called directly, not through gin; its arguments:"
+  assert f"#   loss = {losses.LossConfig(temperature=0.05)!r}" in config_lines
+  assert "#   seed = 0" in config_lines
 
   untrained = result.built.init_state(jax.random.PRNGKey(0))
   before = runner.evaluate_params(result.built.model, untrained.params, result.mesh,
@@ -71,7 +78,7 @@ def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
 
   # Multi-stage training: a second run starts from this run's parameters (not its optimizer).
   second = trainer.train(
-      model_dir=str(tmp_path / "second"), model=MODEL, loss=ts.LossConfig(),
+      model_dir=str(tmp_path / "second"), model=MODEL, loss=losses.LossConfig(),
       optimizer=optimizers.OptimizerConfig(name="adafactor"), data=_data(32),
       loop=trainer.LoopConfig(train_steps=0), seed=1,
       initial_checkpoint_path=str(tmp_path / "run"))
@@ -86,7 +93,7 @@ def test_non_finite_loss_stops_with_step_and_last_good_checkpoint(tmp_path):
   # the second step's loss is not finite.
   with pytest.raises(trainer.NonFiniteLossError) as error:
     trainer.train(
-        model_dir=model_dir, model=MODEL, loss=ts.LossConfig(),
+        model_dir=model_dir, model=MODEL, loss=losses.LossConfig(),
         optimizer=optimizers.OptimizerConfig(name="adamw", learning_rate=1e30, warmup_steps=0,
                                              decay="constant", grad_clip_norm=None),
         data=trainer.DataConfig(mixture_or_task_name=demo.TRAIN_TASK,

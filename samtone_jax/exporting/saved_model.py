@@ -24,9 +24,8 @@ import tensorflow_text as tf_text
 
 from samtone_jax.models.config import DualEncoderConfig
 from samtone_jax.models.dual_encoder import DualEncoder
+from samtone_jax.tasks.features import EOS_ID, PAD_ID
 
-EOS_ID = 1
-PAD_ID = 0
 # Lowered for every platform a published model may be served on.
 PLATFORMS = ("cpu", "cuda", "tpu")
 SIGNATURES = {"encode_queries": ("queries", DualEncoder.encode_queries),

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from samtone_jax.models.config import DualEncoderConfig
-from samtone_jax.models.t5 import PAD_ID, Dense, Embed, T5Encoder, fold_in_rows
+from samtone_jax.models.t5 import Dense, Embed, T5Encoder, fold_in_rows
+from samtone_jax.tasks.features import PAD_ID
 
 Array = jax.Array
 
@@ -53,6 +54,9 @@ SHARED_PARTS: dict[str, frozenset[str]] = {
     "ade_fte": frozenset({TOKEN_EMBEDDER}),
     "ade_spl": frozenset({"projection"}),
 }
+# Beside it: the shared parts each mode freezes (zero update, no optimizer state; the model stops
+# their gradient). Read by the model and `trainable_mask`.
+FROZEN_PARTS: dict[str, frozenset[str]] = {"ade_fte": frozenset({TOKEN_EMBEDDER})}
 
 
 def param_name(tower_sharing: str, part: str, side: str) -> str:
@@ -166,7 +170,7 @@ class DualEncoder(nn.Module):
     dtype = jnp.dtype(enc.dtype)
     sharing = cfg.tower_sharing
     # ADE-FTE: the shared embedder is frozen; stopping its gradient also saves the scatter-add.
-    frozen = sharing == "ade_fte"
+    frozen = TOKEN_EMBEDDER in FROZEN_PARTS.get(sharing, ())
 
     def new(part, side):
       if part == TOKEN_EMBEDDER:
@@ -275,7 +279,8 @@ def trainable_mask(config: DualEncoderConfig, params: Any) -> Any:
   Returns:
     A tree with the structure of `params` and bool leaves.
   """
-  frozen = {TOKEN_EMBEDDER} if config.tower_sharing == "ade_fte" else set()
+  frozen = {param_name(config.tower_sharing, part, side)
+            for part in FROZEN_PARTS.get(config.tower_sharing, ()) for side in SIDES}
   tree = params["params"] if "params" in params and len(params) == 1 else params
 
   def mark(path, _):

@@ -19,6 +19,7 @@ import numpy as np
 from samtone_jax.models import dual_encoder
 from samtone_jax.models import t5
 from samtone_jax.models.config import DualEncoderConfig, T5Config
+from samtone_jax.tasks import features
 
 
 def tower_params(config: DualEncoderConfig, params: dict[str, Any],
@@ -96,7 +97,7 @@ def hf_t5_config(config: T5Config) -> dict[str, Any]:
       "layer_norm_epsilon": config.layer_norm_epsilon,
       "is_encoder_decoder": False,
       "use_cache": False,
-      "pad_token_id": t5.PAD_ID,
+      "pad_token_id": features.PAD_ID,
       "eos_token_id": 1,
-      "decoder_start_token_id": t5.PAD_ID,
+      "decoder_start_token_id": features.PAD_ID,
   }

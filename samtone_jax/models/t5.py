@@ -31,6 +31,7 @@ same shapes as T5X's and as HF's (transposed) and a model-axis size that divides
 whole heads.
 """
 
+from collections.abc import Callable, Mapping
 import math
 from typing import Any
 
@@ -40,12 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from samtone_jax.models.config import T5Config
+from samtone_jax.tasks.features import PAD_ID  # positions holding it are masked out of attention
 
 Array = jax.Array
 Initializer = nn.initializers.Initializer
-
-# Padding token id; positions holding it are masked out of attention and pooling.
-PAD_ID = 0
 
 
 def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
@@ -399,14 +398,21 @@ def layer_index(key: str) -> int | None:
   return int(index) if prefix == "layers" and index.isdigit() else None
 
 
-def stack_layers(tree: Any) -> Any:
+def stack_layers(tree: Any, stack_leaves: Callable[..., Any] | None = None) -> Any:
   """Converts every `layers_0 ... layers_{n-1}` group in a params tree into one `layers` subtree
   with each leaf stacked on a new leading axis (the `scan_layers` layout). Other entries, and
-  trees already stacked, are returned unchanged. Works on numpy and jax arrays."""
-  if not isinstance(tree, dict):
+  trees already stacked, are returned unchanged.
+
+  Args:
+    tree: a params tree of numpy or jax arrays, or of abstract leaves.
+    stack_leaves: `stack_leaves(*leaves) -> leaf`, one leaf of every layer in layer order to the
+      stacked leaf; default `np.stack` (all leaves numpy) or `jnp.stack`. The checkpoint layer
+      passes one for abstract `jax.ShapeDtypeStruct` leaves.
+  """
+  if not isinstance(tree, Mapping):
     return tree
   indices = sorted(i for i in map(layer_index, tree) if i is not None)
-  out = {k: stack_layers(v) for k, v in tree.items() if layer_index(k) is None}
+  out = {k: stack_layers(v, stack_leaves) for k, v in tree.items() if layer_index(k) is None}
   if indices:
     if indices != list(range(len(indices))):
       raise ValueError(f"layer entries {[f'layers_{i}' for i in indices]} are not "
@@ -414,24 +420,33 @@ def stack_layers(tree: Any) -> Any:
     if "layers" in tree:
       raise ValueError("a params tree has both `layers` and `layers_0 ...` entries")
     layers = [tree[f"layers_{i}"] for i in indices]
-    stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(layers)) \
-        else jnp.stack
-    out["layers"] = jax.tree.map(lambda *xs: stack(xs), *layers)
+    if stack_leaves is None:
+      stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(layers)) \
+          else jnp.stack
+      stack_leaves = lambda *xs: stack(xs)  # pylint: disable=unnecessary-lambda-assignment
+    out["layers"] = jax.tree.map(stack_leaves, *layers)
   return out
 
 
-def unstack_layers(tree: Any) -> Any:
+def unstack_layers(tree: Any, take_layer: Callable[[Any, int], Any] | None = None) -> Any:
   """The inverse of `stack_layers`: every `layers` subtree (leaves [num_layers, ...]) becomes
-  `layers_0 ... layers_{n-1}`."""
-  if not isinstance(tree, dict):
+  `layers_0 ... layers_{n-1}`.
+
+  Args:
+    tree: a params tree, stacked where it has `layers` entries.
+    take_layer: `take_layer(leaf, i) -> leaf` of layer i; default `leaf[i]`. The checkpoint layer
+      passes one for abstract `jax.ShapeDtypeStruct` leaves.
+  """
+  if not isinstance(tree, Mapping):
     return tree
-  out = {k: unstack_layers(v) for k, v in tree.items() if k != "layers"}
+  take_layer = take_layer or (lambda x, i: x[i])
+  out = {k: unstack_layers(v, take_layer) for k, v in tree.items() if k != "layers"}
   if "layers" in tree:
     lengths = {x.shape[0] for x in jax.tree.leaves(tree["layers"])}
     if len(lengths) != 1:
       raise ValueError(f"stacked layer leaves disagree on the number of layers: {lengths}")
     for i in range(lengths.pop()):
-      out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], tree["layers"])
+      out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: take_layer(x, i), tree["layers"])
   return out
 
 

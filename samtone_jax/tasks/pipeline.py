@@ -249,6 +249,34 @@ def with_negatives(mixture_or_task_name: str) -> bool:
   return has.pop()
 
 
+def num_negatives(mixture_or_task_name: str, split: str = "train") -> int:
+  """N, the hard negatives per example of the task (of every task of the mixture); 0: none.
+
+  The task's features decide it: no "negatives" output feature gives 0, otherwise N is the
+  static length of the source's "negatives" feature (`sources.examples_source(num_negatives=N)`
+  declares it). Nothing is read: the source's dataset is only constructed.
+
+  Raises:
+    ValueError: a mixture's tasks disagree, or a source does not declare N statically.
+  """
+  if not with_negatives(mixture_or_task_name):
+    return 0
+  tasks, _ = _tasks_and_rates(seqio.get_mixture_or_task(mixture_or_task_name))
+  counts = {}
+  for task in tasks:
+    spec = task.source.get_dataset(split=split, shuffle=False, seed=None).element_spec
+    shape = spec[features.NEGATIVES].shape
+    if shape.rank != 1 or shape[0] is None:
+      raise ValueError(f"task {task.name!r}: its source's {features.NEGATIVES!r} feature has "
+                       f"shape {shape}, not [N] with a fixed number N of hard negatives per "
+                       "example (build it with sources.examples_source(num_negatives=N)).")
+    counts[task.name] = int(shape[0])
+  if len(set(counts.values())) > 1:
+    raise ValueError(f"{mixture_or_task_name!r} mixes tasks with different numbers of hard "
+                     f"negatives per example: {counts}.")
+  return next(iter(counts.values()))
+
+
 def get_train_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], *,
                       seed: int, shard_info: seqio.ShardInfo, start_example: int = 0,
                       split: str = "train", num_epochs: int | None = None,
