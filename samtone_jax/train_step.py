@@ -293,8 +293,9 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
   Args:
     state: the train state (donated by the jitted form).
     batch: global batch arrays (see `loss_and_metrics`).
-    rng: [2] uint32 base key; this step's dropout key is `fold_in(rng, state.step)`, so a resumed
-      run draws exactly the keys of an uninterrupted one.
+    rng: the base key: a [] typed key (`base_key(seed, impl)`, any of `PRNG_IMPLS`) or a raw
+      key of the default implementation; this step's dropout key is `fold_in(rng, state.step)`,
+      so a resumed run draws exactly the keys of an uninterrupted one.
     model, loss_config, tx, schedule, trainable, mesh, chunks: bound by `build` with
       functools.partial. `chunks.embedding_chunk_size` > 0 computes the gradients by gradient
       caching (`cached_gradients`), otherwise in one pass; the update is the same.
@@ -355,12 +356,13 @@ class Built(NamedTuple):
     abstract_state: TrainState of jax.ShapeDtypeStruct, each with its `.sharding`.
     state_shardings: TrainState of NamedSharding.
     batch_shardings: dict of NamedSharding, like `batch_spec`.
-    rng_sharding: NamedSharding of the [2] uint32 base key (replicated).
-    init_state: `init_state(rng [2] uint32) -> TrainState`, jitted with out_shardings (never
+    rng_sharding: NamedSharding of the base key (replicated).
+    init_state: `init_state(init_key(seed)) -> TrainState`, jitted with out_shardings (never
       builds anything unsharded); an `InMesh`.
     train_step: `train_step(state, batch, rng) -> (state, metrics)`, jitted with in/out
       shardings, state donated; an `InMesh`. `train_step.lower(abstract_state, batch_spec,
-      rng_spec)` lowers it without running (the AOT compile check).
+      rng_spec(impl))` lowers it without running (the AOT compile check). Both take a key of
+      any implementation (typed keys carry theirs); each implementation compiles once.
   """
 
   model: dual_encoder.DualEncoder
@@ -434,7 +436,7 @@ def abstract_model_params_of(model_config: model_config_lib.DualEncoderConfig, m
   (from the logical axis names), without creating any array."""
   init_variables = _model_initializer(dual_encoder.DualEncoder(model_config))
   with partitioning.mesh_context(mesh):
-    boxed = jax.eval_shape(init_variables, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    boxed = jax.eval_shape(init_variables, rng_spec(INIT_PRNG_IMPL))
   shardings = partitioning.logical_to_sharding(nn.get_partition_spec(boxed), mesh)["params"]
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       nn.meta.unbox(boxed)["params"], shardings)
@@ -509,9 +511,60 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossCon
                train_step=jitted_step)
 
 
-def rng_spec() -> jax.ShapeDtypeStruct:
-  """The base key's abstract value: [2] uint32 (`jax.random.PRNGKey(seed)`)."""
-  return jax.ShapeDtypeStruct((2,), jnp.uint32)
+# PRNG implementations a run can draw its dropout masks with (PRNG_IMPL in gin/runs/*.gin); see
+# `DEFAULT_PRNG_IMPL` for the trade-offs.
+PRNG_IMPLS: tuple[str, ...] = ("threefry2x32", "rbg", "unsafe_rbg")
+# The training default (PRNG_IMPL in gin/runs/pretrain.gin). "rbg" draws random bits with XLA's
+# RngBitGenerator (the TPU's hardware generator; t5x's `use_hardware_rng`) and derives keys
+# (`fold_in`) with threefry. Measured (benchmarks/README.md, "PRNG implementations"):
+#   * reproducible: a resumed run draws the keys of an uninterrupted one, and the loss of a step
+#     on (8, 1) and (2, 4) meshes agrees to float rounding (RngBitGenerator's output does not
+#     depend on the sharding unless XLA's --xla_tpu_spmd_rng_bit_generator_unsafe is set);
+#     tests/test_main.py resumes rbg and threefry runs bit-identically;
+#   * cheaper than threefry2x32: no threefry hash loops over the [b, h, l, l] attention-weight
+#     mask (34 instead of 54 while-loops, 2.10 instead of 2.95 GB of memory traffic per tiny
+#     step on one CPU device); on TPU the bits come from hardware;
+#   * "unsafe_rbg" (RngBitGenerator also for fold_in) is faster still on CPU but its fold_in
+#     collides: some (step, layer, site) pairs draw identical masks (measured), so it is offered,
+#     not the default.
+# Costs of rbg: the bits differ between CPU, GPU and TPU (a run is reproducible on its platform),
+# and `vmap` over rbg keys draws all rows from the first row's key (JAX's RngBitGenerator batching
+# rule), so a mask depends on the example's row in the batch (or gradient-cache chunk), not on the
+# example alone: with EMBEDDING_CHUNK_SIZE > 0 the cached step draws other (equally distributed)
+# masks than the plain step, and they change with the data-axis size. "threefry2x32" keeps masks
+# a function of the example on every platform, chunking and host count.
+DEFAULT_PRNG_IMPL = "rbg"
+# Parameter initialisation always uses threefry2x32: it runs once, so speed does not matter, and
+# threefry is the one implementation whose values are identical on CPU, GPU and TPU, so a seed
+# initialises the same model everywhere, whatever PRNG_IMPL the steps use.
+INIT_PRNG_IMPL = "threefry2x32"
+
+
+def check_prng_impl(impl: str) -> None:
+  """Raises ValueError naming PRNG_IMPL unless `impl` is one of `PRNG_IMPLS`."""
+  if impl not in PRNG_IMPLS:
+    raise ValueError(f"PRNG_IMPL = {impl!r} (trainer.train.prng_impl): expected one of "
+                     f"{', '.join(map(repr, PRNG_IMPLS))}.")
+
+
+def base_key(seed: int, impl: str = DEFAULT_PRNG_IMPL) -> Array:
+  """The typed key [] of `impl` from `seed` (`jax.random.key`); its impl travels with it."""
+  check_prng_impl(impl)
+  return jax.random.key(seed, impl=impl)
+
+
+def init_key(seed: int) -> Array:
+  """The typed key [] that initialises parameters from `seed` (always `INIT_PRNG_IMPL`).
+
+  Its bits equal `jax.random.PRNGKey(seed)`'s, so initial parameters are those of earlier runs.
+  """
+  return jax.random.key(seed, impl=INIT_PRNG_IMPL)
+
+
+def rng_spec(impl: str = DEFAULT_PRNG_IMPL) -> jax.ShapeDtypeStruct:
+  """The base key's abstract value: a [] typed key of `impl` (`base_key(seed, impl)`)."""
+  check_prng_impl(impl)
+  return jax.eval_shape(functools.partial(jax.random.key, impl=impl), 0)
 
 
 def as_global_batch(local_batch: dict[str, np.ndarray], batch_shardings: dict[str, NamedSharding]

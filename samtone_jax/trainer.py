@@ -10,7 +10,8 @@ call directly. One run directory (`model_dir`) holds:
   config.gin            the operative gin config (written by main.py)
 
 Resuming restores the step, the parameters and optimizer state; the dropout key of a step is
-`fold_in(PRNGKey(seed), step)` and the input stream restarts at the step (`start_step`), so a run
+`fold_in(jax.random.key(seed, impl=prng_impl), step)` (PRNG_IMPL; parameters are initialised from
+`train_step.init_key(seed)`) and the input stream restarts at the step (`start_step`), so a run
 that is killed and resumed ends with exactly the parameters of an uninterrupted run.
 
 SIGTERM (TPU preemption) makes the loop save a checkpoint after the current step and return; with
@@ -340,7 +341,7 @@ def _first_batch(batches: Iterator[dict[str, np.ndarray]], data: DataConfig
 def initial_state(built: train_step_lib.Built, seed: int, model_config,
                   initial_checkpoint_path: str | None) -> train_step_lib.TrainState:
   """A fresh sharded state; its params replaced by those of `initial_checkpoint_path` if given."""
-  state = built.init_state(jax.random.PRNGKey(seed))
+  state = built.init_state(train_step_lib.init_key(seed))
   if initial_checkpoint_path:
     params = checkpoints.load_initial_params(initial_checkpoint_path, state.params, model_config)
     # The optimizer state was initialised for the same shapes; only values change.
@@ -354,7 +355,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
           mesh_shape: tuple[int, int] = (-1, 1),
           initial_checkpoint_path: str | None = None,
           config_text: str | None = None,
-          chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()) -> TrainResult:
+          chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig(),
+          prng_impl: str = train_step_lib.DEFAULT_PRNG_IMPL) -> TrainResult:
   """Trains a dual encoder; resumes from `model_dir`'s latest checkpoint if there is one.
 
   Args:
@@ -372,6 +374,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
       configuration and the first batch are checked; None: no config.gin.
     chunks: gradient caching and loss row chunking for huge batches (EMBEDDING_CHUNK_SIZE,
       LOSS_CHUNK_SIZE); the same update as without.
+    prng_impl: the PRNG implementation of the dropout keys (PRNG_IMPL): "threefry2x32", "rbg"
+      (default; see train_step.DEFAULT_PRNG_IMPL for why) or "unsafe_rbg".
 
   Returns:
     A TrainResult.
@@ -390,13 +394,17 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     mesh = partitioning.create_mesh(*mesh_shape)
   except ValueError as e:
     raise errors.ConfigError(f"trainer.train.mesh_shape = {tuple(mesh_shape)}: {e}") from None
+  try:
+    train_step_lib.check_prng_impl(prng_impl)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
   check_config(model, loss, data, loop, mesh, chunks)
   # From the start: a preemption during set-up (compilation, restore) also ends cleanly.
   with run_lock.hold(model_dir, enabled=jax.process_index() == 0), _PreemptionFlag() as preemption:
     return _train(preemption, mesh, model_dir=model_dir, model=model, loss=loss,
                   optimizer=optimizer, data=data, loop=loop, seed=seed,
                   initial_checkpoint_path=initial_checkpoint_path, config_text=config_text,
-                  chunks=chunks)
+                  chunks=chunks, prng_impl=prng_impl)
 
 
 def _close(batches: Iterator[Any]) -> None:
@@ -413,7 +421,7 @@ def _close(batches: Iterator[Any]) -> None:
 
 def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, model, loss,
            optimizer, data, loop, seed, initial_checkpoint_path, config_text,
-           chunks) -> TrainResult:
+           chunks, prng_impl) -> TrainResult:
   """`train`'s body, with the run directory locked and the SIGTERM flag installed."""
   latest = checkpoints.latest_step_in(model_dir)
   if latest is not None and latest > loop.train_steps:
@@ -439,7 +447,8 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
       write_config(model_dir, config_text)
     return _train_loop(preemption, mesh, batches, start_step, resume_step, model_dir=model_dir,
                        model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
-                       seed=seed, initial_checkpoint_path=initial_checkpoint_path, chunks=chunks)
+                       seed=seed, initial_checkpoint_path=initial_checkpoint_path, chunks=chunks,
+                       prng_impl=prng_impl)
   finally:
     _close(batches)
 
@@ -447,14 +456,14 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
 def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
                 batches: Iterator[dict[str, np.ndarray]], start_step: int,
                 resume_step: int | None, *, model_dir, model, loss, optimizer, data, loop, seed,
-                initial_checkpoint_path, chunks) -> TrainResult:
+                initial_checkpoint_path, chunks, prng_impl) -> TrainResult:
   """Builds the step, restores or initialises the state and runs the loop."""
   spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
                                    num_negatives=data.num_negatives)
   built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
-  rng = jax.device_put(jax.random.PRNGKey(seed), built.rng_sharding)
+  rng = jax.device_put(train_step_lib.base_key(seed, prng_impl), built.rng_sharding)
 
   last_saved = resume_step
   if resume_step is not None:
@@ -463,6 +472,11 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
     print(f"Resuming from checkpoint step {resume_step} in {manager.directory}", flush=True)
     if meta.get("seed", seed) != seed:
       logging.warning("Checkpoint seed %s != configured seed %s", meta.get("seed"), seed)
+    # Checkpoints written before PRNG_IMPL existed used threefry2x32 keys.
+    if meta.get("prng_impl", "threefry2x32") != prng_impl:
+      logging.warning("Checkpoint was trained with PRNG_IMPL %r, this run uses %r: the steps "
+                      "after step %d draw other dropout masks than the first run would have.",
+                      meta.get("prng_impl", "threefry2x32"), prng_impl, resume_step)
   else:
     state = initial_state(built, seed, model, initial_checkpoint_path)
   assert int(state.step) == start_step, (int(state.step), start_step)
@@ -477,7 +491,8 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
 
   def save(step: int, metrics: dict[str, float] | None = None):
     nonlocal last_saved
-    meta = {"step": step, "seed": seed, "examples_seen": step * data.batch_size}
+    meta = {"step": step, "seed": seed, "prng_impl": prng_impl,
+            "examples_seen": step * data.batch_size}
     path = checkpoints.save(manager, step, state, meta, metrics=metrics)
     last_saved = step
     logging.info("Saved checkpoint %s", path)

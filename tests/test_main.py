@@ -6,6 +6,7 @@ run's bit for bit. Subprocesses are slow (JAX + TF imports), so there are only t
 """
 
 import inspect
+import json
 import os
 import signal
 import subprocess
@@ -97,9 +98,12 @@ def _params(state):
 # Gradient caching and loss row chunking on: 16 examples on 8 devices, 2 per device, encoded and
 # taken as anchors one at a time (dropout is on, so masks must follow the example across resumes).
 CACHED = ("EMBEDDING_CHUNK_SIZE=1", "LOSS_CHUNK_SIZE=1")
+# PRNG_IMPL: the default ("rbg", RngBitGenerator bits) and threefry, whose masks follow the example.
+THREEFRY = ('PRNG_IMPL="threefry2x32"',)
 
 
-@pytest.mark.parametrize("chunking", [(), CACHED], ids=["plain", "gradient_cached"])
+@pytest.mark.parametrize("chunking", [(), CACHED, THREEFRY],
+                         ids=["plain_rbg", "gradient_cached_rbg", "plain_threefry"])
 def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache, chunking):
   overrides = OVERRIDES + chunking
   reference = _params(_train_in_process(str(tmp_path / "reference"), overrides).state)
@@ -122,8 +126,12 @@ def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache, c
   for expected in [f"TRAIN_STEPS = {TRAIN_STEPS}", "BATCH_SIZE = 16", "DROPOUT_RATE = 0.1",
                    "config.T5Config.num_layers = 1", "trainer.LoopConfig.checkpoint_period = 2",
                    f"'{model_dir}'", "'passages': 16",
-                   *[o.replace("=", " = ") for o in chunking]]:
+                   *[o.replace("=", " = ").replace('"', "'") for o in chunking]]:
     assert expected in config_text, expected
+  # The checkpoint records the PRNG implementation its dropout keys came from.
+  with open(os.path.join(model_dir, "checkpoints", str(first_kill_step), "meta",
+                         "metadata")) as f:
+    assert json.load(f)["prng_impl"] == ("threefry2x32" if THREEFRY[0] in chunking else "rbg")
 
   # 2. The same command resumes; SIGTERM (preemption) makes it checkpoint and exit cleanly.
   process, timer = _start(_command(model_dir, overrides=overrides), compile_cache,

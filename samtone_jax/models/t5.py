@@ -8,9 +8,11 @@ Numerically this is Hugging Face's `T5EncoderModel` / Mesh TensorFlow's encoder:
   * feed-forward "relu" (wi, wo; original T5) or "gated-gelu" (wi_0, wi_1, wo; T5 1.1 / GTR) with
     gelu_new, the tanh approximation;
   * dropout on the embeddings, attention weights, inside the MLP, on each residual branch and
-    after the final norm. Each example's masks are drawn from its own key (`dropout_keys`,
-    [b, 2]), so a mask is a function of the example, not of the batch it is encoded in: the
-    gradient-cached train step, which encodes a batch in chunks, draws the masks of the plain one.
+    after the final norm. Each example's masks are drawn from its own key (`dropout_keys`, [b]
+    typed keys or raw [b, 2] uint32), so with threefry keys a mask is a function of the example,
+    not of the batch it is encoded in: the gradient-cached train step, which encodes a batch in
+    chunks, draws the masks of the plain one. (With "rbg" keys JAX's vmap draws every row from
+    the first row's key, so masks follow the row in the batch; see train_step.DEFAULT_PRNG_IMPL.)
 
 Parameter tree of `T5Encoder` (T5X names; shapes for d = d_model, h = num_heads, k = d_kv,
 f = d_ff, V = vocab_size, NB = relative_attention_num_buckets), logical axes in brackets:
@@ -89,7 +91,8 @@ def dropout(x: Array, rate: float, keys: Array | None, site: int) -> Array:
   Args:
     x: [b, ...] activations.
     rate: probability of dropping a value.
-    keys: [b, 2] uint32 per-example keys, or None: no dropout (deterministic).
+    keys: [b] per-example keys (typed, of any implementation, or raw [b, 2] uint32), or None:
+      no dropout (deterministic).
     site: which dropout site of the module this is; folded into the keys so that the sites
       sharing an example's key draw independent masks.
 
@@ -106,12 +109,12 @@ def dropout(x: Array, rate: float, keys: Array | None, site: int) -> Array:
 
 
 def fold_in_rows(key: Array, rows: Array) -> Array:
-  """[2] key, int [b] -> [b, 2]: `fold_in(key, rows[i])` for every i."""
+  """[] key (or raw [2]), int [b] -> [b] keys (raw: [b, 2]): `fold_in(key, rows[i])` for every i."""
   return jax.vmap(jax.random.fold_in, (None, 0))(key, rows)
 
 
 def _fold_in_each(keys: Array | None, data: int) -> Array | None:
-  """[b, 2] keys -> [b, 2]: `fold_in(keys[i], data)`; None stays None."""
+  """[b] keys (raw: [b, 2]) -> the same shape: `fold_in(keys[i], data)`; None stays None."""
   return None if keys is None else jax.vmap(jax.random.fold_in, (0, None))(keys, data)
 
 
@@ -206,7 +209,7 @@ class SelfAttention(nn.Module):
       position_bias: float32 [1, h, l, l] relative position bias.
       mask_bias: float32 [b, 1, 1, l]: 0 for real keys, a large negative for padding keys. Kept
         apart from `position_bias` so that no [b, h, l, l] bias is materialised.
-      dropout_keys: [b, 2] per-example keys of this layer, or None: no dropout.
+      dropout_keys: [b] per-example keys of this layer, or None: no dropout.
 
     Returns:
       [b, l, d].
@@ -243,7 +246,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, dropout_keys: Array | None) -> Array:
-    """x: [b, l, d], dropout_keys: [b, 2] or None (no dropout) -> [b, l, d]."""
+    """x: [b, l, d], dropout_keys: [b] keys or None (no dropout) -> [b, l, d]."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -274,7 +277,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, position_bias: Array, mask_bias: Array,
                dropout_keys: Array | None) -> Array | tuple[Array, None]:
-    """x: [b, l, d]; biases and this layer's [b, 2] keys as for `SelfAttention` -> [b, l, d]."""
+    """x: [b, l, d]; biases and this layer's [b] keys as for `SelfAttention` -> [b, l, d]."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
@@ -310,7 +313,7 @@ class T5Encoder(nn.Module):
     Args:
       tokens: int32 [b, l]; 0 is padding (masked out as attention keys).
       deterministic: disables dropout.
-      dropout_keys: [b, 2] uint32, each example's dropout key, used when not deterministic.
+      dropout_keys: [b] keys (raw: [b, 2] uint32), each example's dropout key, used when not deterministic.
         None: `fold_in(make_rng('dropout'), i)` for row i (needs a 'dropout' rng).
 
     Returns:
