@@ -225,3 +225,30 @@ def test_experiment_size_is_one_more_gin_file(experiment, size, num_layers, d_mo
   assert model.tower_sharing == "sde" and model.projection_dim == 768
   assert data.batch_size == 512 and dict(data.task_feature_lengths) == {"queries": 64,
                                                                        "passages": 256}
+  # Accelerator defaults survive the size file: bfloat16 activations, one-hot lookup.
+  assert model.encoder.dtype == "bfloat16" and model.encoder.one_hot_embedding
+
+
+# (The *_mined stage-2 files carry the same two lines; parsing them needs a mined negatives file.)
+@pytest.mark.parametrize("experiment", ["msmarco", "multireqa", "beir_samtone"])
+def test_accelerator_experiments_train_bfloat16_and_cpu_ones_float32(experiment):
+  """Every pod/GPU experiment trains bfloat16 activations with one-hot lookup; the rest of the
+  run configuration (PRNG_IMPL, attention dropout = dropout) is the run file's."""
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    main_lib.parse_gin([f"experiments/{experiment}.gin"],
+                       ["MODEL_DIR = '/tmp/unused'", "ATTENTION_DROPOUT_RATE = 0.0"])
+    bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
+    model = bound.arguments["model"]
+    demo = gin.clear_config() or main_lib.parse_gin(["experiments/demo_samtone.gin"],
+                                                    ["MODEL_DIR = '/tmp/unused'"])
+    demo_model = inspect.signature(trainer.train).bind_partial(
+        **gin.get_bindings(trainer.train)).arguments["model"]
+  finally:
+    gin.clear_config()
+  assert model.encoder.dtype == "bfloat16" and model.encoder.one_hot_embedding
+  assert model.encoder.attention_dropout == 0.0 and model.encoder.dropout_rate == 0.1
+  assert bound.arguments["prng_impl"] == "rbg"
+  assert demo_model.encoder.dtype == "float32" and not demo_model.encoder.one_hot_embedding
+  assert demo_model.encoder.attention_dropout == demo_model.encoder.dropout_rate

@@ -170,7 +170,7 @@ class DualEncoder(nn.Module):
 
     def new(part, side):
       if part == TOKEN_EMBEDDER:
-        return Embed(enc.vocab_size, enc.d_model, dtype)
+        return Embed(enc.vocab_size, enc.d_model, dtype, enc.one_hot_embedding)
       if part == "encoder":
         embedder = getattr(self, param_name(sharing, TOKEN_EMBEDDER, side))
         return T5Encoder(enc, token_embedder=embedder, stop_embedding_gradient=frozen)

@@ -130,17 +130,30 @@ def _param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ..
 
 
 class Embed(nn.Module):
-  """Token embedding table [vocab, embed]; T5X's init (standard normal)."""
+  """Token embedding table [vocab, embed]; T5X's init (standard normal).
+
+  Attributes:
+    one_hot: look up by a one-hot [b, l, V] @ [V, d] matmul (`T5Config.one_hot_embedding`)
+      instead of a gather; the same values, and a matmul gradient instead of a scatter-add.
+  """
 
   vocab_size: int
   features: int
   dtype: Any = jnp.float32
+  one_hot: bool = False
 
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
     """tokens: int [b, l] -> [b, l, embed] in `dtype`."""
     embedding = _param(self, "embedding", nn.initializers.normal(stddev=1.0),
                        (self.vocab_size, self.features), ("vocab", "embed"))
+    if self.one_hot:
+      one_hot = jax.nn.one_hot(tokens, self.vocab_size, dtype=self.dtype)
+      one_hot = nn.with_logical_constraint(one_hot, ("batch", "length", "vocab"))
+      # HIGHEST: each output is one table entry times 1, exact in float32 (the default
+      # precision may round the table to bfloat16 on TPU).
+      return jnp.dot(one_hot, embedding.astype(self.dtype),
+                     precision=jax.lax.Precision.HIGHEST)
     return jnp.take(embedding, tokens, axis=0).astype(self.dtype)
 
 
@@ -208,7 +221,7 @@ class SelfAttention(nn.Module):
       x: [b, l, d] normalised inputs.
       position_bias: float32 [1, h, l, l] relative position bias.
       mask_bias: float32 [b, 1, 1, l]: 0 for real keys, a large negative for padding keys. Kept
-        apart from `position_bias` so that no [b, h, l, l] bias is materialised.
+        apart from `position_bias`; XLA fuses their sum into the logits.
       dropout_keys: [b] per-example keys of this layer, or None: no dropout.
 
     Returns:
@@ -230,10 +243,17 @@ class SelfAttention(nn.Module):
     query = project("query", query_init)
     key = project("key", init)
     value = project("value", init)
-    logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits + position_bias + mask_bias, axis=-1)
-    weights = dropout(weights, cfg.dropout_rate, dropout_keys, site=0)
-    out = jnp.einsum("bhqs,bshk->bqhk", weights.astype(dtype), value)
+    if dropout_keys is None or cfg.attention_dropout == 0.0:
+      # No mask on the weights: JAX's fused attention (XLA's fusion here; cuDNN's flash kernel
+      # where JAX selects it), with T5's unscaled logits and both biases; it also computes the
+      # logits and the softmax in float32 and casts the weights to `dtype`, as below.
+      out = jax.nn.dot_product_attention(query, key, value, bias=position_bias + mask_bias,
+                                         scale=1.0)
+    else:
+      logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
+      weights = jax.nn.softmax(logits + position_bias + mask_bias, axis=-1)
+      weights = dropout(weights, cfg.attention_dropout, dropout_keys, site=0)
+      out = jnp.einsum("bhqs,bshk->bqhk", weights.astype(dtype), value)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(b, l, inner)
     return Dense(cfg.d_model, ("heads", "embed"), init, dtype, name="out")(out)
@@ -328,7 +348,8 @@ class T5Encoder(nn.Module):
       dropout_keys = fold_in_rows(self.make_rng("dropout"), jnp.arange(tokens.shape[0]))
     embedder = self.token_embedder
     if embedder is None:
-      embedder = Embed(cfg.vocab_size, cfg.d_model, dtype, name="token_embedder")
+      embedder = Embed(cfg.vocab_size, cfg.d_model, dtype, cfg.one_hot_embedding,
+                       name="token_embedder")
     tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
     x = embedder(tokens).astype(dtype)
     if self.stop_embedding_gradient:
