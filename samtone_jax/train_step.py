@@ -514,26 +514,24 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: LossCon
 # PRNG implementations a run can draw its dropout masks with (PRNG_IMPL in gin/runs/*.gin); see
 # `DEFAULT_PRNG_IMPL` for the trade-offs.
 PRNG_IMPLS: tuple[str, ...] = ("threefry2x32", "rbg", "unsafe_rbg")
-# The training default (PRNG_IMPL in gin/runs/pretrain.gin). "rbg" draws random bits with XLA's
-# RngBitGenerator (the TPU's hardware generator; t5x's `use_hardware_rng`) and derives keys
-# (`fold_in`) with threefry. Measured (benchmarks/README.md, "PRNG implementations"):
-#   * reproducible: a resumed run draws the keys of an uninterrupted one, and the loss of a step
-#     on (8, 1) and (2, 4) meshes agrees to float rounding (RngBitGenerator's output does not
-#     depend on the sharding unless XLA's --xla_tpu_spmd_rng_bit_generator_unsafe is set);
-#     tests/test_main.py resumes rbg and threefry runs bit-identically;
-#   * cheaper than threefry2x32: no threefry hash loops over the [b, h, l, l] attention-weight
-#     mask (34 instead of 54 while-loops, 2.10 instead of 2.95 GB of memory traffic per tiny
-#     step on one CPU device); on TPU the bits come from hardware;
-#   * "unsafe_rbg" (RngBitGenerator also for fold_in) is faster still on CPU but its fold_in
-#     collides: some (step, layer, site) pairs draw identical masks (measured), so it is offered,
-#     not the default.
-# Costs of rbg: the bits differ between CPU, GPU and TPU (a run is reproducible on its platform),
-# and `vmap` over rbg keys draws all rows from the first row's key (JAX's RngBitGenerator batching
-# rule), so a mask depends on the example's row in the batch (or gradient-cache chunk), not on the
-# example alone: with EMBEDDING_CHUNK_SIZE > 0 the cached step draws other (equally distributed)
-# masks than the plain step, and they change with the data-axis size. "threefry2x32" keeps masks
-# a function of the example on every platform, chunking and host count.
-DEFAULT_PRNG_IMPL = "rbg"
+# The training default (PRNG_IMPL in gin/runs/pretrain.gin) is "threefry2x32", the only one of the
+# three that keeps a run bit-reproducible across restarts, host counts and mesh shapes *and*
+# gradient-cache chunkings and platforms (measured; benchmarks/README.md "step_efficiency.py"):
+#   * "rbg" (t5x's `use_hardware_rng` choice) draws bits with XLA's RngBitGenerator, the TPU's
+#     hardware generator, and derives keys with threefry. It is reproducible across restarts and
+#     mesh shapes, but: its bits differ between CPU, GPU and TPU; `vmap` over rbg keys draws all
+#     rows from the first row's key (JAX's RngBitGenerator batching rule), so a mask follows the
+#     row in the batch or gradient-cache chunk, not the example (EMBEDDING_CHUNK_SIZE > 0 then
+#     draws other masks than the plain step, and they change with the data-axis size); on CPU it
+#     was no faster (tiny, batch 64: 0.94 vs 0.90 s/step on one device, 2x slower on 8) though it
+#     moves less memory (2.10 vs 2.95 GB per step); and its gradient-cached step, read back from
+#     the persistent compilation cache, deadlocked XLA:CPU's collectives on 8 devices (twice).
+#     It is the choice to try on TPU, where the bits come from hardware.
+#   * "unsafe_rbg" also derives keys with RngBitGenerator: the fastest on CPU (0.42 s/step, no
+#     while-loops) but its fold_in collides: some (step, layer, site) pairs draw identical masks.
+# The costliest threefry work is the [b, h, l, l] attention-weight mask; ATTENTION_DROPOUT_RATE=0
+# removes it (and takes the fused attention path) with any implementation.
+DEFAULT_PRNG_IMPL = "threefry2x32"
 # Parameter initialisation always uses threefry2x32: it runs once, so speed does not matter, and
 # threefry is the one implementation whose values are identical on CPU, GPU and TPU, so a seed
 # initialises the same model everywhere, whatever PRNG_IMPL the steps use.

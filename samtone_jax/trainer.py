@@ -374,8 +374,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
       configuration and the first batch are checked; None: no config.gin.
     chunks: gradient caching and loss row chunking for huge batches (EMBEDDING_CHUNK_SIZE,
       LOSS_CHUNK_SIZE); the same update as without.
-    prng_impl: the PRNG implementation of the dropout keys (PRNG_IMPL): "threefry2x32", "rbg"
-      (default; see train_step.DEFAULT_PRNG_IMPL for why) or "unsafe_rbg".
+    prng_impl: the PRNG implementation of the dropout keys (PRNG_IMPL): "threefry2x32"
+      (default; see train_step.DEFAULT_PRNG_IMPL for why), "rbg" or "unsafe_rbg".
 
   Returns:
     A TrainResult.

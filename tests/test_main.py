@@ -98,12 +98,14 @@ def _params(state):
 # Gradient caching and loss row chunking on: 16 examples on 8 devices, 2 per device, encoded and
 # taken as anchors one at a time (dropout is on, so masks must follow the example across resumes).
 CACHED = ("EMBEDDING_CHUNK_SIZE=1", "LOSS_CHUNK_SIZE=1")
-# PRNG_IMPL: the default ("rbg", RngBitGenerator bits) and threefry, whose masks follow the example.
-THREEFRY = ('PRNG_IMPL="threefry2x32"',)
+# PRNG_IMPL: the default is threefry2x32; rbg draws its bits with XLA's RngBitGenerator. (Not
+# tested: rbg with gradient caching, whose executable read back from the persistent compilation
+# cache deadlocks XLA:CPU's collectives on 8 devices; see train_step.DEFAULT_PRNG_IMPL.)
+RBG = ('PRNG_IMPL="rbg"',)
 
 
-@pytest.mark.parametrize("chunking", [(), CACHED, THREEFRY],
-                         ids=["plain_rbg", "gradient_cached_rbg", "plain_threefry"])
+@pytest.mark.parametrize("chunking", [(), CACHED, RBG],
+                         ids=["plain_threefry", "gradient_cached_threefry", "plain_rbg"])
 def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache, chunking):
   overrides = OVERRIDES + chunking
   reference = _params(_train_in_process(str(tmp_path / "reference"), overrides).state)
@@ -131,7 +133,7 @@ def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache, c
   # The checkpoint records the PRNG implementation its dropout keys came from.
   with open(os.path.join(model_dir, "checkpoints", str(first_kill_step), "meta",
                          "metadata")) as f:
-    assert json.load(f)["prng_impl"] == ("threefry2x32" if THREEFRY[0] in chunking else "rbg")
+    assert json.load(f)["prng_impl"] == ("rbg" if RBG[0] in chunking else "threefry2x32")
 
   # 2. The same command resumes; SIGTERM (preemption) makes it checkpoint and exit cleanly.
   process, timer = _start(_command(model_dir, overrides=overrides), compile_cache,
@@ -249,6 +251,6 @@ def test_accelerator_experiments_train_bfloat16_and_cpu_ones_float32(experiment)
     gin.clear_config()
   assert model.encoder.dtype == "bfloat16" and model.encoder.one_hot_embedding
   assert model.encoder.attention_dropout == 0.0 and model.encoder.dropout_rate == 0.1
-  assert bound.arguments["prng_impl"] == "rbg"
+  assert bound.arguments["prng_impl"] == "threefry2x32"
   assert demo_model.encoder.dtype == "float32" and not demo_model.encoder.one_hot_embedding
   assert demo_model.encoder.attention_dropout == demo_model.encoder.dropout_rate
