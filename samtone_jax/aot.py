@@ -143,8 +143,8 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
                        optimizer_config: optimizers.OptimizerConfig, batch_size: int,
                        task_feature_lengths: dict[str, int], num_negatives: int = 0,
                        mesh_data: int = -1, mesh_model: int = 1,
-                       chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()
-                       ) -> MemoryReport:
+                       chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig(),
+                       prng_impl: str = train_step_lib.DEFAULT_PRNG_IMPL) -> MemoryReport:
   """Lowers and compiles the trainer's jitted train step for `topology`; reports its memory.
 
   Args:
@@ -155,6 +155,7 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
     num_negatives: hard negatives per query in the batch (0: none).
     mesh_data, mesh_model: mesh sizes as for `partitioning.create_mesh` (-1 fills).
     chunks: gradient caching / loss row chunking, as for a real run.
+    prng_impl: the dropout keys' PRNG implementation (PRNG_IMPL), as for a real run.
   """
   devices = topology_devices(topology)
   mesh = partitioning.create_mesh(mesh_data, mesh_model, devices=devices)
@@ -165,7 +166,7 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
   built = train_step_lib.build(model_config, loss_config, optimizer_config, mesh, batch, chunks)
   batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=built.batch_shardings[k])
                     for k, v in batch.items()}
-  rng = train_step_lib.rng_spec()
+  rng = train_step_lib.rng_spec(prng_impl)
   rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=built.rng_sharding)
   common = dict(
       topology=topology, num_chips=len(devices),
@@ -217,5 +218,6 @@ def compile_configured(topology: str) -> tuple[MemoryReport, int]:
       optimizer_config=args["optimizer"], batch_size=data.batch_size,
       task_feature_lengths=dict(data.task_feature_lengths),
       num_negatives=trainer.num_negatives(data, args["loss"]),
-      mesh_data=mesh_data, mesh_model=mesh_model, chunks=args["chunks"])
+      mesh_data=mesh_data, mesh_model=mesh_model, chunks=args["chunks"],
+      prng_impl=args["prng_impl"])
   return report, data.batch_size

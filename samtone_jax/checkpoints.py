@@ -3,7 +3,7 @@
 Layout of a model directory:
 
   MODEL_DIR/checkpoints/<step>/state   the TrainState (step, params, optimizer state), sharded
-  MODEL_DIR/checkpoints/<step>/meta    JSON: step, seed, examples seen, eval metrics
+  MODEL_DIR/checkpoints/<step>/meta    JSON: step, seed, prng_impl, examples seen, eval metrics
 
   MODEL_DIR/checkpoints/<step>/files.json  {relative path: size in bytes} of every file of the step
   MODEL_DIR/checkpoints/<step>/input/process_<i>-of-<n>.*   cached-task runs only: host i's

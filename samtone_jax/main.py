@@ -15,6 +15,9 @@ Flags:
   --gin_search_paths  comma-separated directories for gin files and includes; the repository's
                       gin/ directory is always searched.
   --tfds_data_dir     where TFDS datasets live (overrides seqio's default).
+  --compilation_cache_dir  persistent XLA compilation cache (CPU/GPU: on by default in
+                      ~/.cache/samtone_jax/jax_cache or $SAMTONE_COMPILATION_CACHE_DIR; '' or
+                      'off' turns it off); a resumed or evaluated run skips compiling.
   plus samtone_jax.distributed's multi-host flags (--multiprocess_gpu, --coordinator_address,
   --process_count, --process_index).
 
@@ -39,6 +42,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from samtone_jax import compilation_cache
 from samtone_jax import distributed
 from samtone_jax import errors
 from samtone_jax import gin_config
@@ -55,6 +59,11 @@ GIN_SEARCH_PATHS = flags.DEFINE_list(
     "directory, the repository's top-level gin/, is always added).")
 TFDS_DATA_DIR = flags.DEFINE_string(
     "tfds_data_dir", None, "TFDS data directory; overrides seqio's default when set.")
+COMPILATION_CACHE_DIR = flags.DEFINE_string(
+    "compilation_cache_dir", None,
+    "Persistent XLA compilation cache directory; on by default for CPU/GPU runs in "
+    "$SAMTONE_COMPILATION_CACHE_DIR or ~/.cache/samtone_jax/jax_cache; '' or 'off' turns it off "
+    "(JAX_COMPILATION_CACHE_DIR, when set, wins).")
 VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Print the full traceback of configuration, data and checkpoint errors "
     "(also SAMTONE_DEBUG=1); without it they are one message.")
@@ -87,6 +96,7 @@ def setup_from_flags() -> None:
     # orbax and seqio log every save and read at INFO; progress is printed by the trainer.
     logging.set_verbosity(logging.WARNING)
   distributed.initialize_from_flags()
+  compilation_cache.configure(COMPILATION_CACHE_DIR.value)
   if TFDS_DATA_DIR.value:
     import seqio  # pylint: disable=g-import-not-at-top
     seqio.set_tfds_data_dir_override(TFDS_DATA_DIR.value)

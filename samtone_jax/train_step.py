@@ -282,8 +282,9 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
   Args:
     state: the train state (donated by the jitted form).
     batch: global batch arrays (see `loss_and_metrics`).
-    rng: [2] uint32 base key; this step's dropout key is `fold_in(rng, state.step)`, so a resumed
-      run draws exactly the keys of an uninterrupted one.
+    rng: the base key: a [] typed key (`base_key(seed, impl)`, any of `PRNG_IMPLS`) or a raw
+      key of the default implementation; this step's dropout key is `fold_in(rng, state.step)`,
+      so a resumed run draws exactly the keys of an uninterrupted one.
     model, loss_config, tx, schedule, trainable, mesh, chunks: bound by `build` with
       functools.partial. `chunks.embedding_chunk_size` > 0 computes the gradients by gradient
       caching (`cached_gradients`), otherwise in one pass; the update is the same.
@@ -344,12 +345,13 @@ class Built(NamedTuple):
     abstract_state: TrainState of jax.ShapeDtypeStruct, each with its `.sharding`.
     state_shardings: TrainState of NamedSharding.
     batch_shardings: dict of NamedSharding, like `batch_spec`.
-    rng_sharding: NamedSharding of the [2] uint32 base key (replicated).
-    init_state: `init_state(rng [2] uint32) -> TrainState`, jitted with out_shardings (never
+    rng_sharding: NamedSharding of the base key (replicated).
+    init_state: `init_state(init_key(seed)) -> TrainState`, jitted with out_shardings (never
       builds anything unsharded); a `partitioning.InMesh`.
     train_step: `train_step(state, batch, rng) -> (state, metrics)`, jitted with in/out
       shardings, state donated; a `partitioning.InMesh`. `train_step.lower(abstract_state,
-      batch_spec, rng_spec)` lowers it without running (the AOT compile check).
+      batch_spec, rng_spec(impl))` lowers it without running (the AOT compile check). Both take a
+      key of any implementation (typed keys carry theirs); each implementation compiles once.
   """
 
   model: dual_encoder.DualEncoder
@@ -400,7 +402,7 @@ def abstract_model_params_of(model_config: model_config_lib.DualEncoderConfig, m
   """The DualEncoder's `params` as jax.ShapeDtypeStruct with their NamedShardings on `mesh`
   (from the logical axis names), without creating any array."""
   init_variables = _model_initializer(dual_encoder.DualEncoder(model_config))
-  return partitioning.abstract_sharded(init_variables, mesh, rng_spec())["params"]
+  return partitioning.abstract_sharded(init_variables, mesh, rng_spec(INIT_PRNG_IMPL))["params"]
 
 
 def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.LossConfig,
@@ -472,9 +474,58 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.
                train_step=jitted_step)
 
 
-def rng_spec() -> jax.ShapeDtypeStruct:
-  """The base key's abstract value: [2] uint32 (`jax.random.PRNGKey(seed)`)."""
-  return jax.ShapeDtypeStruct((2,), jnp.uint32)
+# PRNG implementations a run can draw its dropout masks with (PRNG_IMPL in gin/runs/*.gin); see
+# `DEFAULT_PRNG_IMPL` for the trade-offs.
+PRNG_IMPLS: tuple[str, ...] = ("threefry2x32", "rbg", "unsafe_rbg")
+# The training default (PRNG_IMPL in gin/runs/pretrain.gin) is "threefry2x32", the only one of the
+# three that keeps a run bit-reproducible across restarts, host counts and mesh shapes *and*
+# gradient-cache chunkings and platforms (measured; benchmarks/README.md "step_efficiency.py"):
+#   * "rbg" (t5x's `use_hardware_rng` choice) draws bits with XLA's RngBitGenerator, the TPU's
+#     hardware generator, and derives keys with threefry. It is reproducible across restarts and
+#     mesh shapes, but: its bits differ between CPU, GPU and TPU; `vmap` over rbg keys draws all
+#     rows from the first row's key (JAX's RngBitGenerator batching rule), so a mask follows the
+#     row in the batch or gradient-cache chunk, not the example (EMBEDDING_CHUNK_SIZE > 0 then
+#     draws other masks than the plain step, and they change with the data-axis size); on CPU it
+#     was no faster (tiny, batch 64: 0.94 vs 0.90 s/step on one device, 2x slower on 8) though it
+#     moves less memory (2.10 vs 2.95 GB per step); and its gradient-cached step, read back from
+#     the persistent compilation cache, deadlocked XLA:CPU's collectives on 8 devices (twice).
+#     It is the choice to try on TPU, where the bits come from hardware.
+#   * "unsafe_rbg" also derives keys with RngBitGenerator: the fastest on CPU (0.42 s/step, no
+#     while-loops) but its fold_in collides: some (step, layer, site) pairs draw identical masks.
+# The costliest threefry work is the [b, h, l, l] attention-weight mask; ATTENTION_DROPOUT_RATE=0
+# removes it (and takes the fused attention path) with any implementation.
+DEFAULT_PRNG_IMPL = "threefry2x32"
+# Parameter initialisation always uses threefry2x32: it runs once, so speed does not matter, and
+# threefry is the one implementation whose values are identical on CPU, GPU and TPU, so a seed
+# initialises the same model everywhere, whatever PRNG_IMPL the steps use.
+INIT_PRNG_IMPL = "threefry2x32"
+
+
+def check_prng_impl(impl: str) -> None:
+  """Raises ValueError naming PRNG_IMPL unless `impl` is one of `PRNG_IMPLS`."""
+  if impl not in PRNG_IMPLS:
+    raise ValueError(f"PRNG_IMPL = {impl!r} (trainer.train.prng_impl): expected one of "
+                     f"{', '.join(map(repr, PRNG_IMPLS))}.")
+
+
+def base_key(seed: int, impl: str = DEFAULT_PRNG_IMPL) -> Array:
+  """The typed key [] of `impl` from `seed` (`jax.random.key`); its impl travels with it."""
+  check_prng_impl(impl)
+  return jax.random.key(seed, impl=impl)
+
+
+def init_key(seed: int) -> Array:
+  """The typed key [] that initialises parameters from `seed` (always `INIT_PRNG_IMPL`).
+
+  Its bits equal `jax.random.PRNGKey(seed)`'s, so initial parameters are those of earlier runs.
+  """
+  return jax.random.key(seed, impl=INIT_PRNG_IMPL)
+
+
+def rng_spec(impl: str = DEFAULT_PRNG_IMPL) -> jax.ShapeDtypeStruct:
+  """The base key's abstract value: a [] typed key of `impl` (`base_key(seed, impl)`)."""
+  check_prng_impl(impl)
+  return jax.eval_shape(functools.partial(jax.random.key, impl=impl), 0)
 
 
 def as_global_batch(local_batch: dict[str, np.ndarray], batch_shardings: dict[str, NamedSharding]

@@ -10,7 +10,8 @@ call directly. One run directory (`model_dir`) holds:
   config.gin            the operative gin config (written by `train`; see `config_text_of`)
 
 Resuming restores the step, the parameters and optimizer state; the dropout key of a step is
-`fold_in(PRNGKey(seed), step)` and the input stream restarts at the step (`start_step`), so a run
+`fold_in(jax.random.key(seed, impl=prng_impl), step)` (PRNG_IMPL; parameters are initialised from
+`train_step.init_key(seed)`) and the input stream restarts at the step (`start_step`), so a run
 that is killed and resumed ends with exactly the parameters of an uninterrupted run.
 
 SIGTERM (TPU preemption) makes the loop save a checkpoint after the current step and return; with
@@ -412,7 +413,7 @@ def _first_batch(batches: Iterator[dict[str, np.ndarray]], data: DataConfig
 def initial_state(built: train_step_lib.Built, seed: int, model_config,
                   initial_checkpoint_path: str | None) -> train_step_lib.TrainState:
   """A fresh sharded state; its params replaced by those of `initial_checkpoint_path` if given."""
-  state = built.init_state(jax.random.PRNGKey(seed))
+  state = built.init_state(train_step_lib.init_key(seed))
   if initial_checkpoint_path:
     params = checkpoints.load_initial_params(initial_checkpoint_path, state.params, model_config)
     # The optimizer state was initialised for the same shapes; only values change.
@@ -426,7 +427,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
           mesh_shape: tuple[int, int] = (-1, 1),
           initial_checkpoint_path: str | None = None,
           config_text: str | None = None,
-          chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()) -> TrainResult:
+          chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig(),
+          prng_impl: str = train_step_lib.DEFAULT_PRNG_IMPL) -> TrainResult:
   """Trains a dual encoder; resumes from `model_dir`'s latest checkpoint if there is one.
 
   Args:
@@ -445,6 +447,8 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
       operative gin config when gin bound this call, else this call's arguments (`config_text_of`).
     chunks: gradient caching and loss row chunking for huge batches (EMBEDDING_CHUNK_SIZE,
       LOSS_CHUNK_SIZE); the same update as without.
+    prng_impl: the PRNG implementation of the dropout keys (PRNG_IMPL): "threefry2x32"
+      (default; see train_step.DEFAULT_PRNG_IMPL for why), "rbg" or "unsafe_rbg".
 
   Returns:
     A TrainResult.
@@ -462,19 +466,23 @@ def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
     config_text = config_text_of(dict(
         model_dir=model_dir, model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
         seed=seed, mesh_shape=mesh_shape, initial_checkpoint_path=initial_checkpoint_path,
-        chunks=chunks))
+        chunks=chunks, prng_impl=prng_impl))
   importlib.import_module(data.tasks_module)  # registers the tasks and evaluation sets
   try:
     mesh = partitioning.create_mesh(*mesh_shape)
   except ValueError as e:
     raise errors.ConfigError(f"trainer.train.mesh_shape = {tuple(mesh_shape)}: {e}") from None
+  try:
+    train_step_lib.check_prng_impl(prng_impl)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
   check_config(model, loss, data, loop, mesh, chunks)
   # From the start: a preemption during set-up (compilation, restore) also ends cleanly.
   with run_lock.hold(model_dir, enabled=jax.process_index() == 0), _PreemptionFlag() as preemption:
     return _train(preemption, mesh, model_dir=model_dir, model=model, loss=loss,
                   optimizer=optimizer, data=data, loop=loop, seed=seed,
                   initial_checkpoint_path=initial_checkpoint_path, config_text=config_text,
-                  chunks=chunks)
+                  chunks=chunks, prng_impl=prng_impl)
 
 
 def _close(batches: Iterator[Any]) -> None:
@@ -491,7 +499,7 @@ def _close(batches: Iterator[Any]) -> None:
 
 def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, model, loss,
            optimizer, data, loop, seed, initial_checkpoint_path, config_text,
-           chunks) -> TrainResult:
+           chunks, prng_impl) -> TrainResult:
   """`train`'s body, with the run directory locked and the SIGTERM flag installed."""
   latest = checkpoints.latest_step_in(model_dir)
   if latest is not None and latest > loop.train_steps:
@@ -519,7 +527,7 @@ def _train(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh, *, model_dir, m
     return _train_loop(preemption, mesh, batches, start_step, resume_step, model_dir=model_dir,
                        model=model, loss=loss, optimizer=optimizer, data=data, loop=loop,
                        seed=seed, initial_checkpoint_path=initial_checkpoint_path, chunks=chunks,
-                       input_state=source if data.use_cached else None)
+                       input_state=source if data.use_cached else None, prng_impl=prng_impl)
   finally:
     _close(batches)
     _close(source)
@@ -537,8 +545,10 @@ class _LoopSteps:
 
   def __init__(self, built: train_step_lib.Built, manager: Any, mesh: jax.sharding.Mesh, *,
                model_dir: str, data: DataConfig, loop: LoopConfig, seed: int,
-               last_saved: int | None, input_state: Any = None):
+               last_saved: int | None, prng_impl: str = train_step_lib.DEFAULT_PRNG_IMPL,
+               input_state: Any = None):
     self.built, self.manager, self.mesh = built, manager, mesh
+    self.prng_impl = prng_impl
     self.input_state = input_state  # the cached pipeline's iterator (None: uncached)
     self.model_dir, self.data, self.loop, self.seed = model_dir, data, loop, seed
     self.last_saved = last_saved
@@ -614,7 +624,8 @@ class _LoopSteps:
            metrics: dict[str, float] | None = None) -> None:
     """Checkpoints `state` at `step`; never a state after a non-finite loss."""
     self.flush_metrics(step, write=False)
-    meta = {"step": step, "seed": self.seed, "examples_seen": step * self.data.batch_size,
+    meta = {"step": step, "seed": self.seed, "prng_impl": self.prng_impl,
+            "examples_seen": step * self.data.batch_size,
             "process_count": jax.process_count()}
     # The input iterator has produced exactly the batches of steps < `step` (no Python
     # read-ahead), so its state is the position of step `step`.
@@ -631,7 +642,7 @@ class _LoopSteps:
 def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
                 batches: Iterator[dict[str, np.ndarray]], start_step: int,
                 resume_step: int | None, *, model_dir, model, loss, optimizer, data, loop, seed,
-                initial_checkpoint_path, chunks, input_state=None) -> TrainResult:
+                initial_checkpoint_path, chunks, prng_impl, input_state=None) -> TrainResult:
   """Builds the step, restores or initialises the state and runs the loop.
 
   `input_state`: the cached pipeline's iterator, saved with every checkpoint (None: uncached).
@@ -641,7 +652,7 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
   built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
-  rng = jax.device_put(jax.random.PRNGKey(seed), built.rng_sharding)
+  rng = jax.device_put(train_step_lib.base_key(seed, prng_impl), built.rng_sharding)
 
   if resume_step is not None:
     state, meta = checkpoints.restore(manager, built.abstract_state, resume_step)
@@ -649,12 +660,18 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
     print(f"Resuming from checkpoint step {resume_step} in {manager.directory}", flush=True)
     if meta.get("seed", seed) != seed:
       logging.warning("Checkpoint seed %s != configured seed %s", meta.get("seed"), seed)
+    # Checkpoints written before PRNG_IMPL existed used threefry2x32 keys.
+    if meta.get("prng_impl", "threefry2x32") != prng_impl:
+      logging.warning("Checkpoint was trained with PRNG_IMPL %r, this run uses %r: the steps "
+                      "after step %d draw other dropout masks than the first run would have.",
+                      meta.get("prng_impl", "threefry2x32"), prng_impl, resume_step)
   else:
     state = initial_state(built, seed, model, initial_checkpoint_path)
   assert int(state.step) == start_step, (int(state.step), start_step)
 
   steps = _LoopSteps(built, manager, mesh, model_dir=model_dir, data=data, loop=loop, seed=seed,
-                     last_saved=resume_step, input_state=input_state)
+                     last_saved=resume_step, prng_impl=prng_impl,
+                     input_state=input_state)
   eval_metrics: dict[str, float] = {}
   preempted = False
   run_start = time.time()

@@ -9,6 +9,15 @@ if "xla_force_host_platform_device_count" not in _flags:
 # TensorFlow (used by seqio/TFDS) must never grab a GPU or spam the log.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The commands' persistent compilation cache (on by default, in ~/.cache) goes to one temporary
+# directory per test session, shared by its subprocesses and removed at the end, never the user's.
+if "SAMTONE_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  _cache_dir = tempfile.mkdtemp(prefix="samtone_test_jax_cache_")
+  os.environ["SAMTONE_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

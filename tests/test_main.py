@@ -5,6 +5,8 @@ preempted (SIGTERM), then finished in-process; its final parameters must equal a
 run's bit for bit. Subprocesses are slow (JAX + TF imports), so there are only three.
 """
 
+import inspect
+import json
 import os
 import signal
 import subprocess
@@ -91,9 +93,14 @@ def _params(state):
 # Gradient caching and loss row chunking on: 16 examples on 8 devices, 2 per device, encoded and
 # taken as anchors one at a time (dropout is on, so masks must follow the example across resumes).
 CACHED = ("EMBEDDING_CHUNK_SIZE=1", "LOSS_CHUNK_SIZE=1")
+# PRNG_IMPL: the default is threefry2x32; rbg draws its bits with XLA's RngBitGenerator. (Not
+# tested: rbg with gradient caching, whose executable read back from the persistent compilation
+# cache deadlocks XLA:CPU's collectives on 8 devices; see train_step.DEFAULT_PRNG_IMPL.)
+RBG = ('PRNG_IMPL="rbg"',)
 
 
-@pytest.mark.parametrize("chunking", [(), CACHED], ids=["plain", "gradient_cached"])
+@pytest.mark.parametrize("chunking", [(), CACHED, RBG],
+                         ids=["plain_threefry", "gradient_cached_threefry", "plain_rbg"])
 def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache, chunking):
   overrides = OVERRIDES + chunking
   reference = _params(_train_in_process(str(tmp_path / "reference"), overrides).state)
@@ -116,8 +123,12 @@ def test_kill_sigterm_resume_equals_uninterrupted_run(tmp_path, compile_cache, c
   for expected in [f"TRAIN_STEPS = {TRAIN_STEPS}", "BATCH_SIZE = 16", "DROPOUT_RATE = 0.1",
                    "config.T5Config.num_layers = 1", "trainer.LoopConfig.checkpoint_period = 2",
                    f"'{model_dir}'", "'passages': 16",
-                   *[o.replace("=", " = ") for o in chunking]]:
+                   *[o.replace("=", " = ").replace('"', "'") for o in chunking]]:
     assert expected in config_text, expected
+  # The checkpoint records the PRNG implementation its dropout keys came from.
+  with open(os.path.join(model_dir, "checkpoints", str(first_kill_step), "meta",
+                         "metadata")) as f:
+    assert json.load(f)["prng_impl"] == ("rbg" if RBG[0] in chunking else "threefry2x32")
 
   # 2. The same command resumes; SIGTERM (preemption) makes it checkpoint and exit cleanly.
   process, timer = _start(_command(model_dir, overrides=overrides), compile_cache,
@@ -262,3 +273,30 @@ def test_experiment_size_is_one_more_gin_file(experiment, size, num_layers, d_mo
   assert model.tower_sharing == "sde" and model.projection_dim == 768
   assert data.batch_size == 512 and dict(data.task_feature_lengths) == {"queries": 64,
                                                                        "passages": 256}
+  # Accelerator defaults survive the size file: bfloat16 activations, one-hot lookup.
+  assert model.encoder.dtype == "bfloat16" and model.encoder.one_hot_embedding
+
+
+# (The *_mined stage-2 files carry the same two lines; parsing them needs a mined negatives file.)
+@pytest.mark.parametrize("experiment", ["msmarco", "multireqa", "beir_samtone"])
+def test_accelerator_experiments_train_bfloat16_and_cpu_ones_float32(experiment):
+  """Every pod/GPU experiment trains bfloat16 activations with one-hot lookup; the rest of the
+  run configuration (PRNG_IMPL, attention dropout = dropout) is the run file's."""
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    main_lib.parse_gin([f"experiments/{experiment}.gin"],
+                       ["MODEL_DIR = '/tmp/unused'", "ATTENTION_DROPOUT_RATE = 0.0"])
+    bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
+    model = bound.arguments["model"]
+    demo = gin.clear_config() or main_lib.parse_gin(["experiments/demo_samtone.gin"],
+                                                    ["MODEL_DIR = '/tmp/unused'"])
+    demo_model = inspect.signature(trainer.train).bind_partial(
+        **gin.get_bindings(trainer.train)).arguments["model"]
+  finally:
+    gin.clear_config()
+  assert model.encoder.dtype == "bfloat16" and model.encoder.one_hot_embedding
+  assert model.encoder.attention_dropout == 0.0 and model.encoder.dropout_rate == 0.1
+  assert bound.arguments["prng_impl"] == "threefry2x32"
+  assert demo_model.encoder.dtype == "float32" and not demo_model.encoder.one_hot_embedding
+  assert demo_model.encoder.attention_dropout == demo_model.encoder.dropout_rate

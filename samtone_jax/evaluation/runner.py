@@ -76,7 +76,7 @@ def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
     dummy = jnp.zeros((1, 8), jnp.int32)
     variables, _ = partitioning.sharded_init(
         lambda rng: module.init({"params": rng, "dropout": rng}, dummy, dummy), mesh,
-        jax.random.PRNGKey(0))
+        train_step_lib.init_key(0))
     params = checkpoints.load_initial_params(checkpoint_path, {"model": variables["params"]},
                                              model)
     return LoadedModel(module, params, mesh)

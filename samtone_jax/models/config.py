@@ -30,8 +30,14 @@ class T5Config:
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   dropout_rate: float = 0.1
+  # Dropout on the [b, h, l, l] attention weights, the costliest mask (issue 17: about 40% of a
+  # tiny CPU step). None: `dropout_rate`, as in T5 (Mesh TensorFlow and HF use one rate
+  # everywhere). 0 (or a deterministic pass) takes the fused `jax.nn.dot_product_attention` path.
+  # Not part of HF's config.json: import leaves it None, export writes only dropout_rate.
+  attention_dropout_rate: float | None = None
   layer_norm_epsilon: float = 1e-6
-  # dtype of activations; parameters are always float32.
+  # dtype of activations (e.g. "bfloat16" on TPU/GPU); parameters, optimizer state, layer norms,
+  # softmax, pooling and the loss stay float32.
   dtype: str = "float32"
   # Recompute each layer's activations in the backward pass (less memory, more compute), saving
   # per `remat_policy`: "full" saves only each layer's input (~1/3 more compute); "dots" also
@@ -45,6 +51,24 @@ class T5Config:
   # about a CPU-minute per unrolled layer). `t5.stack_layers` / `t5.unstack_layers` convert
   # params; checkpoints.restore_params reads either layout into either.
   scan_layers: bool = False
+  # Token embedding lookup as a one-hot [b, l, V] @ [V, d] matmul instead of a gather (t5x's
+  # `one_hot` embed, on for TPU experiments): on TPU the matmul runs on the MXU and its gradient
+  # is a matmul too, where the gather's gradient is a scatter-add into the [V, d] table. The
+  # values are the same (each row of the product has one non-zero term); on CPU the gather is
+  # cheaper.
+  one_hot_embedding: bool = False
+
+  def __post_init__(self):
+    for name in ("dropout_rate", "attention_dropout_rate"):
+      rate = getattr(self, name)
+      if rate is not None and not 0.0 <= rate < 1.0:
+        raise ValueError(f"T5Config.{name}={rate}: expected a rate in [0, 1).")
+
+  @property
+  def attention_dropout(self) -> float:
+    """The rate of dropout on attention weights: `attention_dropout_rate`, or `dropout_rate`."""
+    return self.dropout_rate if self.attention_dropout_rate is None else (
+        self.attention_dropout_rate)
 
 
 @dataclasses.dataclass(frozen=True)

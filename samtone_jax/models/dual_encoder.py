@@ -83,12 +83,12 @@ def example_dropout_keys(dropout_key: Array, example_rows: Array, num_negatives:
   """Per-example dropout keys of the examples at global rows `example_rows`.
 
   Args:
-    dropout_key: [2] uint32, the step's dropout key.
+    dropout_key: the step's dropout key ([] typed key, or raw [2] uint32).
     example_rows: int [b], each example's row in the global batch.
     num_negatives: N hard negatives per example (0: none).
 
   Returns:
-    (queries [b, 2], passages [b, 2], negatives [b, N, 2]): hard negative k of row r is keyed by
+    (queries [b], passages [b], negatives [b, N]) keys (raw keys: a trailing [2]): hard negative k of row r is keyed by
     r * N + k, its row in the flattened [B * N] negatives.
   """
   queries = fold_in_rows(jax.random.fold_in(dropout_key, _QUERIES), example_rows)
@@ -174,7 +174,7 @@ class DualEncoder(nn.Module):
 
     def new(part, side):
       if part == TOKEN_EMBEDDER:
-        return Embed(enc.vocab_size, enc.d_model, dtype)
+        return Embed(enc.vocab_size, enc.d_model, dtype, enc.one_hot_embedding)
       if part == "encoder":
         embedder = getattr(self, param_name(sharing, TOKEN_EMBEDDER, side))
         return T5Encoder(enc, token_embedder=embedder, stop_embedding_gradient=frozen)

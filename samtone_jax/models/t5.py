@@ -8,9 +8,11 @@ Numerically this is Hugging Face's `T5EncoderModel` / Mesh TensorFlow's encoder:
   * feed-forward "relu" (wi, wo; original T5) or "gated-gelu" (wi_0, wi_1, wo; T5 1.1 / GTR) with
     gelu_new, the tanh approximation;
   * dropout on the embeddings, attention weights, inside the MLP, on each residual branch and
-    after the final norm. Each example's masks are drawn from its own key (`dropout_keys`,
-    [b, 2]), so a mask is a function of the example, not of the batch it is encoded in: the
-    gradient-cached train step, which encodes a batch in chunks, draws the masks of the plain one.
+    after the final norm. Each example's masks are drawn from its own key (`dropout_keys`, [b]
+    typed keys or raw [b, 2] uint32), so with threefry keys a mask is a function of the example,
+    not of the batch it is encoded in: the gradient-cached train step, which encodes a batch in
+    chunks, draws the masks of the plain one. (With "rbg" keys JAX's vmap draws every row from
+    the first row's key, so masks follow the row in the batch; see train_step.DEFAULT_PRNG_IMPL.)
 
 Parameter tree of `T5Encoder` (T5X names; shapes for d = d_model, h = num_heads, k = d_kv,
 f = d_ff, V = vocab_size, NB = relative_attention_num_buckets), logical axes in brackets:
@@ -97,7 +99,8 @@ def dropout(x: Array, rate: float, keys: Array | None, site: int) -> Array:
   Args:
     x: [b, ...] activations.
     rate: probability of dropping a value.
-    keys: [b, 2] uint32 per-example keys, or None: no dropout (deterministic).
+    keys: [b] per-example keys (typed, of any implementation, or raw [b, 2] uint32), or None:
+      no dropout (deterministic).
     site: which dropout site of the module this is; folded into the keys so that the sites
       sharing an example's key draw independent masks.
 
@@ -114,12 +117,12 @@ def dropout(x: Array, rate: float, keys: Array | None, site: int) -> Array:
 
 
 def fold_in_rows(key: Array, rows: Array) -> Array:
-  """[2] key, int [b] -> [b, 2]: `fold_in(key, rows[i])` for every i."""
+  """[] key (or raw [2]), int [b] -> [b] keys (raw: [b, 2]): `fold_in(key, rows[i])` for every i."""
   return jax.vmap(jax.random.fold_in, (None, 0))(key, rows)
 
 
 def _fold_in_each(keys: Array | None, data: int) -> Array | None:
-  """[b, 2] keys -> [b, 2]: `fold_in(keys[i], data)`; None stays None."""
+  """[b] keys (raw: [b, 2]) -> the same shape: `fold_in(keys[i], data)`; None stays None."""
   return None if keys is None else jax.vmap(jax.random.fold_in, (0, None))(keys, data)
 
 
@@ -135,17 +138,30 @@ def _param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ..
 
 
 class Embed(nn.Module):
-  """Token embedding table [vocab, embed]; T5X's init (standard normal)."""
+  """Token embedding table [vocab, embed]; T5X's init (standard normal).
+
+  Attributes:
+    one_hot: look up by a one-hot [b, l, V] @ [V, d] matmul (`T5Config.one_hot_embedding`)
+      instead of a gather; the same values, and a matmul gradient instead of a scatter-add.
+  """
 
   vocab_size: int
   features: int
   dtype: Any = jnp.float32
+  one_hot: bool = False
 
   @nn.compact
   def __call__(self, tokens: Array) -> Array:
     """tokens: int [b, l] -> [b, l, embed] in `dtype`."""
     embedding = _param(self, "embedding", nn.initializers.normal(stddev=1.0),
                        (self.vocab_size, self.features), ("vocab", "embed"))
+    if self.one_hot:
+      one_hot = jax.nn.one_hot(tokens, self.vocab_size, dtype=self.dtype)
+      one_hot = nn.with_logical_constraint(one_hot, ("batch", "length", "vocab"))
+      # HIGHEST: each output is one table entry times 1, exact in float32 (the default
+      # precision may round the table to bfloat16 on TPU).
+      return jnp.dot(one_hot, embedding.astype(self.dtype),
+                     precision=jax.lax.Precision.HIGHEST)
     return jnp.take(embedding, tokens, axis=0).astype(self.dtype)
 
 
@@ -220,8 +236,8 @@ class SelfAttention(nn.Module):
       position_bias: float32 [1, h, l, s] relative position bias, or None (cross-attention).
       mask_bias: float32 [b, 1, 1, s] (or anything broadcastable to [b, 1, l, s], e.g. a causal
         [1, 1, l, l]): 0 for keys to attend to, a large negative for padding (or future) keys.
-        Kept apart from `position_bias` so that no [b, h, l, s] bias is materialised.
-      dropout_keys: [b, 2] per-example keys of this layer, or None: no dropout.
+        Kept apart from `position_bias`; XLA fuses their sum into the logits.
+      dropout_keys: [b] per-example keys of this layer, or None: no dropout.
       inputs_kv: [b, s, d] the sequence to attend over, or None: `x` (s = l).
 
     Returns:
@@ -244,12 +260,17 @@ class SelfAttention(nn.Module):
     query = project("query", query_init)
     key = project("key", init, kv)
     value = project("value", init, kv)
-    logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
-    if position_bias is not None:
-      logits = logits + position_bias
-    weights = jax.nn.softmax(logits + mask_bias, axis=-1)
-    weights = dropout(weights, cfg.dropout_rate, dropout_keys, site=0)
-    out = jnp.einsum("bhqs,bshk->bqhk", weights.astype(dtype), value)
+    bias = mask_bias if position_bias is None else position_bias + mask_bias
+    if dropout_keys is None or cfg.attention_dropout == 0.0:
+      # No mask on the weights: JAX's fused attention (XLA's fusion here; cuDNN's flash kernel
+      # where JAX selects it), with T5's unscaled logits and both biases; it also computes the
+      # logits and the softmax in float32 and casts the weights to `dtype`, as below.
+      out = jax.nn.dot_product_attention(query, key, value, bias=bias, scale=1.0)
+    else:
+      logits = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
+      weights = jax.nn.softmax(logits + bias, axis=-1)
+      weights = dropout(weights, cfg.attention_dropout, dropout_keys, site=0)
+      out = jnp.einsum("bhqs,bshk->bqhk", weights.astype(dtype), value)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(b, l, inner)
     return Dense(cfg.d_model, ("heads", "embed"), init, dtype, name="out")(out)
@@ -262,7 +283,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, dropout_keys: Array | None) -> Array:
-    """x: [b, l, d], dropout_keys: [b, 2] or None (no dropout) -> [b, l, d]."""
+    """x: [b, l, d], dropout_keys: [b] keys or None (no dropout) -> [b, l, d]."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
@@ -293,7 +314,7 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, position_bias: Array, mask_bias: Array,
                dropout_keys: Array | None) -> Array | tuple[Array, None]:
-    """x: [b, l, d]; biases and this layer's [b, 2] keys as for `SelfAttention` -> [b, l, d]."""
+    """x: [b, l, d]; biases and this layer's [b] keys as for `SelfAttention` -> [b, l, d]."""
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     y = RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_attention_layer_norm")(x)
@@ -329,7 +350,7 @@ class T5Encoder(nn.Module):
     Args:
       tokens: int32 [b, l]; 0 is padding (masked out as attention keys).
       deterministic: disables dropout.
-      dropout_keys: [b, 2] uint32, each example's dropout key, used when not deterministic.
+      dropout_keys: [b] keys (raw: [b, 2] uint32), each example's dropout key, used when not deterministic.
         None: `fold_in(make_rng('dropout'), i)` for row i (needs a 'dropout' rng).
 
     Returns:
@@ -344,7 +365,8 @@ class T5Encoder(nn.Module):
       dropout_keys = fold_in_rows(self.make_rng("dropout"), jnp.arange(tokens.shape[0]))
     embedder = self.token_embedder
     if embedder is None:
-      embedder = Embed(cfg.vocab_size, cfg.d_model, dtype, name="token_embedder")
+      embedder = Embed(cfg.vocab_size, cfg.d_model, dtype, cfg.one_hot_embedding,
+                       name="token_embedder")
     tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
     x = embedder(tokens).astype(dtype)
     if self.stop_embedding_gradient:
