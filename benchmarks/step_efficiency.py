@@ -21,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -47,7 +48,7 @@ def measure(config: model_config.DualEncoderConfig, prng_impl: str, batch: int, 
   spec = ts.batch_spec(batch, {"queries": lq, "passages": lp})
   optimizer = optimizers.OptimizerConfig(name="adamw", learning_rate=1e-3, warmup_steps=1,
                                          decay="constant")
-  built = ts.build(config, ts.LossConfig(temperature=0.01), optimizer, mesh, spec)
+  built = ts.build(config, losses.LossConfig(temperature=0.01), optimizer, mesh, spec)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=built.batch_shardings[k])
                     for k, v in spec.items()}
   rng_spec = ts.rng_spec(prng_impl)

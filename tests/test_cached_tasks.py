@@ -20,6 +20,7 @@ import seqio
 
 from samtone_jax import checkpoints
 from samtone_jax import errors
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import train_step as ts
 from samtone_jax import trainer
@@ -212,7 +213,7 @@ TRAIN_LENGTHS = {"queries": 8, "passages": 16}
 
 def _train(model_dir, name, cache_root, steps):
   return trainer.train(
-      model_dir=model_dir, model=MODEL, loss=ts.LossConfig(temperature=0.05),
+      model_dir=model_dir, model=MODEL, loss=losses.LossConfig(temperature=0.05),
       optimizer=optimizers.OptimizerConfig(name="adamw", learning_rate=1e-3, warmup_steps=2,
                                            decay="linear", decay_steps=steps),
       data=trainer.DataConfig(mixture_or_task_name=name, task_feature_lengths=TRAIN_LENGTHS,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from samtone_jax import errors
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -28,7 +29,7 @@ def _built():
   mesh = partitioning.create_mesh()
   optimizer = optimizers.OptimizerConfig(name="adamw", learning_rate=1e-2, warmup_steps=1,
                                          decay="constant")
-  return ts.build(MODEL, ts.LossConfig(), optimizer, mesh, ts.batch_spec(BATCH, LENGTHS))
+  return ts.build(MODEL, losses.LossConfig(), optimizer, mesh, ts.batch_spec(BATCH, LENGTHS))
 
 
 def _batch(built):
@@ -83,7 +84,7 @@ def test_unknown_prng_impl_is_a_config_error_before_anything_is_written(tmp_path
   data = trainer.DataConfig(mixture_or_task_name="demo_manpages", task_feature_lengths=LENGTHS,
                             batch_size=BATCH)
   with pytest.raises(errors.ConfigError, match=r"PRNG_IMPL = 'philox'.*'threefry2x32'"):
-    trainer.train(model_dir=str(tmp_path / "run"), model=MODEL, loss=ts.LossConfig(),
+    trainer.train(model_dir=str(tmp_path / "run"), model=MODEL, loss=losses.LossConfig(),
                   optimizer=optimizers.OptimizerConfig(), data=data,
                   loop=trainer.LoopConfig(train_steps=1), prng_impl="philox")
   assert not (tmp_path / "run").exists()

@@ -130,7 +130,7 @@ def test_bfloat16_activations_train_the_demo_to_float32_mrr(tmp_path):
   for dtype in ("float32", "bfloat16"):
     model = dataclasses.replace(MODEL, encoder=dataclasses.replace(MODEL.encoder, dtype=dtype))
     result = trainer.train(
-        model_dir=str(tmp_path / dtype), model=model, loss=ts.LossConfig(temperature=0.05),
+        model_dir=str(tmp_path / dtype), model=model, loss=losses.LossConfig(temperature=0.05),
         optimizer=optimizers.OptimizerConfig(name="adamw", learning_rate=2e-3, warmup_steps=10,
                                              decay="linear", decay_steps=60),
         data=_data(32),
