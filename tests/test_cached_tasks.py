@@ -22,7 +22,6 @@ from samtone_jax import checkpoints
 from samtone_jax import errors
 from samtone_jax import losses
 from samtone_jax import optimizers
-from samtone_jax import train_step as ts
 from samtone_jax import trainer
 from samtone_jax.models import config as model_config
 from samtone_jax.tasks import beir
