@@ -94,8 +94,8 @@ class Collection(Mapping):
         self._in_memory.append(readers.check_text(path, line, "text", text))
     else:
       offset = 0
-      with readers.open_binary(path) as f:
-        for line, raw in enumerate(f, start=1):
+      with tf.io.gfile.GFile(path, "rb") as f:
+        for line, raw in enumerate(_raw_lines(f), start=1):
           pid, _ = self._parse(raw, line)
           pids.append(pid)
           offsets.append(offset)
@@ -198,6 +198,18 @@ class Collection(Mapping):
 
   def __setstate__(self, state):
     self.__dict__.update(state, _lock=threading.Lock())
+
+
+def _raw_lines(f, block_size: int = 1 << 24) -> Iterator[bytes]:
+  """The lines of a binary file with their newline (split on b"\\n" only, so that their lengths
+  are byte offsets whatever other line breaks, such as a carriage return, the text holds)."""
+  rest = b""
+  while block := f.read(block_size):
+    lines = (rest + block).split(b"\n")
+    rest = lines.pop()
+    yield from (line + b"\n" for line in lines)
+  if rest:
+    yield rest
 
 
 class _RowView(Sequence):
