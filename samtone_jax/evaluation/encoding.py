@@ -375,14 +375,15 @@ def _load_npy(path: str, directory: str | None) -> np.ndarray:
     raise errors.EmbeddingShardError(f"{path} is truncated or not a .npy file ({e}){again}.")
 
 
-def load_embedding_shards(directory: str, *, process_index: int | None = None
-                          ) -> tuple[list[str], list[np.ndarray]]:
+def load_embedding_shards(directory: str, *, process_index: int | None = None,
+                          read_ids: bool = True) -> tuple[list[str], list[np.ndarray]]:
   """Loads shards written by `encode_to_shards`: memory-mapped from a local directory; from a
   remote one (gs://) each shard is read whole into memory (a memmap needs a local file).
 
   Args:
     directory: the output_dir of `encode_to_shards`.
     process_index: only the shards this process wrote (per_process encoding); None: all.
+    read_ids: False: the ids files are checked to exist but not read (ids is then empty).
 
   Returns:
     (ids, shards): the document ids in order, and the [n_i, P] float32 or bfloat16 arrays
@@ -417,6 +418,9 @@ def load_embedding_shards(directory: str, *, process_index: int | None = None
     if not io_utils.exists(ids_path):
       raise errors.EmbeddingShardError(f"{ids_path} is missing; delete {directory} and encode "
                                        "again.")
+    if not read_ids:
+      shards.append(embeddings)
+      continue
     with io_utils.open_file(ids_path) as f:
       try:
         shard_ids = json.load(f)
@@ -429,6 +433,27 @@ def load_embedding_shards(directory: str, *, process_index: int | None = None
     ids.extend(shard_ids)
     shards.append(embeddings)
   return ids, shards
+
+
+def iter_embedding_shards(directory: str, *, process_index: int | None = None
+                          ) -> Iterator[np.ndarray]:
+  """The shards of `load_embedding_shards`, checked first, then opened one at a time.
+
+  For a search that streams the corpus: a shard is memory-mapped (or, remote, read) only while it
+  is consumed, so the pages a search touches are unmapped after each shard and the process's
+  resident memory stays at about one shard, whatever the corpus size. Raises the same errors as
+  `load_embedding_shards` before the first shard is yielded.
+  """
+  load_embedding_shards(directory, process_index=process_index, read_ids=False)  # checks only
+  with io_utils.open_file(os.path.join(directory, _MANIFEST)) as f:
+    manifest = json.load(f)
+  dtype = embedding_dtype(manifest.get("dtype", "float32"))
+  processes = manifest.get("shard_processes", [0] * len(manifest["shard_sizes"]))
+  for shard, process in enumerate(processes):
+    if process_index is None or process == process_index:
+      embeddings = _load_npy(_shard_paths(directory, shard)[0], directory)
+      yield embeddings.view(dtype) if embeddings.dtype == np.uint16 else embeddings
+      del embeddings  # the next shard replaces this mapping
 
 
 def dual_encoder_encode_fns(model, params, mesh: jax.sharding.Mesh | None = None
