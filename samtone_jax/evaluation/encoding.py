@@ -100,6 +100,27 @@ def _to_host(embeddings: jax.Array) -> np.ndarray:
   return np.asarray(jax.device_get(embeddings), dtype=np.float32)
 
 
+class RowRange(Sequence):
+  """Rows begin..end-1 of a sequence, without reading them: slicing this reads that slice of
+  `rows` only (a corpus read from disk on indexing stays unread until a batch needs it)."""
+
+  def __init__(self, rows: Sequence[Any], begin: int, end: int):
+    self._rows, self._begin, self._end = rows, begin, max(begin, end)
+
+  def __len__(self) -> int:
+    return self._end - self._begin
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      start, stop, step = index.indices(len(self))
+      if step != 1:
+        raise ValueError("RowRange supports contiguous slices only.")
+      return self._rows[self._begin + start:self._begin + max(start, stop)]
+    if not -len(self) <= index < len(self):
+      raise IndexError(index)
+    return self._rows[self._begin + index % len(self)]
+
+
 def _data_size(mesh: jax.sharding.Mesh | None) -> int:
   return 1 if mesh is None else mesh.shape[partitioning.DATA_AXIS]
 
@@ -322,8 +343,8 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
   shard_iter = iter(todo)
   shard, out, written = next(shard_iter, None), None, 0
   stored_dtype = np.dtype(np.uint16) if dtype_name == "bfloat16" else np.dtype(dtype)
-  for embeddings in iter_encoded_batches(texts[begin:end], encode_fn, vocabulary, length,
-                                         batch_size=batch_size, mesh=mesh,
+  for embeddings in iter_encoded_batches(RowRange(texts, begin, end), encode_fn, vocabulary,
+                                         length, batch_size=batch_size, mesh=mesh,
                                          description=description, per_process=per_process):
     dim = embeddings.shape[1]
     consumed = 0

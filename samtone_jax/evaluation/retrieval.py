@@ -189,8 +189,9 @@ def retrieve(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
   doc_texts = eval_sets.document_texts(eval_set.corpus, doc_ids)
   begin, end = encoding.process_rows(len(doc_ids))
   if embeddings_dir is None:
-    corpus = encoding.encode_texts(doc_texts[begin:end], encode_documents_fn, eval_set.vocabulary,
-                                   eval_set.document_length, batch_size=batch_size, mesh=mesh,
+    corpus = encoding.encode_texts(encoding.RowRange(doc_texts, begin, end), encode_documents_fn,
+                                   eval_set.vocabulary, eval_set.document_length,
+                                   batch_size=batch_size, mesh=mesh,
                                    description=f"{eval_set.name} corpus", dtype=dtype,
                                    per_process=True)
   else:
