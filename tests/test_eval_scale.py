@@ -209,6 +209,10 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
         "disk_bf16": retrieval.retrieve(eval_set, query_fn, document_fn, mesh=mesh,
                                         embedding_dtype="bfloat16",
                                         embeddings_dir=out + "/bf16", **t.SEARCH),
+        # A directory local to each host (here: one per process): each reads only its shards.
+        "host_local": retrieval.retrieve(eval_set, query_fn, document_fn, mesh=mesh,
+                                         embeddings_dir=f"{out}/host{jax.process_index()}",
+                                         **t.SEARCH),
     }
     if jax.process_index() == 0:
       print("RUNS " + json.dumps({k: list(v.items()) for k, v in runs.items()}))
@@ -230,6 +234,10 @@ def test_two_processes_each_encode_half_and_give_the_one_process_run(setup, tmp_
   reference = reference_run(s["query_ids"], s["queries"], s["documents"])
   rounded = s["documents"].astype(ml_dtypes.bfloat16).astype(np.float32)
   assert_same_run(runs["memory"], reference, atol=1e-5)
+  assert_same_run(runs["host_local"], reference, atol=1e-5)
+  assert sorted(os.listdir(tmp_path / "host1")) == [  # only process 1's half, and a manifest
+      "embeddings-00003.npy", "embeddings-00004.npy", "embeddings-00005.npy", "ids-00003.json",
+      "ids-00004.json", "ids-00005.json", "manifest.json"]
   assert_same_run(runs["disk_bf16"], reference_run(s["query_ids"], s["queries"], rounded),
                   atol=1e-5)
   assert_bf16_run_within_tolerance(runs["disk_bf16"], s["query_ids"], s["queries"],

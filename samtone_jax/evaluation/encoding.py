@@ -285,8 +285,9 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
   """Embeds a corpus into `.npy` shards of at most `shard_size` rows, streamed batch by batch.
 
   Each file is written under a temporary name and renamed, the ids file after its embeddings, so
-  a shard whose ids file exists is complete; `manifest.json` is written last (by process 0, once
-  every process is done), so a directory with a manifest is complete.
+  a shard whose ids file exists is complete; `manifest.json` is written last (once every process
+  is done; by every writing process, so that a host-local directory has one), so a directory
+  with a manifest is complete.
 
   Args:
     ids: n document ids, written next to the embeddings.
@@ -294,8 +295,8 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
     encode_fn, vocabulary, length, batch_size, mesh: as for `encode_texts`.
     output_dir: created if missing; holds embeddings-XXXXX.npy, ids-XXXXX.json, manifest.json.
       With several processes it must be one directory every process sees (gs://, NFS) for
-      `load_embedding_shards` of the whole corpus; a process's own shards are enough for
-      `retrieval.retrieve`, which searches each process's shards on that process.
+      `load_embedding_shards` of the whole corpus; a directory local to each host is enough for
+      `retrieval.retrieve`, which searches each process's own shards on that process.
     shard_size: rows per shard (a multiple of the batch size is best; any value works).
     resume_key: JSON-serialisable facts that make two encodings equal (checkpoint, lengths, ...).
       Given, it is stored in the directory, and a later call with the same key and ids keeps the
@@ -326,9 +327,12 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
   if resume_key is not None:
     done = _resumable_shards(output_dir, ids, mine, plan, resume_key)
   _sync(f"encode_to_shards:start:{output_dir}")  # everyone has read the old key and manifest
-  if jax.process_index() == 0:
-    if io_utils.exists(manifest_path):  # rewritten at the end: a stale one must not survive
+  if writer:  # the manifest is rewritten at the end: a stale one must not survive
+    try:
       tf.io.gfile.remove(manifest_path)
+    except tf.errors.NotFoundError:  # none, or another process of a shared directory was first
+      pass
+  if jax.process_index() == 0:
     if resume_key is not None:
       with io_utils.open_file(os.path.join(output_dir, _RESUME_KEY), "w") as f:
         json.dump(dict(resume_key), f, sort_keys=True)
@@ -341,7 +345,7 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
   # Each shard streams to its file batch by batch: the .npy header is written first (the shard's
   # rows are known from the plan), so no shard-sized buffer is ever held.
   shard_iter = iter(todo)
-  shard, out, written = next(shard_iter, None), None, 0
+  shard, out, written, dim = next(shard_iter, None), None, 0, None
   stored_dtype = np.dtype(np.uint16) if dtype_name == "bfloat16" else np.dtype(dtype)
   for embeddings in iter_encoded_batches(RowRange(texts, begin, end), encode_fn, vocabulary,
                                          length, batch_size=batch_size, mesh=mesh,
@@ -372,15 +376,18 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
   if done and dim is None:  # everything was already there
     dim = int(_load_npy(_shard_paths(output_dir, mine[-1])[0], None).shape[1])
   _sync(f"encode_to_shards:written:{output_dir}")
-  if jax.process_index() == 0:
+  if writer:
+    # Every writing process writes the (same) manifest, so that a directory local to each host
+    # describes that host's shards too; on a shared directory the last rename wins, unchanged.
     if dim is None:
       dim = int(_load_npy(_shard_paths(output_dir, 0)[0], None).shape[1])
-    with io_utils.open_file(manifest_path + ".tmp", "w") as f:
+    temporary = f"{manifest_path}.tmp{jax.process_index()}"
+    with io_utils.open_file(temporary, "w") as f:
       json.dump({"num_documents": len(ids), "dim": dim, "dtype": dtype_name,
                  "process_count": process_count,
                  "shard_sizes": [end - begin for _, begin, end in plan],
                  "shard_processes": [process for process, _, _ in plan]}, f)
-    io_utils.rename(manifest_path + ".tmp", manifest_path)
+    io_utils.rename(temporary, manifest_path)
   _sync(f"encode_to_shards:{output_dir}")  # readers on other hosts wait for the manifest
   return [_shard_paths(output_dir, shard)[0] for shard in range(len(plan))]
 
