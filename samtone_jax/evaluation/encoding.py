@@ -326,7 +326,7 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
   done = 0
   if resume_key is not None:
     done = _resumable_shards(output_dir, ids, mine, plan, resume_key)
-  _sync(f"encode_to_shards:start:{output_dir}")  # everyone has read the old key and manifest
+  _sync("encode_to_shards:start")  # everyone has read the old key (names must match)
   if writer:  # the manifest is rewritten at the end: a stale one must not survive
     try:
       tf.io.gfile.remove(manifest_path)
@@ -375,7 +375,7 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
         shard, out, written = next(shard_iter, None), None, 0
   if done and dim is None:  # everything was already there
     dim = int(_load_npy(_shard_paths(output_dir, mine[-1])[0], None).shape[1])
-  _sync(f"encode_to_shards:written:{output_dir}")
+  _sync("encode_to_shards:written")
   if writer:
     # Every writing process writes the (same) manifest, so that a directory local to each host
     # describes that host's shards too; on a shared directory the last rename wins, unchanged.
@@ -388,7 +388,7 @@ def encode_to_shards(ids: Sequence[str], texts: Sequence[str], encode_fn: Encode
                  "shard_sizes": [end - begin for _, begin, end in plan],
                  "shard_processes": [process for process, _, _ in plan]}, f)
     io_utils.rename(temporary, manifest_path)
-  _sync(f"encode_to_shards:{output_dir}")  # readers on other hosts wait for the manifest
+  _sync("encode_to_shards:done")  # readers on other hosts wait for the manifest
   return [_shard_paths(output_dir, shard)[0] for shard in range(len(plan))]
 
 
