@@ -463,25 +463,45 @@ def load_embedding_shards(directory: str, *, process_index: int | None = None,
   return ids, shards
 
 
-def iter_embedding_shards(directory: str, *, process_index: int | None = None
-                          ) -> Iterator[np.ndarray]:
-  """The shards of `load_embedding_shards`, checked first, then opened one at a time.
+def iter_embedding_shards(directory: str, *, process_index: int | None = None,
+                          block_rows: int = 16384) -> Iterator[np.ndarray]:
+  """The rows of `load_embedding_shards`, checked first, then read block by block.
 
-  For a search that streams the corpus: a shard is memory-mapped (or, remote, read) only while it
-  is consumed, so the pages a search touches are unmapped after each shard and the process's
-  resident memory stays at about one shard, whatever the corpus size. Raises the same errors as
-  `load_embedding_shards` before the first shard is yielded.
+  For a search that streams the corpus: each [<= block_rows, P] block is read from its file into
+  a fresh array (no memory map, whose touched pages would stay resident while it is mapped, and
+  no whole remote shard in memory), so the process holds about one block whatever the corpus
+  size. Raises the same errors as `load_embedding_shards` before the first block is yielded.
+
+  Args:
+    directory: the output_dir of `encode_to_shards`.
+    process_index: only this process's shards; None: all.
+    block_rows: rows per yielded array (a multiple of the search's rows per step is best).
   """
-  load_embedding_shards(directory, process_index=process_index, read_ids=False)  # checks only
+  _, shards = load_embedding_shards(directory, process_index=process_index, read_ids=False)
+  dtype = shards[0].dtype if shards else np.dtype(np.float32)
+  del shards  # the check's memory maps are closed before reading
   with io_utils.open_file(os.path.join(directory, _MANIFEST)) as f:
     manifest = json.load(f)
-  dtype = embedding_dtype(manifest.get("dtype", "float32"))
   processes = manifest.get("shard_processes", [0] * len(manifest["shard_sizes"]))
-  for shard, process in enumerate(processes):
-    if process_index is None or process == process_index:
-      embeddings = _load_npy(_shard_paths(directory, shard)[0], directory)
-      yield embeddings.view(dtype) if embeddings.dtype == np.uint16 else embeddings
-      del embeddings  # the next shard replaces this mapping
+  for shard, (size, process) in enumerate(zip(manifest["shard_sizes"], processes)):
+    if process_index is not None and process != process_index:
+      continue
+    path = _shard_paths(directory, shard)[0]
+    local = io_utils.is_local(path)
+    with (open(path.removeprefix("file://"), "rb") if local  # pylint: disable=consider-using-with
+          else io_utils.open_file(path, "rb")) as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, stored = read_header(f)
+      row_bytes = int(np.prod(shape[1:])) * stored.itemsize
+      for begin in range(0, size, block_rows):
+        rows = min(block_rows, size - begin)
+        data = f.read(rows * row_bytes)
+        if len(data) != rows * row_bytes:
+          raise errors.EmbeddingShardError(f"{path} is truncated at row {begin}; delete "
+                                           f"{directory} and encode again.")
+        yield np.frombuffer(data, stored).reshape(rows, *shape[1:]).view(dtype)
 
 
 def dual_encoder_encode_fns(model, params, mesh: jax.sharding.Mesh | None = None

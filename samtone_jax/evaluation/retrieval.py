@@ -199,8 +199,11 @@ def retrieve(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
                               eval_set.document_length, embeddings_dir, batch_size=batch_size,
                               mesh=mesh, description=f"{eval_set.name} corpus",
                               shard_size=shard_size, dtype=dtype, per_process=True)
-    # Opened one at a time while the search streams them: resident memory ~ one shard.
-    corpus = encoding.iter_embedding_shards(embeddings_dir, process_index=jax.process_index())
+    # Read block by block while the search streams them: resident memory ~ one block.
+    corpus = encoding.iter_embedding_shards(
+        embeddings_dir, process_index=jax.process_index(),
+        block_rows=chunk_size * (len(jax.local_devices()) if jax.process_count() > 1
+                                 else mesh.devices.size if mesh is not None else 1))
   search_k = min(k + (1 if ignore_identical_ids else 0), len(doc_ids))
   # This process's rows on this process's devices (the eval mesh itself on one process).
   local_mesh = mesh if jax.process_count() == 1 else partitioning.create_mesh(

@@ -164,7 +164,10 @@ def exact_search(queries, corpus, k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
     rows = xp.asarray(rows, dtype=row_dtype)
     if n < rows_per_chunk:  # Pad the last chunk so that one compiled step serves every chunk.
       rows = xp.concatenate([rows, xp.zeros((rows_per_chunk - n, dim), row_dtype)])
-    rows = jax.device_put(rows, row_sharding)
+    rows = jax.device_put(rows, row_sharding)  # overlaps the previous step
+    # At most this chunk and the running step in flight: without the wait, dispatch runs ahead
+    # and every chunk of a streamed corpus can be queued on the devices at once.
+    top_scores.block_until_ready()
     top_scores, top_ids = step(top_scores, top_ids, queries_on_mesh, rows,
                                jax.device_put(row_ids, id_sharding))
     offset += n
