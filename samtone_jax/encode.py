@@ -4,9 +4,12 @@ r"""Entry point writing embeddings of an evaluation set's corpus or queries for 
     --gin.CHECKPOINT_PATH=\"/tmp/run\" --gin.ENCODE_SET=\"demo_manpages_test\" \
     --gin.ENCODE_SIDE=\"corpus\" --gin.ENCODE_OUTPUT_DIR=\"/tmp/run/corpus_embeddings\"
 
-Writes ENCODE_OUTPUT_DIR/embeddings-XXXXX.npy (float32 [n_i, P]), ids-XXXXX.json (the ids of
-those rows, in order) and manifest.json (see `evaluation.encoding.encode_to_shards`; read them
-back with `encoding.load_embedding_shards`). `gin/runs/encode.gin` binds `encode()`.
+Writes ENCODE_OUTPUT_DIR/embeddings-XXXXX.npy ([n_i, P], float32, or bfloat16 with
+EVAL_EMBEDDING_DTYPE="bfloat16"), ids-XXXXX.json (the ids of those rows, in order) and
+manifest.json (see `evaluation.encoding.encode_to_shards`; read them back with
+`encoding.load_embedding_shards`). On several hosts each host encodes and writes only its slice
+of the corpus (ENCODE_OUTPUT_DIR must then be a directory every host sees, e.g. gs://).
+`gin/runs/encode.gin` binds `encode()`.
 """
 
 from collections.abc import Sequence
@@ -26,7 +29,7 @@ SIDES = ("corpus", "queries")
 def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, eval_set: str,
            side: str, output_dir: str, feature_lengths: dict[str, int] | None = None,
            batch_size: int = 256, shard_size: int = 1_000_000,
-           mesh_shape: tuple[int, int] = (-1, 1),
+           mesh_shape: tuple[int, int] = (-1, 1), embedding_dtype: str = "float32",
            tasks_module: str = "samtone_jax.tasks.all") -> list[str]:
   """Embeds the corpus (document tower) or the queries (query tower) of `eval_set`.
 
@@ -41,6 +44,7 @@ def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
     batch_size: texts per encoder call.
     shard_size: rows per .npy shard.
     mesh_shape: (data, model) mesh sizes.
+    embedding_dtype: "float32" or "bfloat16", the stored dtype (EVAL_EMBEDDING_DTYPE).
     tasks_module: imported to register the evaluation sets.
 
   Returns:
@@ -52,6 +56,7 @@ def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
   eval_sets_lib.check_registered([eval_set], "ENCODE_SET")  # before the model is loaded
   from samtone_jax.evaluation import encoding  # pylint: disable=g-import-not-at-top
   from samtone_jax.evaluation import runner  # pylint: disable=g-import-not-at-top
+  dtype = encoding.embedding_dtype(embedding_dtype)  # before the model is loaded
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
   data = runner.get_eval_set(eval_set, feature_lengths, model.encoder.vocab_size)
   encode_queries, encode_documents = loaded.encode_fns()
@@ -59,11 +64,12 @@ def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
     texts, encode_fn, length = data.corpus, encode_documents, data.document_length
   else:
     texts, encode_fn, length = data.queries, encode_queries, data.query_length
-  ids = list(texts)
-  paths = encoding.encode_to_shards(ids, [texts[i] for i in ids], encode_fn, data.vocabulary,
-                                    length, output_dir, shard_size=shard_size,
+  ids = eval_sets_lib.document_ids(texts)
+  paths = encoding.encode_to_shards(ids, eval_sets_lib.document_texts(texts, ids), encode_fn,
+                                    data.vocabulary, length, output_dir, shard_size=shard_size,
                                     batch_size=batch_size, mesh=loaded.mesh,
-                                    description=f"encoding {eval_set} {side}")
+                                    description=f"encoding {eval_set} {side}", dtype=dtype,
+                                    per_process=True)
   print(f"Wrote {len(ids)} {side} embeddings of {eval_set} to {output_dir}", flush=True)
   return paths
 

@@ -28,3 +28,7 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 class RunDirectoryLockedError(UserError):
   """Another live trainer holds MODEL_DIR; the message names its host, pid and start time."""
+
+
+class EmbeddingShardError(UserError, ValueError):
+  """An embeddings directory is incomplete or damaged; the message names the file."""

@@ -20,6 +20,7 @@ from absl import app
 from samtone_jax import errors
 from samtone_jax import io_utils
 from samtone_jax import main as main_lib
+from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config_lib
 from samtone_jax.tasks import eval_sets as eval_sets_lib
@@ -32,7 +33,7 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
              metrics: Sequence[str] = (),
              feature_lengths: dict[str, int] | None = None,
              ignore_identical_ids: bool | None = None, mesh_shape: tuple[int, int] = (-1, 1),
-             embeddings_dir: str | None = None,
+             embeddings_dir: str | None = None, embedding_dtype: str = "float32",
              tasks_module: str = "samtone_jax.tasks.all") -> dict[str, float]:
   """Evaluates the checkpoint's dual encoder on each named evaluation set.
 
@@ -49,7 +50,10 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
     mesh_shape: (data, model) mesh sizes.
     embeddings_dir: where to stream each set's corpus embeddings as .npy shards (local or gs://),
       searched from there, for corpora whose embeddings do not fit in host memory
-      (EVAL_EMBEDDINGS_DIR); None: in memory.
+      (EVAL_EMBEDDINGS_DIR); None: in memory. On several hosts each host encodes, writes and
+      searches only its slice of each corpus, so a directory local to each host works.
+    embedding_dtype: "float32" or "bfloat16": how corpus embeddings are stored, in memory or in
+      the shards (EVAL_EMBEDDING_DTYPE); the search accumulates in float32.
     tasks_module: imported to register the evaluation sets.
 
   Returns:
@@ -60,12 +64,14 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
                              "--gin.EVAL_TASKS='[\"demo_manpages_test\"]'")
   importlib.import_module(tasks_module)
   eval_sets_lib.check_registered(eval_sets)  # before the model is loaded
+  encoding.embedding_dtype(embedding_dtype)  # a bad EVAL_EMBEDDING_DTYPE fails before loading
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
   results = runner.evaluate_params(loaded.module, loaded.params, loaded.mesh, eval_sets,
                                    output_dir=output_dir, metrics=list(metrics) or None,
                                    feature_lengths=feature_lengths,
                                    ignore_identical_ids=ignore_identical_ids,
-                                   embeddings_dir=embeddings_dir)
+                                   embeddings_dir=embeddings_dir,
+                                   embedding_dtype=embedding_dtype)
   if output_dir:
     io_utils.makedirs(output_dir)  # gs:// on a pod.
     with io_utils.open_file(os.path.join(output_dir, "metrics.json"), "w") as f:

@@ -54,6 +54,7 @@ from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import run_lock
 from samtone_jax import train_step as train_step_lib
+from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config_lib
 
@@ -109,6 +110,10 @@ class LoopConfig:
       documents to (e.g. TASK_FEATURE_LENGTHS); None: each set's own lengths.
     eval_ignore_identical_ids: drop a retrieved document whose id equals the query id
       (EVAL_IGNORE_IDENTICAL_IDS); None: each set's protocol decides (on for BEIR sets).
+    eval_embeddings_dir: stream each eval set's corpus embeddings to shards under
+      `<dir>/<eval set>/` and search them from disk (EVAL_EMBEDDINGS_DIR); None: in memory.
+    eval_embedding_dtype: "float32" or "bfloat16", how corpus embeddings are stored
+      (EVAL_EMBEDDING_DTYPE).
     best_metric: also keep the checkpoint with the best value of this eval metric, e.g.
       "demo_manpages_test/mrr@10" (checkpoint_period should divide eval_period).
     best_mode: "max" or "min".
@@ -125,6 +130,8 @@ class LoopConfig:
   eval_metrics: Sequence[str] = ()
   eval_feature_lengths: dict[str, int] | None = None
   eval_ignore_identical_ids: bool | None = None
+  eval_embeddings_dir: str | None = None
+  eval_embedding_dtype: str = "float32"
   best_metric: str | None = None
   best_mode: str = "max"
   resume_fallback: bool = False
@@ -338,6 +345,8 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: losses.LossCon
         " (BEIR directories under $SAMTONE_DATA_DIR/beir/<name>/ register beir_<name>_train "
         "when they have qrels/train.tsv).") from None
   eval_sets_lib.check_registered(loop.eval_sets)
+  encoding.embedding_dtype(loop.eval_embedding_dtype,
+                           "EVAL_EMBEDDING_DTYPE (trainer.LoopConfig.eval_embedding_dtype)")
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   for task in tasks:
     for feature in task.output_features.values():
@@ -556,6 +565,8 @@ class _LoopSteps:
     self.log = _MetricsLog(model_dir)
     self.window: list[tuple[int, PyTree]] = []  # (step, device metrics) since the last flush
     self.window_start = time.time()
+    # Eval sets are parsed at the first evaluation and reused by the later ones of this run.
+    self.eval_set_cache: dict[str, Any] = {}
 
   def is_log_step(self, step: int) -> bool:
     return step % self.loop.log_period == 0 or step == self.loop.train_steps
@@ -614,7 +625,9 @@ class _LoopSteps:
         self.built.model, state.params, self.mesh, loop.eval_sets,
         output_dir=os.path.join(self.model_dir, "eval_results", str(step)),
         metrics=list(loop.eval_metrics) or None, feature_lengths=loop.eval_feature_lengths,
-        ignore_identical_ids=loop.eval_ignore_identical_ids)
+        ignore_identical_ids=loop.eval_ignore_identical_ids,
+        embeddings_dir=loop.eval_embeddings_dir, embedding_dtype=loop.eval_embedding_dtype,
+        eval_set_cache=self.eval_set_cache)
     self.log.write("eval", step, eval_metrics)
     print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
                                            sorted(eval_metrics.items())), flush=True)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import pytrec_eval
@@ -119,3 +120,17 @@ def test_encode_command_writes_the_models_query_embeddings(trained, tmp_path):
   params = jax.device_get(train_result.state.params["model"])
   expected = model.apply({"params": params}, tokens, method=model.encode_queries)
   np.testing.assert_allclose(embeddings, np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_encode_command_stores_bfloat16_with_eval_embedding_dtype(trained, tmp_path):
+  """EVAL_EMBEDDING_DTYPE="bfloat16": the float32 command's embeddings, rounded to bfloat16."""
+  model_dir, _ = trained
+  for dtype in ("float32", "bfloat16"):
+    _run("samtone_jax.encode", model_dir, f'ENCODE_SET="{EVAL_SET}"', 'ENCODE_SIDE="queries"',
+         f'ENCODE_OUTPUT_DIR="{tmp_path / dtype}"', f"EVAL_FEATURE_LENGTHS={LENGTHS}",
+         f'EVAL_EMBEDDING_DTYPE="{dtype}"')
+  ids32, shards32 = encoding.load_embedding_shards(str(tmp_path / "float32"))
+  ids16, shards16 = encoding.load_embedding_shards(str(tmp_path / "bfloat16"))
+  assert ids16 == ids32 and all(s.dtype == ml_dtypes.bfloat16 for s in shards16)
+  np.testing.assert_array_equal(np.concatenate(shards16),
+                                np.concatenate(shards32).astype(ml_dtypes.bfloat16))

@@ -18,6 +18,7 @@ import seqio
 import tensorflow as tf
 
 from samtone_jax import checkpoints
+from samtone_jax import errors
 from samtone_jax import io_utils
 from samtone_jax import trainer
 from samtone_jax.evaluation import encoding
@@ -131,7 +132,8 @@ def test_embedding_shards_on_ram_equal_in_memory_encoding(tmp_path):
                                     shard_size=5, batch_size=4)
   assert paths == [f"{directory}/embeddings-{s:05d}.npy" for s in range(3)]
   assert json.loads(_read(directory + "/manifest.json")) == {
-      "num_documents": 13, "dim": 6, "shard_sizes": [5, 5, 3]}
+      "num_documents": 13, "dim": 6, "dtype": "float32", "process_count": 1,
+      "shard_sizes": [5, 5, 3], "shard_processes": [0, 0, 0]}
   assert json.loads(_read(directory + "/ids-00002.json")) == ids[10:]
   loaded_ids, shards = encoding.load_embedding_shards(directory)
   assert loaded_ids == ids
@@ -147,7 +149,7 @@ def test_embedding_shards_on_ram_equal_in_memory_encoding(tmp_path):
       assert _read(f"{directory}/{name}", "rb") == f.read(), name
   assert all(isinstance(s, np.memmap) for s in encoding.load_embedding_shards(local)[1])
 
-  with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+  with pytest.raises(errors.EmbeddingShardError, match="manifest.json is missing"):
     encoding.load_embedding_shards(_ram_dir("no_shards"))
 
 

@@ -4,6 +4,7 @@ Tiny model on the embedded man-page data; references are the untrained model's r
 metrics (same code path), the checkpointed parameters themselves, and the step the loss broke.
 """
 
+import importlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from samtone_jax import trainer
 from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config
 from samtone_jax.tasks import demo
+from samtone_jax.tasks import eval_sets as eval_sets_lib
 
 MODEL = model_config.DualEncoderConfig(
     encoder=model_config.T5Config(vocab_size=8000, d_model=64, d_ff=128, num_heads=4,
@@ -38,17 +40,25 @@ def _host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
+def test_training_lowers_loss_and_beats_untrained_model(tmp_path, monkeypatch):
   metrics = ("mrr@10", "ndcg@10")
+  # The eval set is read once and reused by both in-training evaluations (steps 30 and 60).
+  loads = []
+  importlib.import_module(trainer.DataConfig.tasks_module)  # registers the demo set, as train() does
+  load = eval_sets_lib._EVAL_SETS[demo.TEST_EVAL_SET]  # pylint: disable=protected-access
+  monkeypatch.setitem(eval_sets_lib._EVAL_SETS, demo.TEST_EVAL_SET,  # pylint: disable=protected-access
+                      lambda: loads.append(1) or load())
   result = trainer.train(
       model_dir=str(tmp_path / "run"), model=MODEL, loss=losses.LossConfig(temperature=0.05),
       optimizer=optimizers.OptimizerConfig(name="adamw", learning_rate=2e-3, warmup_steps=10,
                                            decay="linear", decay_steps=60),
       data=_data(32),
       loop=trainer.LoopConfig(train_steps=60, log_period=10, checkpoint_period=60,
-                              eval_sets=(demo.TEST_EVAL_SET,), eval_metrics=metrics,
-                              eval_feature_lengths=LENGTHS),
+                              eval_period=30, eval_sets=(demo.TEST_EVAL_SET,),
+                              eval_metrics=metrics, eval_feature_lengths=LENGTHS,
+                              eval_embeddings_dir=str(tmp_path / "embeddings")),
       seed=0)
+  assert len(loads) == 1
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
   train_losses = [r["loss"] for r in records if r["kind"] == "train"]
@@ -72,6 +82,12 @@ def test_training_lowers_loss_and_beats_untrained_model(tmp_path):
                                    [demo.TEST_EVAL_SET], metrics=metrics,
                                    feature_lengths=LENGTHS)
   after = result.eval_metrics
+  # Evaluated from shards on disk (EVAL_EMBEDDINGS_DIR): the in-memory evaluation's numbers.
+  assert os.path.exists(tmp_path / "embeddings" / demo.TEST_EVAL_SET / "manifest.json")
+  in_memory = runner.evaluate_params(result.built.model, result.state.params, result.mesh,
+                                     [demo.TEST_EVAL_SET], metrics=metrics,
+                                     feature_lengths=LENGTHS)
+  assert in_memory == pytest.approx(after, abs=1e-6)
   key = f"{demo.TEST_EVAL_SET}/mrr@10"
   assert after[key] > before[key] + 0.02, (before, after)
   assert [r for r in records if r["kind"] == "eval"][-1][key] == after[key]

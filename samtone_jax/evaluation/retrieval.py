@@ -30,9 +30,11 @@ import os
 import re
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from samtone_jax import io_utils
+from samtone_jax import partitioning
 from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import metrics as metrics_lib
 from samtone_jax.evaluation import search
@@ -40,6 +42,9 @@ from samtone_jax.tasks import eval_sets
 
 
 _WHITESPACE = re.compile(r"\s")
+# Corpus rows per embedding shard on disk (EVAL_EMBEDDINGS_DIR): 65,536 x 768 float32 is 192 MiB,
+# a unit a process streams through the search without holding the corpus.
+DEFAULT_SHARD_SIZE = 65_536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +76,11 @@ def search_results_to_run(query_ids: Sequence[str], doc_ids: Sequence[str], scor
     k: documents kept per query (after the exclusion below).
     ignore_identical_ids: drop the document whose id equals the query id (BEIR convention).
   """
-  doc_ids = np.asarray(doc_ids, dtype=object)
   run = {}
   for row, query_id in enumerate(query_ids):
     valid = indices[row] >= 0
-    ids = doc_ids[indices[row][valid]]
+    # Ids of the retrieved rows only (doc_ids may be a lazy sequence of millions).
+    ids = np.array([doc_ids[i] for i in indices[row][valid].tolist()], dtype=object)
     row_scores = scores[row][valid]
     if ignore_identical_ids:
       keep = ids != query_id
@@ -153,8 +158,16 @@ def retrieve(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
              encode_documents_fn: encoding.EncodeFn, *, k: int | None = None,
              batch_size: int = 256, mesh: jax.sharding.Mesh | None = None,
              ignore_identical_ids: bool | None = None, embeddings_dir: str | None = None,
-             chunk_size: int = search.DEFAULT_CHUNK_SIZE) -> dict[str, dict[str, float]]:
+             chunk_size: int = search.DEFAULT_CHUNK_SIZE,
+             embedding_dtype: str = "float32",
+             shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, dict[str, float]]:
   """Encodes the judged queries and the corpus and returns the exact top-k run.
+
+  Every process encodes all queries, but only its slice of the corpus (`encoding.process_rows`),
+  into memory or into its own shards under `embeddings_dir`, and searches it on its own devices;
+  the per-process top-k lists (a few numbers per query) are then gathered and merged. So no
+  process holds, reads or tokenises more than its share of the corpus, and `embeddings_dir` may
+  be local to each host.
 
   Args: as for `evaluate_eval_set`.
 
@@ -165,26 +178,46 @@ def retrieve(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.EncodeFn,
   k = protocol.k if k is None else k
   if ignore_identical_ids is None:
     ignore_identical_ids = protocol.ignore_identical_ids
+  dtype = encoding.embedding_dtype(embedding_dtype)
   # Only judged queries are encoded: metrics average over the qrels' queries.
   query_ids = list(eval_set.qrels)
   query_embeddings = encoding.encode_texts(
       [eval_set.queries[q] for q in query_ids], encode_queries_fn, eval_set.vocabulary,
       eval_set.query_length, batch_size=batch_size, mesh=mesh,
       description=f"{eval_set.name} queries")
-  doc_ids = list(eval_set.corpus)
-  doc_texts = [eval_set.corpus[d] for d in doc_ids]
+  doc_ids = eval_sets.document_ids(eval_set.corpus)
+  doc_texts = eval_sets.document_texts(eval_set.corpus, doc_ids)
+  begin, end = encoding.process_rows(len(doc_ids))
   if embeddings_dir is None:
-    corpus = encoding.encode_texts(doc_texts, encode_documents_fn, eval_set.vocabulary,
-                                   eval_set.document_length, batch_size=batch_size, mesh=mesh,
-                                   description=f"{eval_set.name} corpus")
+    corpus = encoding.encode_texts(encoding.RowRange(doc_texts, begin, end), encode_documents_fn,
+                                   eval_set.vocabulary, eval_set.document_length,
+                                   batch_size=batch_size, mesh=mesh,
+                                   description=f"{eval_set.name} corpus", dtype=dtype,
+                                   per_process=True)
   else:
     encoding.encode_to_shards(doc_ids, doc_texts, encode_documents_fn, eval_set.vocabulary,
                               eval_set.document_length, embeddings_dir, batch_size=batch_size,
-                              mesh=mesh, description=f"{eval_set.name} corpus")
-    doc_ids, corpus = encoding.load_embedding_shards(embeddings_dir)
+                              mesh=mesh, description=f"{eval_set.name} corpus",
+                              shard_size=shard_size, dtype=dtype, per_process=True)
+    # Read block by block while the search streams them: resident memory ~ one block.
+    corpus = encoding.iter_embedding_shards(
+        embeddings_dir, process_index=jax.process_index(),
+        block_rows=chunk_size * (len(jax.local_devices()) if jax.process_count() > 1
+                                 else mesh.devices.size if mesh is not None else 1))
   search_k = min(k + (1 if ignore_identical_ids else 0), len(doc_ids))
-  scores, indices = search.exact_search(query_embeddings, corpus, search_k,
-                                        chunk_size=chunk_size, mesh=mesh)
+  # This process's rows on this process's devices (the eval mesh itself on one process).
+  local_mesh = mesh if jax.process_count() == 1 else partitioning.create_mesh(
+      -1, 1, devices=jax.local_devices())
+  if end > begin:
+    scores, indices = search.exact_search(query_embeddings, corpus, search_k,
+                                          chunk_size=chunk_size, mesh=local_mesh)
+    indices = np.where(indices >= 0, indices + begin, -1)
+  else:  # fewer documents than processes
+    scores = np.full((len(query_ids), search_k), -np.inf, np.float32)
+    indices = np.full((len(query_ids), search_k), -1, np.int64)
+  if jax.process_count() > 1:
+    scores, indices = search.merge_top_k(multihost_utils.process_allgather(scores),
+                                         multihost_utils.process_allgather(indices), search_k)
   return search_results_to_run(query_ids, doc_ids, scores, indices, k=k,
                                ignore_identical_ids=ignore_identical_ids)
 
@@ -197,7 +230,8 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
                       ignore_identical_ids: bool | None = None,
                       embeddings_dir: str | None = None,
                       chunk_size: int = search.DEFAULT_CHUNK_SIZE,
-                      run_tag: str = "samtone_jax") -> dict[str, float]:
+                      run_tag: str = "samtone_jax", embedding_dtype: str = "float32",
+                      shard_size: int = DEFAULT_SHARD_SIZE) -> dict[str, float]:
   """Encodes, searches and scores one evaluation set.
 
   Args:
@@ -212,10 +246,14 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
     metrics: metric names; default the protocol's.
     ignore_identical_ids: drop a document whose id equals the query id from its results (BEIR's
       rule); None: the protocol's default (on for "beir", off otherwise).
-    embeddings_dir: if given, corpus embeddings are streamed to `.npy` shards there and searched
-      shard by shard from disk (for corpora whose embeddings do not fit in memory).
+    embeddings_dir: if given, corpus embeddings are streamed to `.npy` shards there (each process
+      its own; see `retrieve`) and searched shard by shard from disk (for corpora whose
+      embeddings do not fit in memory); None: in memory (each process its slice).
     chunk_size: corpus rows per device per search step.
     run_tag: the last column of the run file.
+    embedding_dtype: "float32" or "bfloat16": how corpus embeddings are stored, in memory or on
+      disk (EVAL_EMBEDDING_DTYPE); the search accumulates in float32 either way.
+    shard_size: corpus rows per shard file with `embeddings_dir`.
 
   Returns:
     {metric name: value}, flat, e.g. {"mrr@10": 0.37, "recall@1000": 0.97}.
@@ -227,7 +265,8 @@ def evaluate_eval_set(eval_set: eval_sets.EvalSet, encode_queries_fn: encoding.E
     ignore_identical_ids = protocol.ignore_identical_ids
   run = retrieve(eval_set, encode_queries_fn, encode_documents_fn, k=k, batch_size=batch_size,
                  mesh=mesh, ignore_identical_ids=ignore_identical_ids,
-                 embeddings_dir=embeddings_dir, chunk_size=chunk_size)
+                 embeddings_dir=embeddings_dir, chunk_size=chunk_size,
+                 embedding_dtype=embedding_dtype, shard_size=shard_size)
   results = metrics_lib.evaluate_run(eval_set.qrels, run, metric_names)
   if output_dir is not None and jax.process_index() == 0:
     io_utils.makedirs(output_dir)  # local or gs://

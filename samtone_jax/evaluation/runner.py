@@ -111,7 +111,9 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
                     metrics: Sequence[str] | None = None,
                     feature_lengths: dict[str, int] | None = None,
                     ignore_identical_ids: bool | None = None,
-                    embeddings_dir: str | None = None) -> dict[str, float]:
+                    embeddings_dir: str | None = None, embedding_dtype: str = "float32",
+                    eval_set_cache: dict[str, eval_sets_lib.EvalSet] | None = None
+                    ) -> dict[str, float]:
   """Retrieval metrics of the dual encoder `params["model"]` on each named evaluation set.
 
   Args:
@@ -127,7 +129,13 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
       set's protocol decides (BEIR's rule for "beir" sets; see evaluation/retrieval.py).
     embeddings_dir: if given, each set's corpus embeddings are written as shards to
       `<embeddings_dir>/<eval set>/` (local or gs://) and searched from there, so the corpus
-      embeddings are never all in host memory; None: in memory.
+      embeddings are never all in host memory; None: in memory. Either way each process encodes
+      and searches only its slice of the corpus (`retrieval.retrieve`).
+    embedding_dtype: "float32" or "bfloat16", how corpus embeddings are stored
+      (EVAL_EMBEDDING_DTYPE); the search accumulates in float32.
+    eval_set_cache: a dict the caller keeps between calls (the trainer's eval hook): sets parsed
+      once are reused from it, and new ones are added. None: every set is read anew (and freed
+      when this call returns).
 
   Returns:
     {"<eval set>/<metric>": value}.
@@ -135,10 +143,17 @@ def evaluate_params(model: dual_encoder.DualEncoder, params: PyTree, mesh: jax.s
   encode_queries, encode_documents = encoding.dual_encoder_encode_fns(model, params["model"], mesh)
   results = {}
   for name in eval_sets:
+    if eval_set_cache is not None and name in eval_set_cache:
+      eval_set = eval_set_cache[name]
+    else:
+      eval_set = get_eval_set(name, feature_lengths, model.config.encoder.vocab_size)
+      if eval_set_cache is not None:
+        eval_set_cache[name] = eval_set
     values = retrieval.evaluate_eval_set(
-        get_eval_set(name, feature_lengths, model.config.encoder.vocab_size), encode_queries,
-        encode_documents, output_dir=output_dir, mesh=mesh, metrics=metrics,
-        ignore_identical_ids=ignore_identical_ids,
-        embeddings_dir=None if embeddings_dir is None else os.path.join(embeddings_dir, name))
+        eval_set, encode_queries, encode_documents, output_dir=output_dir, mesh=mesh,
+        metrics=metrics, ignore_identical_ids=ignore_identical_ids,
+        embeddings_dir=None if embeddings_dir is None else os.path.join(embeddings_dir, name),
+        embedding_dtype=embedding_dtype)
+    del eval_set  # not kept past its evaluation unless cached
     results.update({f"{name}/{metric}": float(value) for metric, value in values.items()})
   return results

@@ -18,6 +18,11 @@ ascending (lower index first). `lax.top_k` keeps the lower position first among 
 device's running candidates always precede its new rows' candidates, so every device's list has that order;
 the final merge sorts by (-score, index) explicitly, because devices interleave positions.
 Matrix products run at `Precision.HIGHEST` so that TPUs/GPUs do not drop to bfloat16/TF32 passes.
+A bfloat16 corpus (EVAL_EMBEDDING_DTYPE) is widened to float32 on the device, so its products are
+the float32 products of the rounded rows.
+
+Several processes (`merge_top_k`): each searches its own rows on its own devices and the [Q, k]
+candidates of all processes are merged by the same (score desc, position asc) order.
 """
 
 from collections.abc import Iterable
@@ -47,7 +52,10 @@ def _search_functions(mesh: Mesh, k: int):
 
   def local_step(top_scores, top_ids, queries, rows, row_ids):
     # top_scores, top_ids: [1, nb, qb, k] this device's running top-k per query block.
-    # queries: [nb, qb, d] all queries (replicated). rows: [c, d] and row_ids: [c] local chunk.
+    # queries: [nb, qb, d] all queries (replicated). rows: [c, d] (float32 or bfloat16, made
+    # float32 here, exactly) and row_ids: [c] local chunk.
+    rows = rows.astype(jnp.float32)
+
     def one_block(args):
       block_scores, block_ids, block_queries = args
       scores = jnp.dot(block_queries, rows.T, precision=lax.Precision.HIGHEST,
@@ -108,7 +116,7 @@ def exact_search(queries, corpus, k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
 
   Args:
     queries: [Q, d] query embeddings (numpy or jax).
-    corpus: [N, d] document embeddings (numpy, a np.load(..., mmap_mode="r") memmap, or jax), or an
+    corpus: [N, d] float32 or bfloat16 document embeddings (numpy, a np.load(..., mmap_mode="r") memmap, or jax), or an
       iterable of such [n_i, d] shards that is read once, in order (e.g. shards streamed from disk);
       row positions count across the shards.
     k: results per query; may exceed `chunk_size` and even N (then the tail is padded).
@@ -155,12 +163,17 @@ def exact_search(queries, corpus, k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
       raise ValueError("Corpora of 2**31 rows or more are not supported (int32 row ids).")
     row_ids = np.full(rows_per_chunk, -1, np.int32)
     row_ids[:n] = np.arange(offset, offset + n, dtype=np.int32)
-    # No host copy of float32 rows (memmaps included); device_put makes the only one.
+    # No host copy of float32 or bfloat16 rows (memmaps included); device_put makes the only one,
+    # and bfloat16 rows become float32 on the device (half the transfer, the same products).
     xp = jnp if isinstance(rows, jax.Array) else np
-    rows = xp.asarray(rows, dtype=xp.float32)
+    row_dtype = rows.dtype if rows.dtype == jnp.bfloat16 else np.float32
+    rows = xp.asarray(rows, dtype=row_dtype)
     if n < rows_per_chunk:  # Pad the last chunk so that one compiled step serves every chunk.
-      rows = xp.concatenate([rows, xp.zeros((rows_per_chunk - n, dim), xp.float32)])
-    rows = jax.device_put(rows, row_sharding)
+      rows = xp.concatenate([rows, xp.zeros((rows_per_chunk - n, dim), row_dtype)])
+    rows = jax.device_put(rows, row_sharding)  # overlaps the previous step
+    # At most this chunk and the running step in flight: without the wait, dispatch runs ahead
+    # and every chunk of a streamed corpus can be queued on the devices at once.
+    top_scores.block_until_ready()
     top_scores, top_ids = step(top_scores, top_ids, queries_on_mesh, rows,
                                jax.device_put(row_ids, id_sharding))
     offset += n
@@ -169,3 +182,27 @@ def exact_search(queries, corpus, k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
   ids = np.asarray(ids.addressable_data(0))[:num_queries].astype(np.int64)
   ids[~np.isfinite(scores)] = -1
   return scores, ids
+
+
+def merge_top_k(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The best k of several `exact_search` results over disjoint rows, in `exact_search`'s order.
+
+  Args:
+    scores: float32 [H, Q, k'] per-part results (-inf: padding).
+    indices: int64 [H, Q, k'] their global row positions (-1: padding).
+    k: results kept per query.
+
+  Returns:
+    (scores [Q, k], indices [Q, k]): descending score, equal scores by lower position, as one
+    search over all rows gives; padding (-inf, -1) where fewer than k rows exist.
+  """
+  num_parts, num_queries, width = scores.shape
+  scores = np.transpose(scores, (1, 0, 2)).reshape(num_queries, num_parts * width)
+  indices = np.transpose(indices, (1, 0, 2)).reshape(num_queries, num_parts * width)
+  # Padding sorts last: position +inf among equal (-inf) scores.
+  positions = np.where(indices < 0, np.iinfo(np.int64).max, indices)
+  order = np.lexsort((positions, -scores), axis=1)[:, :k]
+  scores = np.take_along_axis(scores, order, axis=1)
+  indices = np.take_along_axis(indices, order, axis=1)
+  indices[~np.isfinite(scores)] = -1
+  return scores, indices

@@ -97,9 +97,12 @@ class BeirData:
   qrels: dict[str, dict[str, int]]
 
 
-@functools.lru_cache(maxsize=8)
 def load_beir_split(directory: str, split: str) -> BeirData:
-  """Reads a BEIR directory's corpus, queries and the qrels of `split` (cached per process)."""
+  """Reads a BEIR directory's corpus, queries and the qrels of `split`.
+
+  Not cached: the texts live as long as the caller keeps them (the trainer keeps its eval sets
+  between evaluations; a command frees them after use), never for the life of the process.
+  """
   corpus = read_corpus(find_file(directory, "corpus.jsonl"))
   queries = read_queries(find_file(directory, "queries.jsonl"))
   qrels = read_qrels(find_file(os.path.join(directory, "qrels"), f"{split}.tsv"), queries, corpus)

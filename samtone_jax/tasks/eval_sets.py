@@ -5,7 +5,7 @@ under a stable name; the evaluation code (`samtone_jax.evaluation`) asks for it 
 `get_eval_set(name)` and never reads files itself.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import difflib
 
@@ -21,7 +21,9 @@ class EvalSet:
   Attributes:
     name: registry name, e.g. "msmarco_passage_dev_small".
     queries: query id -> query text.
-    corpus: document id -> document text (title already joined to the body where the format has one).
+    corpus: document id -> document text (title already joined to the body where the format has one):
+      a dict, or a Mapping that reads texts on demand (MS MARCO's `msmarco.Collection`: an offset
+      index into collection.tsv); read it through `document_ids` / `document_texts`.
     qrels: query id -> {document id -> graded relevance (int, > 0 relevant)}.
     vocabulary: the tokeniser used for both queries and documents.
     query_length: token length queries are truncated/padded to.
@@ -31,12 +33,39 @@ class EvalSet:
 
   name: str
   queries: dict[str, str]
-  corpus: dict[str, str]
+  corpus: Mapping[str, str]
   qrels: dict[str, dict[str, int]]
   vocabulary: seqio.Vocabulary
   query_length: int = 64
   document_length: int = 256
   protocol: str = "beir"
+
+
+class _TextsOf(Sequence):
+  """The texts of `ids` in a corpus mapping, looked up on indexing (no list of all texts)."""
+
+  def __init__(self, corpus: Mapping[str, str], ids: Sequence[str]):
+    self._corpus, self._ids = corpus, ids
+
+  def __len__(self) -> int:
+    return len(self._ids)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self._corpus[i] for i in self._ids[index]]
+    return self._corpus[self._ids[index]]
+
+
+def document_ids(corpus: Mapping[str, str]) -> Sequence[str]:
+  """The corpus's ids in its order (a corpus with an `ids` sequence gives it: no list of n ids)."""
+  ids = getattr(corpus, "ids", None)
+  return list(corpus) if ids is None else ids
+
+
+def document_texts(corpus: Mapping[str, str], ids: Sequence[str]) -> Sequence[str]:
+  """The texts of `document_ids(corpus)`, as a sequence read on indexing or slicing."""
+  texts = getattr(corpus, "texts", None)
+  return _TextsOf(corpus, ids) if texts is None else texts
 
 
 _EVAL_SETS: dict[str, Callable[[], EvalSet]] = {}
