@@ -5,7 +5,6 @@ preempted (SIGTERM), then finished in-process; its final parameters must equal a
 run's bit for bit. Subprocesses are slow (JAX + TF imports), so there are only three.
 """
 
-import inspect
 import json
 import os
 import signal
@@ -285,18 +284,17 @@ def test_accelerator_experiments_train_bfloat16_and_cpu_ones_float32(experiment)
   from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
   gin.clear_config()
   try:
-    main_lib.parse_gin([f"experiments/{experiment}.gin"],
-                       ["MODEL_DIR = '/tmp/unused'", "ATTENTION_DROPOUT_RATE = 0.0"])
-    bound = inspect.signature(trainer.train).bind_partial(**gin.get_bindings(trainer.train))
-    model = bound.arguments["model"]
-    demo = gin.clear_config() or main_lib.parse_gin(["experiments/demo_samtone.gin"],
-                                                    ["MODEL_DIR = '/tmp/unused'"])
-    demo_model = inspect.signature(trainer.train).bind_partial(
-        **gin.get_bindings(trainer.train)).arguments["model"]
+    gin_config.parse_gin([f"experiments/{experiment}.gin"],
+                         ["MODEL_DIR = '/tmp/unused'", "ATTENTION_DROPOUT_RATE = 0.0"])
+    bound = gin_config.configured_arguments(trainer.train)
+    model = bound["model"]
+    gin.clear_config()
+    gin_config.parse_gin(["experiments/demo_samtone.gin"], ["MODEL_DIR = '/tmp/unused'"])
+    demo_model = gin_config.configured_arguments(trainer.train)["model"]
   finally:
     gin.clear_config()
   assert model.encoder.dtype == "bfloat16" and model.encoder.one_hot_embedding
   assert model.encoder.attention_dropout == 0.0 and model.encoder.dropout_rate == 0.1
-  assert bound.arguments["prng_impl"] == "threefry2x32"
+  assert bound["prng_impl"] == "threefry2x32"
   assert demo_model.encoder.dtype == "float32" and not demo_model.encoder.one_hot_embedding
   assert demo_model.encoder.attention_dropout == demo_model.encoder.dropout_rate
