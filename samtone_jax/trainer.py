@@ -48,6 +48,7 @@ import seqio
 from samtone_jax import checkpoints
 from samtone_jax import errors
 from samtone_jax import io_utils
+from samtone_jax import model_kinds
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import run_lock
@@ -194,11 +195,16 @@ def summarize_metrics(step_metrics: Sequence[dict[str, np.ndarray]]) -> dict[str
   """Host-side division of summed metrics over a window of steps.
 
   Returns:
-    loss (mean per example), accuracy (query top-1 in-batch), document_accuracy (when
-    bidirectional), grad_norm (mean over steps), learning_rate and temperature (last step).
+    loss (mean per example), accuracy (query top-1 in-batch; the encoder-decoder's: argmax
+    target-token accuracy), document_accuracy (when bidirectional), grad_norm (mean over steps), learning_rate and temperature (last step).
   """
   total = {k: float(sum(float(m[k]) for m in step_metrics)) for k in step_metrics[0]}
   examples = max(total["num_examples"], 1.0)
+  if "token_correct" in total:  # the encoder-decoder: token accuracy, no temperature
+    return {"loss": total["loss_sum"] / examples,
+            "accuracy": total["token_correct"] / max(total["num_tokens"], 1.0),
+            "grad_norm": total["grad_norm"] / len(step_metrics),
+            "learning_rate": float(step_metrics[-1]["learning_rate"])}
   out = {"loss": total["loss_sum"] / examples,
          "accuracy": total["query_top1_correct"] / examples,
          "grad_norm": total["grad_norm"] / len(step_metrics),
@@ -261,7 +267,6 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
     errors.ConfigError: a binding is out of range or inconsistent; the message names it.
     readers.MissingDataError: the task's vocabulary file is missing or unreachable.
   """
-  from samtone_jax.tasks import eval_sets as eval_sets_lib  # pylint: disable=g-import-not-at-top
   from samtone_jax.tasks import vocab  # pylint: disable=g-import-not-at-top
   _positive_int(data.batch_size, "BATCH_SIZE (trainer.DataConfig.batch_size)")
   data_parallel = mesh.shape[partitioning.DATA_AXIS]
@@ -275,7 +280,7 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
   lengths = dict(data.task_feature_lengths)
-  for key in ("queries", "passages"):
+  for key in model_kinds.of(model).feature_keys:
     if key not in lengths:
       raise errors.ConfigError(f"TASK_FEATURE_LENGTHS = {lengths!r} has no {key!r} length.")
     _positive_int(lengths[key], f"TASK_FEATURE_LENGTHS[{key!r}]")
@@ -306,11 +311,12 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: train_step_lib
                          f"; registered: {', '.join(known)}") +
         " (BEIR directories under $SAMTONE_DATA_DIR/beir/<name>/ register beir_<name>_train "
         "when they have qrels/train.tsv).") from None
-  eval_sets_lib.check_registered(loop.eval_sets)
+  model_kinds.of(model).check_eval_sets(loop.eval_sets)
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   for task in tasks:
     for feature in task.output_features.values():
-      vocab.check_fits(feature.vocabulary, model.encoder.vocab_size, f"task {task.name!r}")
+      vocab.check_fits(feature.vocabulary, model_kinds.of(model).vocab_size,
+                       f"task {task.name!r}")
 
 
 def write_config(model_dir: str, config_text: str) -> str:
@@ -349,18 +355,20 @@ def initial_state(built: train_step_lib.Built, seed: int, model_config,
 
 
 def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
-          loss: train_step_lib.LossConfig, optimizer: optimizers.OptimizerConfig,
-          data: DataConfig, loop: LoopConfig, seed: int = 0,
+          loss: train_step_lib.LossConfig = train_step_lib.LossConfig(),
+          optimizer: optimizers.OptimizerConfig, data: DataConfig, loop: LoopConfig, seed: int = 0,
           mesh_shape: tuple[int, int] = (-1, 1),
           initial_checkpoint_path: str | None = None,
           config_text: str | None = None,
           chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()) -> TrainResult:
-  """Trains a dual encoder; resumes from `model_dir`'s latest checkpoint if there is one.
+  """Trains a model; resumes from `model_dir`'s latest checkpoint if there is one.
 
   Args:
     model_dir: run directory (MODEL_DIR).
-    model: the dual encoder architecture.
-    loss: the contrastive loss.
+    model: the dual encoder architecture, or a `seq2seq_model.EncoderDecoderModel` (SKILL; its
+      loss is its own, TASK_FEATURE_LENGTHS are {"inputs", "targets"}, EVAL_TASKS are QA tasks
+      "TASK[:SPLIT]" scored by exact match). `model_kinds` tells them apart.
+    loss: the contrastive loss (dual encoder only).
     optimizer: optimizer and learning-rate schedule.
     data: the training input.
     loop: steps, logging, evaluation and checkpoint periods.
@@ -449,8 +457,7 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
                 resume_step: int | None, *, model_dir, model, loss, optimizer, data, loop, seed,
                 initial_checkpoint_path, chunks) -> TrainResult:
   """Builds the step, restores or initialises the state and runs the loop."""
-  spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
-                                   num_negatives=data.num_negatives)
+  spec = model_kinds.of(model).batch_spec(data)
   built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
@@ -531,12 +538,9 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
           is_last or (loop.eval_period and step % loop.eval_period == 0))
       if do_eval:
         flush(step, write=False)
-        eval_metrics = runner.evaluate_params(
-            built.model, state.params, mesh, loop.eval_sets,
-            output_dir=os.path.join(model_dir, "eval_results", str(step)),
-            metrics=list(loop.eval_metrics) or None,
-            feature_lengths=loop.eval_feature_lengths,
-            ignore_identical_ids=loop.eval_ignore_identical_ids)
+        eval_metrics = model_kinds.of(model).evaluate(
+            built, state.params, mesh, data, loop,
+            os.path.join(model_dir, "eval_results", str(step)))
         log.write("eval", step, eval_metrics)
         print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
                                                sorted(eval_metrics.items())), flush=True)
