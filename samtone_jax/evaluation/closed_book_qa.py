@@ -7,7 +7,7 @@ feature "answers". Every example of the split is decoded (batches padded to a fi
 decode compiles once); the score is `qa_metrics.exact_match` against all gold answers.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 import functools
 import json
 import os
@@ -100,15 +100,29 @@ def predict(model: seq2seq_model.EncoderDecoderModel, params: Any, mesh: jax.sha
   vocabulary = seqio.get_mixture_or_task(task_name).output_features[features.TARGETS].vocabulary
   decode = jax.jit(functools.partial(model.predict_batch, max_length=max_decode_length,
                                      beam_size=beam_size))
-  examples = list(qa_examples(task_name, split, input_length))
+
+  def decode_batch(inputs: np.ndarray) -> np.ndarray:
+    with partitioning.mesh_context(mesh):
+      tokens, _ = decode(params, {seq2seq_model.ENCODER_INPUT_TOKENS: inputs})
+    return np.asarray(jax.device_get(tokens))
+
+  return predict_rows(qa_examples(task_name, split, input_length), decode_batch, vocabulary,
+                      batch_size)
+
+
+def predict_rows(examples: Iterable[dict[str, Any]],
+                 decode_batch: Callable[[np.ndarray], np.ndarray],
+                 vocabulary: seqio.Vocabulary, batch_size: int) -> list[dict[str, Any]]:
+  """`predict`'s loop: batches `qa_examples`' rows (the last one padded with empty rows, so
+  `decode_batch` always sees int32 [batch_size, Li]), decodes them with `decode_batch` (-> int
+  [batch_size, L] tokens, 0 after EOS) and scores each prediction against its gold answers."""
+  examples = list(examples)
   rows = []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
-    inputs = np.zeros([batch_size, input_length], np.int32)
+    inputs = np.zeros([batch_size, len(chunk[0]["inputs"])], np.int32)
     inputs[:len(chunk)] = np.stack([e["inputs"] for e in chunk])
-    with partitioning.mesh_context(mesh):
-      tokens, _ = decode(params, {seq2seq_model.ENCODER_INPUT_TOKENS: inputs})
-    tokens = np.asarray(jax.device_get(tokens))
+    tokens = decode_batch(inputs)
     for example, row in zip(chunk, tokens):
       prediction = decoded_text(row, vocabulary)
       rows.append({"question": example["question"], "prediction": prediction,
