@@ -581,10 +581,12 @@ def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> Py
     path: a samtone_jax or t5x run / checkpoint directory (params only are read; an
       encoder-decoder's, for a dual encoder, gives its encoder: `encoder_of_encoder_decoder`); a sentence-transformers
       GTR directory (modules.json: encoder, projection); or a Hugging Face T5 / T5 1.1 directory
-      (config.json + weights: encoder only, the projection keeps its fresh initialisation).
+      (config.json + weights: encoder only, the projection keeps its fresh initialisation; for
+      an encoder-decoder `model_config`, the whole T5ForConditionalGeneration).
     init_params: the freshly initialised, sharded {"model": ..., "loss": ...}; gives the
       shardings, and the values of whatever `path` does not provide.
-    model_config: the DualEncoderConfig; imported weights must match its architecture.
+    model_config: the DualEncoderConfig or seq2seq_model.EncoderDecoderModel; imported weights
+      must match its architecture.
 
   Returns:
     {"model": ..., "loss": ...} placed with the shardings of `init_params`.
@@ -598,7 +600,11 @@ def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> Py
     loaded = restore_params(path, abstract)
     return {**init_params, **loaded}
   from samtone_jax.models import hf_import  # pylint: disable=g-import-not-at-top
-  if io_utils.exists(os.path.join(path, "modules.json")):
+  from samtone_jax import model_kinds  # pylint: disable=g-import-not-at-top
+  if model_kinds.is_seq2seq(model_config) and io_utils.exists(os.path.join(path, "config.json")):
+    # A Hugging Face T5ForConditionalGeneration: encoder, decoder and head.
+    _, model_params = hf_import.import_t5_encoder_decoder(path, config=model_config.config)
+  elif io_utils.exists(os.path.join(path, "modules.json")):
     _, model_params = hf_import.import_sentence_transformers(path, config=model_config)
   elif io_utils.exists(os.path.join(path, "config.json")):
     _, encoder = hf_import.import_t5_encoder(path, config=model_config.encoder)

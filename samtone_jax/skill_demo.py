@@ -27,7 +27,7 @@ DEV_SET = "demo_wordnet_qa:dev"
 TEST_SET = "demo_wordnet_qa:test"
 # Chosen on DEV_SET (README "What make demo-skill does"); the QA runs use the experiment's own
 # TRAIN_STEPS / LEARNING_RATE.
-INFUSE_STEPS = 600
+INFUSE_STEPS = 1200
 INFUSE_LEARNING_RATE = 3e-3
 
 

@@ -53,7 +53,6 @@ from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import run_lock
 from samtone_jax import train_step as train_step_lib
-from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config_lib
 
 PyTree = Any
