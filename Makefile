@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 export JAX_PLATFORMS ?= cpu
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo demo-mining demo-architectures test clean
+.PHONY: install demo demo-mining demo-architectures demo-skill test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo-architectures: install
 # Stage 1 -> mine hard negatives with it -> stage 2 (and a control), on the embedded man pages.
 demo-mining: install
 	$(PY) -m samtone_jax.demo_mining
+
+# SKILL: tiny T5 on the WordNet questions alone vs. infused with the WordNet KG then fine-tuned.
+demo-skill: install
+	$(PY) -m samtone_jax.demo_skill
 
 # Two workers: the suite mixes CPU-bound compiles with subprocess start-ups; -n 2 keeps both cores busy.
 test: install

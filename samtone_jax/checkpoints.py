@@ -599,24 +599,33 @@ def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> Py
   """Initial parameters from `path`: a samtone_jax checkpoint, or public T5 / GTR weights.
 
   Args:
-    path: a samtone_jax or t5x run / checkpoint directory (params only are read); a sentence-transformers
+    path: a samtone_jax or t5x run / checkpoint directory (params only are read; an
+      encoder-decoder's, for a dual encoder, gives its encoder: `encoder_of_encoder_decoder`); a sentence-transformers
       GTR directory (modules.json: encoder, projection); or a Hugging Face T5 / T5 1.1 directory
-      (config.json + weights: encoder only, the projection keeps its fresh initialisation).
+      (config.json + weights: encoder only, the projection keeps its fresh initialisation; for
+      an encoder-decoder `model_config`, the whole T5ForConditionalGeneration).
     init_params: the freshly initialised, sharded {"model": ..., "loss": ...}; gives the
       shardings, and the values of whatever `path` does not provide.
-    model_config: the DualEncoderConfig; imported weights must match its architecture.
+    model_config: the DualEncoderConfig or seq2seq_model.EncoderDecoderModel; imported weights
+      must match its architecture.
 
   Returns:
     {"model": ..., "loss": ...} placed with the shardings of `init_params`.
   """
   shardings = jax.tree.map(lambda a: a.sharding, init_params)
+  if is_encoder_decoder_checkpoint(path) and "decoder" not in init_params["model"]:
+    return encoder_of_encoder_decoder(path, init_params, model_config)  # SKILL -> dual encoder
   if is_samtone_checkpoint(path) or is_t5x_checkpoint(path):  # (a legacy t5x one is refused)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                             init_params)
     loaded = restore_params(path, abstract)
     return {**init_params, **loaded}
   from samtone_jax.models import hf_import  # pylint: disable=g-import-not-at-top
-  if io_utils.exists(os.path.join(path, "modules.json")):
+  from samtone_jax import model_kinds  # pylint: disable=g-import-not-at-top
+  if model_kinds.is_seq2seq(model_config) and io_utils.exists(os.path.join(path, "config.json")):
+    # A Hugging Face T5ForConditionalGeneration: encoder, decoder and head.
+    _, model_params = hf_import.import_t5_encoder_decoder(path, config=model_config.config)
+  elif io_utils.exists(os.path.join(path, "modules.json")):
     _, model_params = hf_import.import_sentence_transformers(path, config=model_config)
   elif io_utils.exists(os.path.join(path, "config.json")):
     _, encoder = hf_import.import_t5_encoder(path, config=model_config.encoder)
@@ -630,4 +639,54 @@ def load_initial_params(path: str, init_params: PyTree, model_config: Any) -> Py
   model_params = jax.tree.map(lambda x, s: jax.device_put(x, s), model_params,
                               shardings["model"])
   logging.info("Initial params imported from %s", path)
+  return {**init_params, "model": model_params}
+
+
+def is_encoder_decoder_checkpoint(path: str) -> bool:
+  """Whether `path` is a samtone_jax checkpoint (or run) of the encoder-decoder (SKILL): its
+  params["model"] has a "decoder" subtree."""
+  if not is_samtone_checkpoint(path):
+    return False
+  step_dir, checkpoint_format = _resolve_checkpoint(path)
+  stored = _stored_tree(step_dir, _PARAMS_KEY[checkpoint_format])[_PARAMS_KEY[checkpoint_format]]
+  return isinstance(stored.get("model"), Mapping) and "decoder" in stored["model"]
+
+
+def encoder_of_encoder_decoder(path: str, init_params: PyTree, model_config: Any) -> PyTree:
+  """A dual encoder's initial params from an encoder-decoder checkpoint: its encoder (token
+  embedding included) laid into every tower (`hf_import.dual_encoder_params`); the projection(s)
+  and loss params keep `init_params`' values. Params only; the decoder is not read.
+
+  Args:
+    path: a samtone_jax encoder-decoder run / checkpoint directory.
+    init_params: the dual encoder's fresh, sharded {"model": ..., "loss": ...}.
+    model_config: the DualEncoderConfig; its encoder must have the checkpoint's sizes and layer
+      layout.
+
+  Raises:
+    errors.CheckpointError: the checkpoint's encoder does not fit `model_config.encoder`.
+  """
+  from samtone_jax.models import encoder_decoder  # pylint: disable=g-import-not-at-top
+  from samtone_jax.models import hf_import  # pylint: disable=g-import-not-at-top
+  step_dir, checkpoint_format = _resolve_checkpoint(path)
+  stored = _stored_tree(step_dir, _PARAMS_KEY[checkpoint_format])[_PARAMS_KEY[checkpoint_format]]
+  some_leaf = jax.tree.leaves(init_params["model"])[0]
+  replicated = NamedSharding(some_leaf.sharding.mesh, P())
+  abstract = {"model": jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=replicated),
+      dict(stored["model"]))}
+  loaded = restore_params(path, abstract)["model"]
+  encoder = encoder_decoder.encoder_params(loaded)
+  try:
+    laid = hf_import.dual_encoder_params(model_config, encoder)
+    model_params = {**dict(init_params["model"]), **laid}
+    check_tree(step_dir, model_params, jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), dict(init_params["model"])))
+  except (KeyError, ValueError) as e:
+    raise errors.CheckpointError(
+        f"The encoder of encoder-decoder checkpoint {step_dir} does not fit the dual encoder's "
+        f"T5Config (sizes, layer layout): {e}") from e
+  shardings = jax.tree.map(lambda a: a.sharding, init_params["model"])
+  model_params = jax.tree.map(jax.device_put, model_params, shardings)
+  logging.info("Initial dual-encoder params: the encoder of encoder-decoder %s", step_dir)
   return {**init_params, "model": model_params}

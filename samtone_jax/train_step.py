@@ -33,6 +33,7 @@ import optax
 from jax import lax
 
 from samtone_jax import losses
+from samtone_jax import model_kinds
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax.models import config as model_config_lib
@@ -411,7 +412,8 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.
   """Builds the model, optimizer, sharded state layout and the jitted step, running nothing.
 
   Args:
-    model_config: the dual encoder.
+    model_config: the dual encoder; or a `seq2seq_model.EncoderDecoderModel`, built by
+      `seq2seq_step.build` (loss_config and chunks do not apply to it).
     loss_config: the loss.
     optimizer_config: the optimizer and schedule.
     mesh: a (data, model) mesh, real devices or an AOT topology.
@@ -425,6 +427,9 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.
   Raises:
     ValueError: if a chunk size does not divide the per-device batch.
   """
+  if model_kinds.is_seq2seq(model_config):  # the encoder-decoder: its own step, same Built
+    from samtone_jax import seq2seq_step  # pylint: disable=g-import-not-at-top
+    return seq2seq_step.build(model_config, optimizer_config, mesh, batch)
   chunks.check(batch[features.QUERIES].shape[0], mesh.shape[partitioning.DATA_AXIS])
   model = dual_encoder.DualEncoder(model_config)
   init_variables = _model_initializer(model)

@@ -50,13 +50,12 @@ from samtone_jax import checkpoints
 from samtone_jax import errors
 from samtone_jax import io_utils
 from samtone_jax import losses
+from samtone_jax import model_kinds
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import run_lock
 from samtone_jax import train_step as train_step_lib
 from samtone_jax.evaluation import encoding
-from samtone_jax.evaluation import runner
-from samtone_jax.models import config as model_config_lib
 
 PyTree = Any
 
@@ -210,11 +209,16 @@ def summarize_metrics(step_metrics: Sequence[dict[str, np.ndarray]]) -> dict[str
   """Host-side division of summed metrics over a window of steps.
 
   Returns:
-    loss (mean per example), accuracy (query top-1 in-batch), document_accuracy (when
-    bidirectional), grad_norm (mean over steps), learning_rate and temperature (last step).
+    loss (mean per example), accuracy (query top-1 in-batch; the encoder-decoder's: argmax
+    target-token accuracy), document_accuracy (when bidirectional), grad_norm (mean over steps), learning_rate and temperature (last step).
   """
   total = {k: float(sum(float(m[k]) for m in step_metrics)) for k in step_metrics[0]}
   examples = max(total["num_examples"], 1.0)
+  if "token_correct" in total:  # the encoder-decoder: token accuracy, no temperature
+    return {"loss": total["loss_sum"] / examples,
+            "accuracy": total["token_correct"] / max(total["num_tokens"], 1.0),
+            "grad_norm": total["grad_norm"] / len(step_metrics),
+            "learning_rate": float(step_metrics[-1]["learning_rate"])}
   out = {"loss": total["loss_sum"] / examples,
          "accuracy": total["query_top1_correct"] / examples,
          "grad_norm": total["grad_norm"] / len(step_metrics),
@@ -297,7 +301,7 @@ def _positive_int(value: Any, binding: str) -> None:
     raise errors.ConfigError(f"{binding} = {value!r}: expected a positive integer.")
 
 
-def check_config(model: model_config_lib.DualEncoderConfig, loss: losses.LossConfig,
+def check_config(model: Any, loss: losses.LossConfig,
                  data: DataConfig, loop: LoopConfig, mesh: jax.sharding.Mesh,
                  chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig()) -> None:
   """Checks what can be checked before a model is built; reads only the vocabulary files.
@@ -306,7 +310,6 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: losses.LossCon
     errors.ConfigError: a binding is out of range or inconsistent; the message names it.
     readers.MissingDataError: the task's vocabulary file is missing or unreachable.
   """
-  from samtone_jax.tasks import eval_sets as eval_sets_lib  # pylint: disable=g-import-not-at-top
   from samtone_jax.tasks import vocab  # pylint: disable=g-import-not-at-top
   _positive_int(data.batch_size, "BATCH_SIZE (trainer.DataConfig.batch_size)")
   data_parallel = mesh.shape[partitioning.DATA_AXIS]
@@ -320,7 +323,7 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: losses.LossCon
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
   lengths = dict(data.task_feature_lengths)
-  for key in ("queries", "passages"):
+  for key in model_kinds.of(model).feature_keys:
     if key not in lengths:
       raise errors.ConfigError(f"TASK_FEATURE_LENGTHS = {lengths!r} has no {key!r} length.")
     _positive_int(lengths[key], f"TASK_FEATURE_LENGTHS[{key!r}]")
@@ -344,13 +347,14 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: losses.LossCon
                          f"; registered: {', '.join(known)}") +
         " (BEIR directories under $SAMTONE_DATA_DIR/beir/<name>/ register beir_<name>_train "
         "when they have qrels/train.tsv).") from None
-  eval_sets_lib.check_registered(loop.eval_sets)
+  kind = model_kinds.of(model)
+  kind.check_eval_sets(loop.eval_sets)
   encoding.embedding_dtype(loop.eval_embedding_dtype,
                            "EVAL_EMBEDDING_DTYPE (trainer.LoopConfig.eval_embedding_dtype)")
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   for task in tasks:
     for feature in task.output_features.values():
-      vocab.check_fits(feature.vocabulary, model.encoder.vocab_size, f"task {task.name!r}")
+      vocab.check_fits(feature.vocabulary, kind.vocab_size, f"task {task.name!r}")
   if data.use_cached:
     # A missing cache, one of another task or vocabulary, or a missing / truncated shard is
     # named here, before anything is compiled.
@@ -358,6 +362,8 @@ def check_config(model: model_config_lib.DualEncoderConfig, loss: losses.LossCon
     shard_info = seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
     for task in tasks:
       cache.check_cache(task, cache.find_cache_dir(task, data.cache_dirs), data.split, shard_info)
+  if model_kinds.is_seq2seq(model):
+    return  # its loss is the model's (Seq2SeqLossConfig): no contrastive features to check
   try:
     for task in tasks:
       loss.check_features(task.output_features, f"task {task.name!r}")
@@ -430,20 +436,22 @@ def initial_state(built: train_step_lib.Built, seed: int, model_config,
   return state
 
 
-def train(*, model_dir: str, model: model_config_lib.DualEncoderConfig,
-          loss: losses.LossConfig, optimizer: optimizers.OptimizerConfig,
-          data: DataConfig, loop: LoopConfig, seed: int = 0,
+def train(*, model_dir: str, model: Any,
+          loss: losses.LossConfig = losses.LossConfig(),
+          optimizer: optimizers.OptimizerConfig, data: DataConfig, loop: LoopConfig, seed: int = 0,
           mesh_shape: tuple[int, int] = (-1, 1),
           initial_checkpoint_path: str | None = None,
           config_text: str | None = None,
           chunks: train_step_lib.ChunkConfig = train_step_lib.ChunkConfig(),
           prng_impl: str = train_step_lib.DEFAULT_PRNG_IMPL) -> TrainResult:
-  """Trains a dual encoder; resumes from `model_dir`'s latest checkpoint if there is one.
+  """Trains a model; resumes from `model_dir`'s latest checkpoint if there is one.
 
   Args:
     model_dir: run directory (MODEL_DIR).
-    model: the dual encoder architecture.
-    loss: the contrastive loss.
+    model: the dual encoder architecture, or a `seq2seq_model.EncoderDecoderModel` (SKILL; its
+      loss is its own, TASK_FEATURE_LENGTHS are {"inputs", "targets"}, EVAL_TASKS are QA tasks
+      "TASK[:SPLIT]" scored by exact match). `model_kinds` tells them apart.
+    loss: the contrastive loss (dual encoder only).
     optimizer: optimizer and learning-rate schedule.
     data: the training input.
     loop: steps, logging, evaluation and checkpoint periods.
@@ -552,11 +560,12 @@ class _LoopSteps:
   fetches anyway.
   """
 
-  def __init__(self, built: train_step_lib.Built, manager: Any, mesh: jax.sharding.Mesh, *,
+  def __init__(self, built: train_step_lib.Built, kind: Any, manager: Any, mesh: jax.sharding.Mesh, *,
                model_dir: str, data: DataConfig, loop: LoopConfig, seed: int,
                last_saved: int | None, prng_impl: str = train_step_lib.DEFAULT_PRNG_IMPL,
                input_state: Any = None):
     self.built, self.manager, self.mesh = built, manager, mesh
+    self.kind = kind  # model_kinds.of(model): how this model is evaluated
     self.prng_impl = prng_impl
     self.input_state = input_state  # the cached pipeline's iterator (None: uncached)
     self.model_dir, self.data, self.loop, self.seed = model_dir, data, loop, seed
@@ -618,15 +627,12 @@ class _LoopSteps:
     self.window_start = time.time()
 
   def evaluate(self, state: train_step_lib.TrainState, step: int) -> dict[str, float]:
-    """Retrieval metrics of the eval sets at `step` (after checking the loss is finite)."""
+    """The eval sets' metrics at `step` (after checking the loss is finite): retrieval metrics for
+    the dual encoder, exact match for the encoder-decoder (`model_kinds`)."""
     self.flush_metrics(step, write=False)
-    loop = self.loop
-    eval_metrics = runner.evaluate_params(
-        self.built.model, state.params, self.mesh, loop.eval_sets,
-        output_dir=os.path.join(self.model_dir, "eval_results", str(step)),
-        metrics=list(loop.eval_metrics) or None, feature_lengths=loop.eval_feature_lengths,
-        ignore_identical_ids=loop.eval_ignore_identical_ids,
-        embeddings_dir=loop.eval_embeddings_dir, embedding_dtype=loop.eval_embedding_dtype,
+    eval_metrics = self.kind.evaluate(
+        self.built, state.params, self.mesh, self.data, self.loop,
+        os.path.join(self.model_dir, "eval_results", str(step)),
         eval_set_cache=self.eval_set_cache)
     self.log.write("eval", step, eval_metrics)
     print(f"eval step {step}: " + " ".join(f"{k}={v:.4f}" for k, v in
@@ -660,8 +666,9 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
 
   `input_state`: the cached pipeline's iterator, saved with every checkpoint (None: uncached).
   """
-  spec = train_step_lib.batch_spec(data.batch_size, data.task_feature_lengths,
-                                   num_negatives=num_negatives(data, loss))
+  kind = model_kinds.of(model)
+  spec = kind.batch_spec(
+      data, num_negatives=0 if model_kinds.is_seq2seq(model) else num_negatives(data, loss))
   built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
@@ -682,7 +689,7 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
     state = initial_state(built, seed, model, initial_checkpoint_path)
   assert int(state.step) == start_step, (int(state.step), start_step)
 
-  steps = _LoopSteps(built, manager, mesh, model_dir=model_dir, data=data, loop=loop, seed=seed,
+  steps = _LoopSteps(built, kind, manager, mesh, model_dir=model_dir, data=data, loop=loop, seed=seed,
                      last_saved=resume_step, prng_impl=prng_impl,
                      input_state=input_state)
   eval_metrics: dict[str, float] = {}

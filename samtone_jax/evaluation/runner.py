@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from samtone_jax import checkpoints
 from samtone_jax import io_utils
+from samtone_jax import model_kinds
 from samtone_jax import partitioning
 from samtone_jax import train_step as train_step_lib
 from samtone_jax.evaluation import encoding
@@ -66,10 +67,17 @@ def load_model(checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
       (`checkpoints.load_initial_params`): a sentence-transformers GTR directory (encoder and
       projection), or a Hugging Face T5 directory (encoder only: the projection keeps its seed-0
       initialisation).
-    model: the architecture the checkpoint was trained with (for public weights: matching them).
+    model: the architecture the checkpoint was trained with (for public weights: matching them);
+      or a `seq2seq_model.EncoderDecoderModel`, restored from a samtone_jax checkpoint (then
+      `module` is that model and `params` {"model": EncoderDecoder params}).
     mesh_shape: (data, model) mesh sizes; -1 fills.
   """
   mesh = partitioning.create_mesh(*mesh_shape)
+  if model_kinds.is_seq2seq(model):  # the encoder-decoder: our checkpoints only; module = model
+    from samtone_jax import seq2seq_step  # pylint: disable=g-import-not-at-top
+    step_dir = checkpoints.resolve_step_dir(checkpoint_path)
+    abstract = {"model": seq2seq_step.abstract_model_params_of(model, mesh)}
+    return LoadedModel(model, checkpoints.restore_params(step_dir, abstract), mesh, step_dir)
   module = dual_encoder.DualEncoder(model)
   if not checkpoints.is_samtone_checkpoint(checkpoint_path) and is_public_weights(
       checkpoint_path):

@@ -101,7 +101,8 @@ def task_examples(task: seqio.Task, task_feature_lengths: Mapping[str, int], *, 
   """One task's tokenised, EOS-terminated examples for this host, from example `skip` on.
 
   Returns:
-    examples {"queries": int32 [<=Lq], "passages": int32 [<=Lp], ["negatives": [N, <=Lp]]}.
+    examples {"queries": int32 [<=Lq], "passages": int32 [<=Lp], ["negatives": [N, <=Lp]]},
+    or for a seq2seq task {"inputs": int32 [<=Li], "targets": int32 [<=Lt]}.
   """
   ds = task.source.get_dataset(split=split, shuffle=False, seed=None)
   if shard_info.num_shards > 1:
@@ -120,7 +121,8 @@ def task_examples(task: seqio.Task, task_feature_lengths: Mapping[str, int], *, 
     ds = ds.skip(skip)
   ds = task.preprocess_precache(ds, seed=seed)
   ds = task.preprocess_postcache(ds, sequence_length=dict(task_feature_lengths), seed=seed)
-  keep = [k for k in (features.QUERIES, features.PASSAGES, features.NEGATIVES)
+  keep = [k for k in (features.QUERIES, features.PASSAGES, features.NEGATIVES,
+                      features.INPUTS, features.TARGETS)  # the last two: seq2seq tasks
           if k in task.output_features]
   return ds.map(lambda ex: {k: ex[k] for k in keep}, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -318,6 +320,9 @@ def get_train_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[s
                              shuffle_buffer_size=shuffle_buffer_size, shuffle=shuffle)
                for i, t in enumerate(tasks)]
     ds = tf.data.Dataset.choose_from_datasets(streams, _choice_dataset(seed, rates, start_example))
+  if features.INPUTS in task_feature_lengths:  # a seq2seq task: the encoder-decoder's features
+    return seqio.EncDecFeatureConverter(pack=False)(
+        ds, {k: task_feature_lengths[k] for k in (features.INPUTS, features.TARGETS)})
   converter = feature_converter.DualEncoderFeatureConverter(with_negatives=negatives)
   lengths = {features.QUERIES: task_feature_lengths[features.QUERIES],
              features.PASSAGES: task_feature_lengths[features.PASSAGES]}
@@ -434,7 +439,10 @@ def get_train_iterator(mixture_or_task_name: str, task_feature_lengths: dict[str
 
   Args:
     mixture_or_task_name: e.g. "demo_manpages", "msmarco_passage_train", "multireqa_in_domain".
-    task_feature_lengths: {"queries": Lq, "passages": Lp}; hard negatives use Lp.
+    task_feature_lengths: {"queries": Lq, "passages": Lp}; hard negatives use Lp. Seq2seq
+      tasks: {"inputs": Li, "targets": Lt}, batches of seqio.EncDecFeatureConverter(pack=False):
+      "encoder_input_tokens" [b, Li], "decoder_{input,target}_tokens" and
+      "decoder_loss_weights" [b, Lt].
     global_batch_size: B, rows per step over all hosts; must be divisible by the host count.
     seed: fixes the shuffle order (reshuffled every epoch) and the mixture's task choices.
     start_step: batch k of this iterator is batch start_step + k of one started at step 0.
