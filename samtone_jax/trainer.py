@@ -31,6 +31,7 @@ the file and the newest intact step; `LoopConfig.resume_fallback=True` resumes f
 from collections.abc import Iterator, Sequence
 import dataclasses
 import difflib
+import functools
 import importlib
 import itertools
 import json
@@ -672,7 +673,10 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
   built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
-  rng = jax.device_put(train_step_lib.base_key(seed, prng_impl), built.rng_sharding)
+  # Made by a jitted call with the replicated sharding, not device_put: with several processes
+  # the sharding spans devices this process cannot address, which device_put refuses.
+  rng = jax.jit(functools.partial(train_step_lib.base_key, seed, prng_impl),
+                out_shardings=built.rng_sharding)()
 
   if resume_step is not None:
     state, meta = checkpoints.restore(manager, built.abstract_state, resume_step)

@@ -68,9 +68,9 @@ def test_wheel_ships_gin_and_trains_outside_checkout(tmp_path):
       "\n".join(site.getsitepackages()) + "\n")
 
   where = subprocess.run(
-      [str(python), "-c", "import samtone_jax.main as m; print(m.__file__); print(m.GIN_DIR)"],
+      [str(python), "-c", "import samtone_jax.gin_config as m; print(m.__file__); print(m.GIN_DIR)"],
       check=True, capture_output=True, text=True, env=env, cwd=work).stdout.split()
-  assert where[0] == str(venv_site / "samtone_jax" / "main.py")
+  assert where[0] == str(venv_site / "samtone_jax" / "gin_config.py")
   assert where[1] == str(venv_site / "samtone_jax" / "gin")
 
   # Every console script's --help prints its entry module's docstring and our flags, not only
