@@ -31,7 +31,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 from samtone_jax import aot  # pylint: disable=g-import-not-at-top
-from samtone_jax import main as main_lib  # pylint: disable=g-import-not-at-top
+from samtone_jax import cli  # pylint: disable=g-import-not-at-top
 
 TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU topology to compile for, e.g. v5e:4x4, v4:2x2x2, v5p:4x4x8, v6e:4x4.")
@@ -48,7 +48,7 @@ def main(argv: Sequence[str]) -> None:
     aot.chip_generation(TOPOLOGY.value)
   except ValueError as e:
     raise SystemExit(str(e)) from e
-  main_lib.setup_from_flags()
+  cli.setup_from_flags()
   report, batch_size = aot.compile_configured(TOPOLOGY.value)
   print(report.summary(), flush=True)
   if JSON_OUTPUT.value:
@@ -61,4 +61,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  main_lib.run(main)
+  cli.run(main)

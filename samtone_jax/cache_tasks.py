@@ -25,7 +25,7 @@ import importlib
 from absl import app
 from absl import flags
 
-from samtone_jax import main as main_lib
+from samtone_jax import cli
 
 TASKS = flags.DEFINE_list("tasks", None, "Registered seqio task names to cache (comma-separated).")
 OUTPUT_CACHE_DIR = flags.DEFINE_string(
@@ -45,7 +45,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not TASKS.value or not OUTPUT_CACHE_DIR.value:
     raise app.UsageError("--tasks and --output_cache_dir are required.")
-  main_lib.setup_from_flags()
+  cli.setup_from_flags()
   for module in MODULE_IMPORT.value:
     importlib.import_module(module)
   from samtone_jax.tasks import cache  # pylint: disable=g-import-not-at-top
@@ -62,7 +62,7 @@ def main(argv: Sequence[str]) -> None:
 
 def console_main() -> None:
   """The `samtone-cache-tasks` console script."""
-  main_lib.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

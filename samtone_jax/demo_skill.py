@@ -19,7 +19,7 @@ import os
 from absl import app
 from absl import flags
 
-from samtone_jax import main as main_lib
+from samtone_jax import cli
 from samtone_jax import skill_demo
 
 OUTPUT_DIR = flags.DEFINE_string(
@@ -47,7 +47,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def console_main() -> None:
-  main_lib.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import importlib
 from absl import app
 
 from samtone_jax import errors
-from samtone_jax import main as main_lib
+from samtone_jax import cli
 from samtone_jax.models import config as model_config_lib
 from samtone_jax.tasks import eval_sets as eval_sets_lib
 
@@ -77,12 +77,12 @@ def encode(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  main_lib.run_configured_entry_point(ENCODE_RUN_GIN, "samtone_jax.encode", "encode")
+  cli.run_configured_entry_point(ENCODE_RUN_GIN, "samtone_jax.encode", "encode")
 
 
 def console_main() -> None:
   """The `samtone-encode` console script."""
-  main_lib.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from absl import app
 
 from samtone_jax import errors
 from samtone_jax import io_utils
-from samtone_jax import main as main_lib
+from samtone_jax import cli
 from samtone_jax.evaluation import encoding
 from samtone_jax.evaluation import runner
 from samtone_jax.models import config as model_config_lib
@@ -84,12 +84,12 @@ def evaluate(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  main_lib.run_configured_entry_point(EVAL_RUN_GIN, "samtone_jax.evaluate", "evaluate")
+  cli.run_configured_entry_point(EVAL_RUN_GIN, "samtone_jax.evaluate", "evaluate")
 
 
 def console_main() -> None:
   """The `samtone-evaluate` console script."""
-  main_lib.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

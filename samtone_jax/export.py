@@ -32,7 +32,7 @@ import sys
 
 from absl import app
 
-from samtone_jax import main as main_lib
+from samtone_jax import cli
 from samtone_jax.models import config as model_config_lib
 
 EXPORT_RUN_GIN = "runs/export.gin"
@@ -90,7 +90,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from samtone_jax import exporting  # pylint: disable=g-import-not-at-top
   try:
-    main_lib.run_configured_entry_point(EXPORT_RUN_GIN, "samtone_jax.export", "export")
+    cli.run_configured_entry_point(EXPORT_RUN_GIN, "samtone_jax.export", "export")
   except exporting.ExportError as e:
     print(f"Export failed: {e}", file=sys.stderr)
     sys.exit(1)
@@ -98,7 +98,7 @@ def main(argv: Sequence[str]) -> None:
 
 def console_main() -> None:
   """The `samtone-export` console script."""
-  main_lib.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

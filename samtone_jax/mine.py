@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from absl import app
 
-from samtone_jax import main as main_lib
+from samtone_jax import cli
 
 MINE_RUN_GIN = "runs/mine.gin"
 
@@ -35,14 +35,14 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Bad input (MiningInputError, data and checkpoint errors) is an errors.UserError, which
-  # `main_lib.run` reports as one message with exit status 1.
-  main_lib.run_configured_entry_point(MINE_RUN_GIN, "samtone_jax.evaluation.mining",
+  # `cli.run` reports as one message with exit status 1.
+  cli.run_configured_entry_point(MINE_RUN_GIN, "samtone_jax.evaluation.mining",
                                       "mine_to_directory")
 
 
 def console_main() -> None:
   """The `samtone-mine` console script."""
-  main_lib.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import importlib
 from absl import app
 
 from samtone_jax import errors
-from samtone_jax import main as main_lib
+from samtone_jax import cli
 from samtone_jax.evaluation import closed_book_qa
 from samtone_jax.evaluation import runner
 from samtone_jax.models import seq2seq_model
@@ -66,12 +66,12 @@ def predict(*, checkpoint_path: str, model: seq2seq_model.EncoderDecoderModel,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  main_lib.run_configured_entry_point(PREDICT_RUN_GIN, "samtone_jax.predict", "predict")
+  cli.run_configured_entry_point(PREDICT_RUN_GIN, "samtone_jax.predict", "predict")
 
 
 def console_main() -> None:
   """The `samtone-predict` console script."""
-  main_lib.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

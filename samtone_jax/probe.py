@@ -19,7 +19,7 @@ from typing import Any
 
 from absl import app
 
-from samtone_jax import main as main_lib
+from samtone_jax import cli
 from samtone_jax.models import config as model_config_lib
 
 PROBE_RUN_GIN = "runs/probe.gin"
@@ -63,12 +63,12 @@ def probe(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, ev
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  main_lib.run_configured_entry_point(PROBE_RUN_GIN, "samtone_jax.probe", "probe")
+  cli.run_configured_entry_point(PROBE_RUN_GIN, "samtone_jax.probe", "probe")
 
 
 def console_main() -> None:
   """The `samtone-probe` console script."""
-  main_lib.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

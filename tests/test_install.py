@@ -15,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 
+from samtone_jax import cli
 from samtone_jax import gin_config
 from samtone_jax import main as main_lib
 
@@ -98,7 +99,7 @@ def test_wheel_ships_gin_and_trains_outside_checkout(tmp_path):
 
 
 def test_usage_has_docstring_and_flags():
-  text = main_lib.usage(main_lib.__doc__)
+  text = cli.usage(main_lib.__doc__)
   assert text.startswith(main_lib.__doc__.strip())
   for flag in ("--gin_file", "--gin_bindings", "--gin_search_paths", "--tfds_data_dir",
                "--process_count"):

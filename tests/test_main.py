@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from samtone_jax import checkpoints
+from samtone_jax import cli
 from samtone_jax import errors
 from samtone_jax import gin_config
-from samtone_jax import main as main_lib
 from samtone_jax.models import config as model_config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +176,7 @@ def test_missing_gin_file_and_flag_rewriting():
                      match="Error in the gin configuration: .*no_such_experiment.gin"):
     gin_config.parse_gin(["experiments/no_such_experiment.gin"], [])
   gin.clear_config()
-  assert main_lib.rewrite_gin_args(
+  assert cli.rewrite_gin_args(
       ["prog", "--gin.MODEL_DIR=\"/x=y\"", "--gin_file=a.gin", "--gin.A.b=[1, 2]"]) == [
           "prog", "--gin_bindings=MODEL_DIR = \"/x=y\"", "--gin_file=a.gin",
           "--gin_bindings=A.b = [1, 2]"]
