@@ -15,6 +15,7 @@ import pytest
 
 from samtone_jax import checkpoints
 from samtone_jax import gin_config
+from samtone_jax import losses
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as ts
@@ -126,7 +127,7 @@ def test_seq2seq_step_on_4x2_mesh_equals_one_device():
   results = []
   for mesh in (one_device, partitioning.create_mesh(4, 2)):
     spec = model.batch_spec(8, {"inputs": 12, "targets": 6})
-    built = ts.build(model, ts.LossConfig(), optimizer, mesh, spec)
+    built = ts.build(model, losses.LossConfig(), optimizer, mesh, spec)
     assert built.model is model  # train_step.build handed it to seq2seq_step.build
     state = built.init_state(jax.random.PRNGKey(0))
     rng = jax.device_put(jax.random.PRNGKey(1), built.rng_sharding)
@@ -187,7 +188,7 @@ def test_dual_encoder_initial_checkpoint_takes_the_encoder_of_an_encoder_decoder
   mesh = partitioning.create_mesh()
   optimizer = optimizers.OptimizerConfig(name="adamw", learning_rate=1e-2, warmup_steps=0)
   model = seq2seq_model.EncoderDecoderModel(model_config.EncoderDecoderConfig(t5=T5))
-  built = ts.build(model, ts.LossConfig(), optimizer, mesh,
+  built = ts.build(model, losses.LossConfig(), optimizer, mesh,
                    model.batch_spec(8, {"inputs": 12, "targets": 6}))
   state = built.init_state(jax.random.PRNGKey(3))
   state, _ = built.train_step(state, ts.as_global_batch(_batch(), built.batch_shardings),
@@ -198,7 +199,7 @@ def test_dual_encoder_initial_checkpoint_takes_the_encoder_of_an_encoder_decoder
   assert checkpoints.is_encoder_decoder_checkpoint(str(tmp_path / "skill"))
 
   de_config = model_config.DualEncoderConfig(encoder=T5, projection_dim=8, tower_sharing="ade")
-  de_built = ts.build(de_config, ts.LossConfig(), optimizer, mesh,
+  de_built = ts.build(de_config, losses.LossConfig(), optimizer, mesh,
                       ts.batch_spec(8, {"queries": 8, "passages": 8}))
   fresh = de_built.init_state(jax.random.PRNGKey(5))
   fresh_host = _params(fresh)
@@ -225,7 +226,7 @@ def test_encoder_decoder_initial_checkpoint_imports_hugging_face_t5(tmp_path):
   config, _ = hf_import.import_t5_encoder_decoder(tmp_path / "hf")
   model = seq2seq_model.EncoderDecoderModel(config)
   optimizer = optimizers.OptimizerConfig(name="adamw", learning_rate=1e-2, warmup_steps=0)
-  built = ts.build(model, ts.LossConfig(), optimizer, partitioning.create_mesh(),
+  built = ts.build(model, losses.LossConfig(), optimizer, partitioning.create_mesh(),
                    model.batch_spec(8, {"inputs": 12, "targets": 6}))
   state = built.init_state(jax.random.PRNGKey(0))
   params = checkpoints.load_initial_params(str(tmp_path / "hf"), state.params, model)
