@@ -275,9 +275,9 @@ def test_missing_or_truncated_shard_names_the_file(setup, tmp_path, damage, mess
   directory, path = _damaged_shards(tmp_path, setup, damage)
   with pytest.raises(errors.EmbeddingShardError, match=f"{path}.*{message}"):
     encoding.load_embedding_shards(str(directory))
-  # Through a command's error handling (samtone_jax.main.run): one line, exit status 1.
-  code = ("import sys; from samtone_jax import main; from samtone_jax.evaluation import encoding\n"
-          f"main.run(lambda argv: encoding.load_embedding_shards({str(directory)!r}))")
+  # Through a command's error handling (samtone_jax.cli.run): one line, exit status 1.
+  code = ("import sys; from samtone_jax import cli; from samtone_jax.evaluation import encoding\n"
+          f"cli.run(lambda argv: encoding.load_embedding_shards({str(directory)!r}))")
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                         env=test_multihost.subprocess_env(1), timeout=300, check=False)
   assert done.returncode == 1, done.stderr
