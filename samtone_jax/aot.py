@@ -15,6 +15,7 @@ import dataclasses
 import os
 import re
 import time
+from typing import Any
 
 import jax
 from jax.experimental import topologies
@@ -22,10 +23,11 @@ import numpy as np
 
 from samtone_jax import gin_config
 from samtone_jax import losses
+from samtone_jax import model_kinds
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as train_step_lib
-from samtone_jax.models import config as model_config_lib
+
 
 # Compiling needs no TPU, so several compiles (tests, the memory benchmark) may run at once;
 # without this libtpu allows one process per machine (/tmp/libtpu_lockfile).
@@ -138,7 +140,7 @@ def topology_devices(topology: str) -> list[jax.Device]:
   return list(topologies.get_topology_desc(topology, "tpu", **kwargs).devices)
 
 
-def compile_train_step(topology: str, *, model_config: model_config_lib.DualEncoderConfig,
+def compile_train_step(topology: str, *, model_config: Any,
                        loss_config: losses.LossConfig,
                        optimizer_config: optimizers.OptimizerConfig, batch_size: int,
                        task_feature_lengths: dict[str, int], num_negatives: int = 0,
@@ -149,9 +151,11 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
 
   Args:
     topology: e.g. "v5e:4x4".
-    model_config, loss_config, optimizer_config: as for a real run.
+    model_config, loss_config, optimizer_config: as for a real run; `model_config` is a
+      DualEncoderConfig or a `seq2seq_model.EncoderDecoderModel` (SKILL; its loss is its own).
     batch_size: the global batch size B.
-    task_feature_lengths: {"queries": Lq, "passages": Lp}.
+    task_feature_lengths: {"queries": Lq, "passages": Lp}, or {"inputs", "targets"} lengths
+      for the encoder-decoder.
     num_negatives: hard negatives per query in the batch (0: none).
     mesh_data, mesh_model: mesh sizes as for `partitioning.create_mesh` (-1 fills).
     chunks: gradient caching / loss row chunking, as for a real run.
@@ -162,7 +166,8 @@ def compile_train_step(topology: str, *, model_config: model_config_lib.DualEnco
   if batch_size % mesh.shape[partitioning.DATA_AXIS]:
     raise ValueError(f"Batch size {batch_size} is not divisible by the data axis "
                      f"({mesh.shape[partitioning.DATA_AXIS]} of {len(devices)} chips).")
-  batch = train_step_lib.batch_spec(batch_size, task_feature_lengths, num_negatives=num_negatives)
+  batch = model_kinds.of(model_config).batch_spec(batch_size, task_feature_lengths,
+                                                  num_negatives=num_negatives)
   built = train_step_lib.build(model_config, loss_config, optimizer_config, mesh, batch, chunks)
   batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=built.batch_shardings[k])
                     for k, v in batch.items()}

@@ -31,12 +31,11 @@ class DualEncoderKind:
   def vocab_size(self) -> int:
     return self.model.encoder.vocab_size
 
-  def batch_spec(self, data, num_negatives: int = 0) -> dict:
-    """The step's batch layout; `num_negatives`: hard negatives per query (`trainer.num_negatives`:
-    the task's when the loss uses them, else 0)."""
+  def batch_spec(self, batch_size: int, task_feature_lengths, num_negatives: int = 0) -> dict:
+    """The step's global batch layout; `num_negatives`: hard negatives per query
+    (`trainer.num_negatives`: the task's when the loss uses them, else 0)."""
     from samtone_jax import train_step  # pylint: disable=g-import-not-at-top
-    return train_step.batch_spec(data.batch_size, data.task_feature_lengths,
-                                 num_negatives=num_negatives)
+    return train_step.batch_spec(batch_size, task_feature_lengths, num_negatives=num_negatives)
 
   def check_eval_sets(self, eval_sets: Sequence[str]) -> None:
     from samtone_jax.tasks import eval_sets as eval_sets_lib  # pylint: disable=g-import-not-at-top
@@ -67,9 +66,9 @@ class EncoderDecoderKind:
   def vocab_size(self) -> int:
     return self.model.config.t5.vocab_size
 
-  def batch_spec(self, data, num_negatives: int = 0) -> dict:
+  def batch_spec(self, batch_size: int, task_feature_lengths, num_negatives: int = 0) -> dict:
     del num_negatives  # a dual-encoder feature
-    return self.model.batch_spec(data.batch_size, data.task_feature_lengths)
+    return self.model.batch_spec(batch_size, task_feature_lengths)
 
   def check_eval_sets(self, eval_sets: Sequence[str]) -> None:
     from samtone_jax.evaluation import closed_book_qa  # pylint: disable=g-import-not-at-top

@@ -669,7 +669,8 @@ def _train_loop(preemption: _PreemptionFlag, mesh: jax.sharding.Mesh,
   """
   kind = model_kinds.of(model)
   spec = kind.batch_spec(
-      data, num_negatives=0 if model_kinds.is_seq2seq(model) else num_negatives(data, loss))
+      data.batch_size, data.task_feature_lengths,
+      num_negatives=0 if model_kinds.is_seq2seq(model) else num_negatives(data, loss))
   built = train_step_lib.build(model, loss, optimizer, mesh, spec, chunks)
   manager = checkpoints.create_manager(model_dir, keep=loop.keep_checkpoints,
                                        best_metric=loop.best_metric, best_mode=loop.best_mode)
