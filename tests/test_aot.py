@@ -113,9 +113,9 @@ def test_encoder_decoder_step_compiles_for_v5e_with_its_parameters_on_every_chip
   """SKILL's encoder-decoder goes through the same AOT compile (the demo experiment, v5e:2x2).
 
   The reference parameter count is Hugging Face's T5ForConditionalGeneration of the same shape
-  (T5 1.1: untied head, one relative-position table per stack): the per-chip arguments are those
-  parameters in float32 (replicated, model axis 1), AdamW's two moments of the same size, the
-  batch rows and the step.
+  (T5 1.1: untied head, one relative-position table per stack; it equals ours): the per-chip
+  arguments are those parameters in float32 (replicated, model axis 1), AdamW's two moments of the
+  same size, the batch rows and the step, in TPU tile layouts.
   """
   import transformers  # pylint: disable=g-import-not-at-top
   proc, report = run_aot(tmp_path, "--topology=v5e:2x2",
@@ -131,5 +131,8 @@ def test_encoder_decoder_step_compiles_for_v5e_with_its_parameters_on_every_chip
     # decoder output instead); ours is untied, as T5 1.1 was trained.
     num_params += hf.lm_head.weight.numel()
   state_bytes = 3 * 4 * num_params  # params + AdamW's mu and nu
-  assert state_bytes <= report["argument_bytes"] <= state_bytes + 64 * 1024, (
+  # Upper bound: TPU layouts pad each array's last two dims to (8, 128) tiles, which for this
+  # d_model-64 model (vectors of 64, [64, 128] kernels, [32, 4] position tables) adds ~24%
+  # (measured 1.24x; GTR-base's large matrices pad < 10%, see the test above).
+  assert state_bytes <= report["argument_bytes"] <= 1.3 * state_bytes, (
       report["argument_bytes"], state_bytes)
