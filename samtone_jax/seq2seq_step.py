@@ -56,14 +56,8 @@ def train_step(state: train_step_lib.TrainState, batch: dict[str, Array], rng: A
     return model.loss_and_metrics(params["model"], batch, dropout_rng)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  trainable_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
-  metrics = dict(metrics)
-  metrics["grad_norm"] = optax.tree.norm(trainable_grads).astype(jnp.float32)
-  metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-  return train_step_lib.TrainState(step=state.step + 1, params=params,
-                                   opt_state=opt_state), metrics
+  return train_step_lib.apply_gradients(state, grads, metrics, tx=tx, schedule=schedule,
+                                        trainable=trainable)
 
 
 def build(model: seq2seq_model.EncoderDecoderModel,

@@ -306,13 +306,27 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *,
                               dropout_rng=dropout_rng, loss_chunk_size=chunks.loss_chunk_size)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state, metrics = apply_gradients(state, grads, metrics, tx=tx, schedule=schedule,
+                                       trainable=trainable)
+  metrics["temperature"] = jnp.asarray(temperature_of(state.params, loss_config), jnp.float32)
+  return new_state, metrics
+
+
+def apply_gradients(state: TrainState, grads: PyTree, metrics: dict[str, Array], *,
+                    tx: optax.GradientTransformation, schedule: optax.Schedule, trainable: PyTree
+                    ) -> tuple[TrainState, dict[str, Array]]:
+  """The optimizer update of either model kind's step, and the metrics every step reports.
+
+  Returns:
+    (the next TrainState, `metrics` plus "grad_norm" (of the trainable parameters' gradients)
+    and "learning_rate" (this step's)).
+  """
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   trainable_grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
   metrics = dict(metrics)
   metrics["grad_norm"] = optax.tree.norm(trainable_grads).astype(jnp.float32)
   metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-  metrics["temperature"] = jnp.asarray(temperature_of(state.params, loss_config), jnp.float32)
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
