@@ -39,8 +39,10 @@ GIB = 1024**3
 # (Adafactor), lengths 64/256; `{size}` is replaced by the model size.
 DEFAULT_GIN_FILES = ("models/{size}.gin,architectures/sde.gin,losses/samtone.gin,"
                      "runs/pretrain.gin")
-DEFAULT_GIN = ("--gin.MIXTURE_OR_TASK_NAME='unused_by_aot'",
-               "--gin.TASK_FEATURE_LENGTHS={'queries': 64, 'passages': 256}")
+# The data is never read; the dual encoder's lengths apply only to the default gin files (another
+# run, e.g. an encoder-decoder experiment, keeps its own TASK_FEATURE_LENGTHS).
+DEFAULT_GIN = ("--gin.MIXTURE_OR_TASK_NAME='unused_by_aot'",)
+DEFAULT_LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'queries': 64, 'passages': 256}"
 
 
 def compile_once(gin_files: str, size: str, topology: str, batch: int,
@@ -48,7 +50,8 @@ def compile_once(gin_files: str, size: str, topology: str, batch: int,
   """Runs launch/aot_compile.py once; returns its JSON report (plus size/batch/status)."""
   out = os.path.join("/tmp", f"aot_{os.getpid()}_{size}_{topology.replace(':', '_')}_{batch}.json")
   files = [f"--gin_file={f.format(size=size)}" for f in gin_files.split(",")]
-  cmd = [sys.executable, AOT_SCRIPT, f"--topology={topology}", *files, *DEFAULT_GIN,
+  lengths = [DEFAULT_LENGTHS] if gin_files == DEFAULT_GIN_FILES else []
+  cmd = [sys.executable, AOT_SCRIPT, f"--topology={topology}", *files, *DEFAULT_GIN, *lengths,
          f"--gin.BATCH_SIZE={batch}", *extra_gin, f"--json_output={out}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
   start = time.time()
