@@ -1,6 +1,5 @@
 """samtone_jax.analysis.probes: nearest-neighbour distances against numpy brute force."""
 
-import jax
 import matplotlib.image
 import numpy as np
 import pytest

@@ -2,11 +2,9 @@
 scores HF's log-likelihoods for the same weights; on a (4, 2) mesh its sharded initialisation,
 loss and gradients equal one device's."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 import torch

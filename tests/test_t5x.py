@@ -28,7 +28,6 @@ pytest.importorskip(
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import flax
 import jax
-from jax.sharding import PartitionSpec as P
 import numpy as np
 import orbax.checkpoint as ocp
 import seqio

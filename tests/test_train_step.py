@@ -6,7 +6,6 @@ clip + AdamW applied by hand.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

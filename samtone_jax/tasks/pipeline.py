@@ -54,7 +54,6 @@ import tensorflow as tf
 from samtone_jax.tasks import cache
 from samtone_jax.tasks import feature_converter
 from samtone_jax.tasks import features
-from samtone_jax.tasks import preprocessors
 from samtone_jax.tasks import readers
 
 _CHOICE_CHUNK = 1 << 16
