@@ -2,6 +2,7 @@
 against brute-force enumeration, the cached decoder's steps against the teacher-forced logits."""
 
 import dataclasses
+import functools
 import itertools
 
 import flax.linen as nn
@@ -13,9 +14,11 @@ import safetensors.torch
 import torch
 import transformers
 
+from samtone_jax import partitioning
 from samtone_jax.models import decoding
 from samtone_jax.models import encoder_decoder as ed
 from samtone_jax.models import hf_import
+from samtone_jax.models import seq2seq_model
 from samtone_jax.models import t5
 from samtone_jax.models.config import EncoderDecoderConfig, T5Config
 
@@ -302,3 +305,31 @@ def test_cached_step_refuses_more_than_one_position():
   with pytest.raises(ValueError, match="needs max_decode_length"):
     model.apply({"params": params, "cache": cache}, encoded, inputs, inputs[:, :1], decode=True,
                 mutable=["cache"], method=ed.EncoderDecoder.decode)
+
+
+@pytest.mark.parametrize("beam_size", [1, 2])
+def test_sharded_4x2_mesh_decodes_as_one_device(beam_size):
+  """`predict_batch` (the predict command's and closed_book_qa's decode) with params sharded by
+  their logical axes over a (data 4, model 2) mesh: the cache's constraints shard its batch and
+  heads; the tokens and scores are those of one device."""
+  config = _random_config("gated-gelu", False, False)
+  model = seq2seq_model.EncoderDecoderModel(config)
+  rng = np.random.default_rng(3)
+  inputs = rng.integers(2, 32, size=(8, 7)).astype(np.int32)
+  for row in range(8):
+    inputs[row, 2 + row % 5:] = 0
+  one_device = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1),
+                                 partitioning.MESH_AXES)
+  decode = jax.jit(functools.partial(model.predict_batch, max_length=6, beam_size=beam_size))
+  results = []
+  for mesh in (one_device, partitioning.create_mesh(4, 2)):
+    params, _ = partitioning.sharded_init(model.init_variables, mesh, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x * 2.0, params["params"])  # Sharper: beams disagree.
+    batch = {seq2seq_model.ENCODER_INPUT_TOKENS: jax.device_put(
+        inputs, partitioning.data_sharding(mesh, 2))}
+    with partitioning.mesh_context(mesh):
+      results.append(jax.device_get(decode(params, batch)))
+  (tokens, scores), (s_tokens, s_scores) = results
+  np.testing.assert_array_equal(s_tokens, tokens)
+  np.testing.assert_allclose(s_scores, scores, rtol=1e-5, atol=1e-5)
+  assert len({tuple(t) for t in tokens}) > 1  # Not one answer for every question.
