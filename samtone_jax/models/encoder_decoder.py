@@ -16,6 +16,16 @@ attended to by later (padding) positions, so it never changes the logits of real
 the loss ignores the padded ones. Decoder inputs are the targets shifted right with 0 (the pad id,
 T5's decoder start token) first; `shift_right` makes them.
 
+Incremental decoding (`decode(..., decode=True, max_decode_length=L)`, mutable 'cache', as t5x's
+`decode=True`): a first full-length call creates the 'cache' collection, then each call runs the
+decoder on one position. Its tree, per decoder layer (with `scan_layers`, one `layers` subtree
+whose leaves have a leading [num_layers] axis):
+  decoder/layers_{i}/self_attention/cached_key, cached_value  [b, L, h, k]  zeros, then filled
+  decoder/layers_{i}/self_attention/cache_index               int32 []     the next position
+  decoder/layers_{i}/encoder_decoder_attention/cached_key, cached_value  [b, s, h, k]  of `encoded`
+The leaves are plain arrays; inside the model they are constrained to the logical axes ('batch',
+'length', 'heads', 'kv'), so they shard like the activations. `decoding.py` drives it.
+
 Dropout follows the encoder's per-example scheme (`t5.dropout`): each example's key is split into
 an encoder key and a decoder key, so an example's masks do not depend on its batch.
 
