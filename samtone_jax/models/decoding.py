@@ -10,7 +10,8 @@ length from the start. The logits of a step equal those of the teacher-forced de
 position (tests/test_decoding.py checks it to 1e-5). Beam search keeps one cache row per beam
 (the example's rows tiled beam_size times) and gathers the self-attention rows of the chosen
 parents after every step; the cross-attention rows, equal for every beam of an example, are not
-moved.
+moved. There is no uncached path here: the loop that re-ran the decoder over the whole prefix
+every step is the peer in `benchmarks/decode_cache.py` and the reference in the tests.
 
 Conventions (T5's): the decoder starts from token 0 (`encoder_decoder.DECODER_START_ID`),
 a sequence ends with `eos_id` (1), positions after it hold 0. Scores are sums of the natural-log
