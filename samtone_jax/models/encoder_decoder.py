@@ -16,6 +16,16 @@ attended to by later (padding) positions, so it never changes the logits of real
 the loss ignores the padded ones. Decoder inputs are the targets shifted right with 0 (the pad id,
 T5's decoder start token) first; `shift_right` makes them.
 
+Incremental decoding (`decode(..., decode=True, max_decode_length=L)`, mutable 'cache', as t5x's
+`decode=True`): a first full-length call creates the 'cache' collection, then each call runs the
+decoder on one position. Its tree, per decoder layer (with `scan_layers`, one `layers` subtree
+whose leaves have a leading [num_layers] axis):
+  decoder/layers_{i}/self_attention/cached_key, cached_value  [b, L, h, k]  zeros, then filled
+  decoder/layers_{i}/self_attention/cache_index               int32 []     the next position
+  decoder/layers_{i}/encoder_decoder_attention/cached_key, cached_value  [b, s, h, k]  of `encoded`
+The leaves are plain arrays; inside the model they are constrained to the logical axes ('batch',
+'length', 'heads', 'kv'), so they shard like the activations. `decoding.py` drives it.
+
 Dropout follows the encoder's per-example scheme (`t5.dropout`): each example's key is split into
 an encoder key and a decoder key, so an example's masks do not depend on its batch.
 
@@ -90,11 +100,13 @@ def remat_layer(layer_cls: type[nn.Module], config: T5Config) -> type[nn.Module]
 class DecoderLayer(nn.Module):
   """Pre-norm decoder layer: causal self-attention, cross-attention, MLP, each residual.
 
-  With `scanned`, returns (x, None), the (carry, output) pair that `nn.scan` expects.
+  With `scanned`, returns (x, None), the (carry, output) pair that `nn.scan` expects; with
+  `decode`, both attentions keep a `cache` collection (`t5.SelfAttention`).
   """
 
   config: T5Config
   scanned: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, position_bias: Array, self_mask_bias: Array,
@@ -102,10 +114,11 @@ class DecoderLayer(nn.Module):
     """One layer.
 
     Args:
-      x: [b, l, d] decoder activations.
+      x: [b, l, d] decoder activations (with `decode`, l is 1 after the cache-creating call).
       encoded: [b, s, d] the encoder's outputs.
-      position_bias: float32 [1, h, l, l] the decoder's (unidirectional) position bias.
-      self_mask_bias: float32 [1, 1, l, l] causal mask bias (0 or a large negative).
+      position_bias: float32 [1, h, L, L] the decoder's (unidirectional) position bias; L = l,
+        or the cache length with `decode`.
+      self_mask_bias: float32 [1, 1, L, L] causal mask bias (0 or a large negative).
       cross_mask_bias: float32 [b, 1, 1, s] encoder padding mask bias.
       dropout_keys: [b, 2] this layer's per-example keys, or None: no dropout.
 
@@ -116,12 +129,12 @@ class DecoderLayer(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     rate = cfg.dropout_rate
     y = t5.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_self_attention_layer_norm")(x)
-    y = t5.SelfAttention(cfg, name="self_attention")(
+    y = t5.SelfAttention(cfg, self.decode, name="self_attention")(
         y, position_bias, self_mask_bias, _fold_in_each(dropout_keys, _SELF_ATTENTION_KEY))
     x = x + t5.dropout(y, rate, dropout_keys, site=2)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     y = t5.RMSNorm(cfg.layer_norm_epsilon, dtype, name="pre_cross_attention_layer_norm")(x)
-    y = t5.SelfAttention(cfg, name="encoder_decoder_attention")(
+    y = t5.SelfAttention(cfg, self.decode, name="encoder_decoder_attention")(
         y, None, cross_mask_bias, _fold_in_each(dropout_keys, _CROSS_ATTENTION_KEY),
         inputs_kv=encoded)
     x = x + t5.dropout(y, rate, dropout_keys, site=3)
@@ -159,22 +172,36 @@ class T5Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, decoder_input_tokens: Array, encoded: Array, encoder_input_tokens: Array,
-               dropout_keys: Array | None = None, logits_position: Array | None = None
-               ) -> Array:
+               dropout_keys: Array | None = None, logits_position: Array | None = None,
+               decode: bool = False, max_decode_length: int | None = None) -> Array:
     """Logits of the next token at every decoder position.
+
+    Incremental decoding (`decode=True`, mutable 'cache'): a first call with the full-length
+    [b, max_decode_length] tokens (any values) and the encoder's outputs creates the cache
+    (each layer's zero self-attention keys/values and its cross-attention keys/values of
+    `encoded`; see `t5.SelfAttention`); then each call takes the one token at the next position,
+    [b, 1], and returns its logits [b, 1, vocab] as the teacher-forced decoder would at that
+    position (`encoded` is no longer read; `encoder_input_tokens` still masks padding).
 
     Args:
       decoder_input_tokens: int32 [b, l] (targets shifted right; see `shift_right`).
       encoded: [b, s, d] the encoder's outputs.
       encoder_input_tokens: int32 [b, s] the encoder's inputs; 0 (padding) keys are masked.
       dropout_keys: [b, 2] per-example decoder keys, or None: no dropout.
-      logits_position: int32 [] or None: only that position's logits (decoding needs one
-        position per step; the head over a 32k vocabulary is costly).
+      logits_position: int32 [] or None: only that position's logits.
+      decode: use and update the key/value cache.
+      max_decode_length: with `decode`, the cache length L (static).
 
     Returns:
       float32 [b, l, vocab_size], or [b, 1, vocab_size] at `logits_position`.
+
+    Raises:
+      ValueError: `decode` without max_decode_length, or with dropout.
     """
     cfg = self.config
+    if decode and (max_decode_length is None or dropout_keys is not None):
+      raise ValueError("T5Decoder(decode=True) needs max_decode_length (the cache length) and "
+                       "no dropout_keys (decoding is deterministic).")
     dtype = jnp.dtype(cfg.dtype)
     decoder_input_tokens = nn.with_logical_constraint(decoder_input_tokens, ("batch", "length"))
     x = self.token_embedder(decoder_input_tokens).astype(dtype)
@@ -182,7 +209,8 @@ class T5Decoder(nn.Module):
     x = t5.dropout(x, cfg.dropout_rate, _fold_in_each(dropout_keys, _EMBEDDING_SITE),
                    site=0)
 
-    length = decoder_input_tokens.shape[1]
+    # With a cache, the biases are those of the full length; each attention takes its row.
+    length = max_decode_length if decode else decoder_input_tokens.shape[1]
     position_bias = t5.RelativePositionBias(
         cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
         bidirectional=False, name="relpos_bias")(length)
@@ -190,20 +218,23 @@ class T5Decoder(nn.Module):
     cross_mask_bias = jnp.where((encoder_input_tokens != t5.PAD_ID)[:, None, None, :], 0.0,
                                 jnp.finfo(jnp.float32).min)
 
-    layer_cls = remat_layer(DecoderLayer, cfg)
+    # Rematerialisation only matters for gradients; decoding runs the plain layer.
+    layer_cls = DecoderLayer if decode else remat_layer(DecoderLayer, cfg)
     layer_keys = [_fold_in_each(dropout_keys, _FIRST_LAYER + i)
                   for i in range(self.num_layers)]
     if cfg.scan_layers:
       stacked_keys = None if dropout_keys is None else jnp.stack(layer_keys)
-      scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+      # The cache of each layer is stacked like its params (leading [num_layers] axis).
+      scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0},
+                        split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                         length=self.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(cfg, scanned=True, name="layers")(
+      x, _ = scanned(cfg, scanned=True, decode=decode, name="layers")(
           x, encoded, position_bias, self_mask_bias, cross_mask_bias, stacked_keys)
     else:
       for i in range(self.num_layers):
-        x = layer_cls(cfg, name=f"layers_{i}")(x, encoded, position_bias, self_mask_bias,
-                                               cross_mask_bias, layer_keys[i])
+        x = layer_cls(cfg, decode=decode, name=f"layers_{i}")(
+            x, encoded, position_bias, self_mask_bias, cross_mask_bias, layer_keys[i])
 
     x = t5.RMSNorm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(x)
     x = t5.dropout(x, cfg.dropout_rate, _fold_in_each(dropout_keys, _FINAL_SITE), site=0)
@@ -244,11 +275,13 @@ class EncoderDecoder(nn.Module):
                         dropout_keys=dropout_keys)
 
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
-             dropout_keys: Array | None = None, logits_position: Array | None = None) -> Array:
+             dropout_keys: Array | None = None, logits_position: Array | None = None,
+             decode: bool = False, max_decode_length: int | None = None) -> Array:
     """Next-token logits, float32 [b, l, vocab] (or [b, 1, vocab] at `logits_position`), given
-    `encode`'s output; see `T5Decoder`."""
+    `encode`'s output; with `decode`, one position at a time from a key/value cache (mutable
+    'cache'; see `T5Decoder` and `decoding.init_cache`)."""
     return self.decoder(decoder_input_tokens, encoded, encoder_input_tokens, dropout_keys,
-                        logits_position)
+                        logits_position, decode, max_decode_length)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                deterministic: bool = True, example_rows: Array | None = None) -> Array:

@@ -222,9 +222,23 @@ class SelfAttention(nn.Module):
 
   Self-attention by default; with `inputs_kv` the keys and values come from another sequence
   (the decoder's attention over the encoder's outputs, without a position bias).
+
+  With `decode` (the decoder's incremental decoding, as t5x/flaxformer's `decode=True`) the
+  module keeps a flax `cache` collection:
+    * self-attention: `cached_key`, `cached_value` [b, L, h, k] (this module's own layout: batch,
+      length, heads, d_kv) and `cache_index` int32 []. The first call, with the full-length
+      [b, L, d] inputs, only creates the zero cache (its output is that of the plain module and
+      is meant to be discarded; under jit it is dead code). Each later call takes one position
+      x [b, 1, d], writes its key and value at `cache_index`, attends over the L cached ones
+      with row `cache_index` of the [., ., L, L] biases, and advances the index.
+    * attention over `inputs_kv`: the first call stores the projected keys and values of
+      `inputs_kv`, [b, s, h, k], as `cached_key` / `cached_value`; later calls read them and
+      ignore `inputs_kv`, so the encoder's outputs are projected once per decode, not per step.
+  The parameters are the same in both modes.
   """
 
   config: T5Config
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x: Array, position_bias: Array | None, mask_bias: Array,
@@ -258,9 +272,12 @@ class SelfAttention(nn.Module):
       return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     query = project("query", query_init)
-    key = project("key", init, kv)
-    value = project("value", init, kv)
     bias = mask_bias if position_bias is None else position_bias + mask_bias
+    if self.decode:
+      key, value, bias = self._decode_keys_values(project, init, x, inputs_kv, bias)
+    else:
+      key = project("key", init, kv)
+      value = project("value", init, kv)
     if dropout_keys is None or cfg.attention_dropout == 0.0:
       # No mask on the weights: JAX's fused attention (XLA's fusion here; cuDNN's flash kernel
       # where JAX selects it), with T5's unscaled logits and both biases; it also computes the
@@ -274,6 +291,62 @@ class SelfAttention(nn.Module):
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(b, l, inner)
     return Dense(cfg.d_model, ("heads", "embed"), init, dtype, name="out")(out)
+
+  def _decode_keys_values(self, project: Callable[..., Array], init: Initializer, x: Array,
+                          inputs_kv: Array | None, bias: Array) -> tuple[Array, Array, Array]:
+    """Keys, values and bias from (and into) the `cache` collection; see the class docstring.
+
+    Args:
+      project: `project(name, kernel_init, inputs)` -> [b, n, h, k] of `__call__`.
+      init: the key/value kernel initializer.
+      x: [b, l, d] the queries' inputs (l = L on the first call, then 1).
+      inputs_kv: [b, s, d] or None (self-attention).
+      bias: position + mask bias, broadcastable to [b, h, l, L] (or [b, h, l, s]).
+
+    Returns:
+      (key, value [b, L or s, h, k], bias broadcastable to [b, h, l, L or s]).
+    """
+    cfg = self.config
+    axes = ("batch", "length", "heads", "kv")
+    initialized = self.has_variable("cache", "cached_key")
+    if inputs_kv is not None:
+      if initialized:
+        key = self.get_variable("cache", "cached_key")
+        value = self.get_variable("cache", "cached_value")
+      else:
+        key = project("key", init, inputs_kv)
+        value = project("value", init, inputs_kv)
+        self.put_variable("cache", "cached_key", key)
+        self.put_variable("cache", "cached_value", value)
+      return (nn.with_logical_constraint(key, axes), nn.with_logical_constraint(value, axes),
+              bias)
+    key = project("key", init, x)
+    value = project("value", init, x)
+    if not initialized:
+      # Sizes the cache from the full-length call; the step calls fill it.
+      b, length = x.shape[:2]
+      zeros = jnp.zeros((b, length, cfg.num_heads, cfg.d_kv), key.dtype)
+      self.put_variable("cache", "cached_key", zeros)
+      self.put_variable("cache", "cached_value", zeros)
+      self.put_variable("cache", "cache_index", jnp.zeros((), jnp.int32))
+      return key, value, bias
+    if x.shape[1] != 1:
+      raise ValueError(f"decoding with a cache takes one position per call, got inputs of "
+                       f"length {x.shape[1]}")
+    index = self.get_variable("cache", "cache_index")
+    cached_key = jax.lax.dynamic_update_slice_in_dim(
+        self.get_variable("cache", "cached_key"), key, index, axis=1)
+    cached_value = jax.lax.dynamic_update_slice_in_dim(
+        self.get_variable("cache", "cached_value"), value, index, axis=1)
+    cached_key = nn.with_logical_constraint(cached_key, axes)
+    cached_value = nn.with_logical_constraint(cached_value, axes)
+    self.put_variable("cache", "cached_key", cached_key)
+    self.put_variable("cache", "cached_value", cached_value)
+    self.put_variable("cache", "cache_index", index + 1)
+    # Row `index` of the full-length biases: the current query against every cached key (the
+    # causal mask hides the zero keys after it).
+    bias = jax.lax.dynamic_slice_in_dim(bias, index, 1, axis=2)
+    return cached_key, cached_value, bias
 
 
 class MLP(nn.Module):
