@@ -200,3 +200,24 @@ def test_registered_kelm_task_and_wikidata_mixture(tmp_path):
     assert _masked_texts(seqio.get_mixture_or_task(name)) == EXPECTED[:3]
   finally:
     paths.reset_data_dirs()
+
+
+def test_gin_selects_the_file_and_format(tmp_path):
+  """The bindings gin/experiments/skill_wikidata_freebaseqa.gin documents for another KELM file."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from samtone_jax import gin_config  # pylint: disable=g-import-not-at-top
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  tekgen = _write(tmp_path, "quadruples-train.tsv", KELM_LINES[0].replace(
+      '"gen_sentence"', '"sentence"'))
+  gin.clear_config()
+  try:
+    gin_config.parse_gin(
+        ["experiments/skill_wikidata_freebaseqa.gin"],
+        ['MODEL_DIR = "/unused"', "MIXTURE_OR_TASK_NAME = @skill.register_sentences_task()",
+         f'skill.register_sentences_task.path = "{tekgen}"',
+         'skill.register_sentences_task.sentence_format = "tekgen"'], [])
+    data = gin_config.call_configured(trainer.DataConfig)
+  finally:
+    gin.clear_config()
+  assert data.mixture_or_task_name == "skill_sentences"
+  assert _masked_texts(seqio.get_mixture_or_task("skill_sentences")) == EXPECTED[:3]
