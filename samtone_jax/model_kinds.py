@@ -7,8 +7,9 @@ size the task must fit, the batch layout, which eval sets are valid and how they
 Everything else (build's `Built`, `TrainState`, checkpoints, resume, SIGTERM, metrics) is shared.
 
 `of(model).check_options(loss, chunks, loop)` refuses the bindings a kind would ignore (the
-contrastive loss, gradient caching and the retrieval-eval options on an encoder-decoder run), so a
-run never trains something other than what its gin files say.
+contrastive loss, gradient caching and the retrieval-eval options on an encoder-decoder run), and
+`check_architecture_bindings` the dual-encoder architecture files (called by the gin boundary), so
+a run never trains something other than what its gin files say.
 """
 
 import dataclasses
@@ -23,6 +24,10 @@ PyTree = Any
 # trainer here would be circular).
 _CHUNK_OPTIONS = (("embedding_chunk_size", "EMBEDDING_CHUNK_SIZE", 0),
                   ("loss_chunk_size", "LOSS_CHUNK_SIZE", 0))
+# DualEncoderConfig fields an architecture file binds (gin/architectures/*.gin: tower sharing,
+# ADE-FTE's frozen token embedder) that an encoder-decoder run would ignore. Its `encoder` and
+# `projection_dim` are bound by every gin/models/*.gin (sizes shared by both kinds), so not these.
+DUAL_ENCODER_ARCHITECTURE_FIELDS = ("tower_sharing", "pooling", "normalize")
 _RETRIEVAL_EVAL_OPTIONS = (("eval_metrics", "EVAL_METRICS", ()),
                            ("eval_ignore_identical_ids", "EVAL_IGNORE_IDENTICAL_IDS", None),
                            ("eval_embeddings_dir", "EVAL_EMBEDDINGS_DIR", None),
@@ -151,6 +156,34 @@ class EncoderDecoderKind:
     return closed_book_qa.evaluate_params(
         self.model, params["model"], mesh, loop.eval_sets, input_length=lengths["inputs"],
         max_decode_length=lengths["targets"], output_dir=output_dir)
+
+
+def check_architecture_bindings(bound: dict[str, Any]) -> None:
+  """Refuses dual-encoder architecture bindings on an encoder-decoder run.
+
+  The gin boundary (`gin_config.parse_gin`) calls this when `trainer.train.model` is the
+  encoder-decoder, with what the config binds for `config.DualEncoderConfig`: that config is then
+  never built, so an architecture file (e.g. architectures/ade_fte.gin, whose token embedder is
+  frozen) would be silently ignored.
+
+  Args:
+    bound: {DualEncoderConfig field: bound value} (fields not bound are absent).
+
+  Raises:
+    ValueError: naming each field of DUAL_ENCODER_ARCHITECTURE_FIELDS bound to a value other
+      than its default.
+  """
+  from samtone_jax.models import config  # pylint: disable=g-import-not-at-top
+  default = config.DualEncoderConfig()
+  problems = [f"config.DualEncoderConfig.{field} = {bound[field]!r}" for field in
+              DUAL_ENCODER_ARCHITECTURE_FIELDS
+              if field in bound and bound[field] != getattr(default, field)]
+  if problems:
+    raise ValueError(
+        f"{', '.join(problems)}: a dual-encoder architecture (gin/architectures/*.gin: tower "
+        "sharing, frozen parts, pooling) but trainer.train.model is the encoder-decoder "
+        "(seq2seq_model.EncoderDecoderModel), which would ignore it: drop the architecture file "
+        "or binding from this run (every encoder-decoder parameter is trained).")
 
 
 def of(model: Any) -> DualEncoderKind | EncoderDecoderKind:

@@ -109,3 +109,23 @@ def test_command_exits_with_one_message(tmp_path):
   assert "losses.LossConfig.use_hard_negatives = True" in result.stderr
   assert "Traceback" not in result.stderr
   assert not os.path.exists(model_dir)
+
+
+def test_architecture_files_are_refused_at_the_gin_boundary():
+  """An architecture file (ADE-FTE: a frozen token embedder) binds DualEncoderConfig, which an
+  encoder-decoder run never builds: parsing refuses it; the dual encoder's run takes it."""
+  import gin  # pylint: disable=g-import-not-at-top
+  try:
+    with pytest.raises(errors.ConfigError, match=(
+        r"config.DualEncoderConfig.tower_sharing = 'ade_fte', "
+        r"config.DualEncoderConfig.pooling = 'first': a dual-encoder architecture")):
+      gin_config.parse_gin([EXPERIMENT, "architectures/ade_fte.gin"],
+                           ['MODEL_DIR = "/unused"', 'config.DualEncoderConfig.pooling = "first"'])
+    gin.clear_config()
+    gin_config.parse_gin([EXPERIMENT, "architectures/sde.gin"], ['MODEL_DIR = "/unused"'])
+    gin.clear_config()
+    gin_config.parse_gin(["experiments/demo_samtone.gin", "architectures/ade_fte.gin"],
+                         ['MODEL_DIR = "/unused"'])
+    assert gin.query_parameter("config.DualEncoderConfig.tower_sharing") == "ade_fte"
+  finally:
+    gin.clear_config()
