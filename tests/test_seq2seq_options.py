@@ -129,3 +129,19 @@ def test_architecture_files_are_refused_at_the_gin_boundary():
     assert gin.query_parameter("config.DualEncoderConfig.tower_sharing") == "ade_fte"
   finally:
     gin.clear_config()
+
+
+def test_aot_compile_refuses_before_compiling(tmp_path):
+  """launch/aot_compile.py compiles the configured run's step: the same refusal, status 1."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  env.pop("SAMTONE_DEBUG", None)
+  report = tmp_path / "report.json"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "aot_compile.py"), "--topology=v5e:2x2",
+       f"--gin_file={EXPERIMENT}", "--gin.LOSS_CHUNK_SIZE=4", f"--json_output={report}"],
+      capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Error: The encoder-decoder" in result.stderr
+  assert "LOSS_CHUNK_SIZE = 4 (train_step.ChunkConfig.loss_chunk_size)" in result.stderr
+  assert "Traceback" not in result.stderr and not report.exists()
