@@ -14,6 +14,7 @@ import pytest
 import seqio
 
 from fixtures import tasks_data
+from samtone_jax import errors
 from samtone_jax.tasks import knowledge_graph as kg
 from samtone_jax.tasks import readers
 from samtone_jax.tasks import vocab
@@ -198,6 +199,17 @@ def test_registered_kelm_task_and_wikidata_mixture(tmp_path):
     name = skill.register_sentences_task(path=tekgen, sentence_format="tekgen",
                                          name="test_tekgen_gin", vocabulary=vocabulary)
     assert _masked_texts(seqio.get_mixture_or_task(name)) == EXPECTED[:3]
+    missing = str(tmp_path / "none" / "quadruples-train.tsv")
+    skill.register_sentences_task(path=missing, sentence_format="tekgen", name="test_tekgen_gone",
+                                  vocabulary=vocabulary)
+    with pytest.raises(readers.MissingDataError, match=re.escape(
+        f"Missing 'tekgen' fact-sentence file: expected at {missing}. Download the KELM "
+        "release's TEKGEN files")):
+      seqio.get_mixture_or_task("test_tekgen_gone").source.get_dataset("train")
+    with pytest.raises(errors.ConfigError, match=re.escape(
+        "skill.register_sentences_task.sentence_format = 'jsonl': expected one of 'tsv', "
+        "'kelm', 'tekgen'.")):
+      skill.register_sentences_task(path=tekgen, sentence_format="jsonl")
   finally:
     paths.reset_data_dirs()
 

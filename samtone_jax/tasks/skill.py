@@ -38,6 +38,7 @@ import os
 import seqio
 import tensorflow as tf
 
+from samtone_jax import errors
 from samtone_jax.tasks import closed_book_qa
 from samtone_jax.tasks import knowledge_graph
 from samtone_jax.tasks import paths
@@ -139,10 +140,19 @@ def register_sentences_task(*, path: str, sentence_format: str = "kelm",
     vocabulary: default T5's (with its 100 sentinels).
     shuffle_buffer_size: the pipeline's shuffle buffer.
   """
+  if sentence_format not in knowledge_graph.SENTENCE_FORMATS:
+    raise errors.ConfigError(
+        f"skill.register_sentences_task.sentence_format = {sentence_format!r}: expected one of "
+        f"{', '.join(map(repr, knowledge_graph.SENTENCE_FORMATS))}.")
+  how_to_get = {"kelm": kelm_help(os.path.dirname(path) or "."),
+                "tekgen": ("Download the KELM release's TEKGEN files (https://github.com/"
+                           "google-research-datasets/KELM-corpus: https://storage.googleapis.com/"
+                           "gresearch/kelm-corpus/updated-2021/quadruples-train.tsv, "
+                           "-validation.tsv, -test.tsv).")}.get(
+                               sentence_format, "Check skill.register_sentences_task.path.")
   knowledge_graph.register_fact_sentences_task(
       name, lambda: readers.require_file(path, f"{sentence_format!r} fact-sentence file",
-                                         kelm_help() if sentence_format != "tsv" else
-                                         "Check the path (skill.register_sentences_task.path)."),
+                                         how_to_get),
       vocabulary or vocab.t5_vocabulary(), sentence_format=sentence_format,
       shuffle_buffer_size=shuffle_buffer_size)
   return name
