@@ -21,6 +21,7 @@ import jax
 from jax.experimental import topologies
 import numpy as np
 
+from samtone_jax import errors
 from samtone_jax import gin_config
 from samtone_jax import losses
 from samtone_jax import model_kinds
@@ -217,6 +218,10 @@ def compile_configured(topology: str) -> tuple[MemoryReport, int]:
   args = gin_config.configured_arguments(trainer.train,
                                          required=("model", "loss", "optimizer", "data"))
   data = args["data"]
+  try:  # what the trainer refuses, refused here too, as one message (errors.ConfigError)
+    model_kinds.of(args["model"]).check_options(loss=args["loss"], chunks=args["chunks"])
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
   mesh_data, mesh_model = args["mesh_shape"]
   report = compile_train_step(
       topology, model_config=args["model"], loss_config=args["loss"],

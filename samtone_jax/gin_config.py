@@ -122,6 +122,30 @@ def parse_gin(gin_files: Sequence[str], gin_bindings: Sequence[str],
     raise errors.ConfigError(
         f"Error in the gin configuration: macro {name} is bound on the command line but no gin "
         f"file defines or uses it; {hint}")
+  _check_model_kind_bindings()
+
+
+def _check_model_kind_bindings() -> None:
+  """Refuses dual-encoder architecture bindings that an encoder-decoder run would ignore
+  (`model_kinds.check_architecture_bindings`; the config that binds them is never built)."""
+  try:
+    model = gin.query_parameter("trainer.train.model")
+  except ValueError:  # no run file binds trainer.train (evaluate, encode, ...)
+    return
+  configurable = getattr(model, "configurable", None)
+  if getattr(configurable, "name", None) != "EncoderDecoderModel":
+    return
+  bound = {}
+  from samtone_jax import model_kinds  # pylint: disable=g-import-not-at-top
+  for field in model_kinds.DUAL_ENCODER_ARCHITECTURE_FIELDS:
+    try:
+      bound[field] = gin.query_parameter(f"config.DualEncoderConfig.{field}")
+    except ValueError:  # not bound (or no file imports samtone_jax.models.config)
+      pass
+  try:
+    model_kinds.check_architecture_bindings(bound)
+  except ValueError as e:
+    raise errors.ConfigError(f"Error in the gin configuration: {e}") from None
 
 
 def gin_macro(name: str, default=None):

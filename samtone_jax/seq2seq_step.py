@@ -6,7 +6,8 @@ rule), so the trainer, checkpoints, resume, SIGTERM and the AOT compile need no 
 
 The optimised tree is `{"model": <EncoderDecoder params>, "loss": {}}` (no loss parameters), so a
 checkpoint has the dual encoder's layout. Gradient caching and loss row chunking are contrastive-
-loss options and do not apply.
+loss options and do not apply: `train_step.build` refuses them (and a non-default `LossConfig`)
+for this model kind (`model_kinds.EncoderDecoderKind.check_options`) rather than ignore them.
 """
 
 import functools

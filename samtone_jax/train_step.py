@@ -427,7 +427,7 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.
 
   Args:
     model_config: the dual encoder; or a `seq2seq_model.EncoderDecoderModel`, built by
-      `seq2seq_step.build` (loss_config and chunks do not apply to it).
+      `seq2seq_step.build` (loss_config and chunks must then be the defaults: they do not apply).
     loss_config: the loss.
     optimizer_config: the optimizer and schedule.
     mesh: a (data, model) mesh, real devices or an AOT topology.
@@ -439,8 +439,11 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.
     create the sharded state.
 
   Raises:
-    ValueError: if a chunk size does not divide the per-device batch.
+    ValueError: if a chunk size does not divide the per-device batch; for the encoder-decoder,
+      if `loss_config` or `chunks` sets a dual-encoder option it would ignore
+      (`model_kinds.EncoderDecoderKind.check_options`).
   """
+  model_kinds.of(model_config).check_options(loss=loss_config, chunks=chunks)
   if model_kinds.is_seq2seq(model_config):  # the encoder-decoder: its own step, same Built
     from samtone_jax import seq2seq_step  # pylint: disable=g-import-not-at-top
     return seq2seq_step.build(model_config, optimizer_config, mesh, batch)

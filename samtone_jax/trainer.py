@@ -321,6 +321,7 @@ def check_config(model: Any, loss: losses.LossConfig,
         f"{mesh.shape[partitioning.MODEL_AXIS]}): use a multiple of {data_parallel}.")
   try:
     chunks.check(data.batch_size, data_parallel)
+    model_kinds.of(model).check_options(loss=loss, chunks=chunks, loop=loop)
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
   lengths = dict(data.task_feature_lengths)

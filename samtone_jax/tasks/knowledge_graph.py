@@ -25,6 +25,7 @@ and 1-based line):
                        numbered lines (N = 1, 2, ... per movie),         wiki_entities/
                        movies separated by blank lines                   wiki_entities_kb.txt)
   fact sentences       sentence<TAB>subject<TAB>relation<TAB>object     (the sentence states it)
+  KELM / TEKGEN        JSON Lines of the KELM corpus release (see `read_kelm_sentences`)
 
 Records handed to tf.data (one per (fact, masked side), so every preprocessor maps one example
 to one example, which `pipeline` needs to resume by skipping raw examples):
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import dataclasses
 import re
 
+from absl import logging
 import seqio
 import tensorflow as tf
 
@@ -209,6 +211,173 @@ def masked_sentences(sentences: Iterable[tuple[str, tuple[int, int], tuple[int, 
       yield {TEXT: sentence, SPAN_START: start, SPAN_END: end}
 
 
+# The KELM corpus (Agarwal et al., NAACL 2021; https://github.com/google-research-datasets/
+# KELM-corpus, release "updated-2021"): JSON Lines, one object per line, with
+#   "triples":            a list of [subject, relation, object] (or 4-item "quadruples" for a fact
+#                         with a sub-property, e.g. ["Person X", "Award Y", "received on",
+#                         "Date Z"]); missing in about 0.1% of kelm_generated_corpus.jsonl;
+#   "serialized_triples": the triples as one string, "<subject> <relation> <object> <relation2>
+#                         <object2> ...", the data-to-text model's input (no entity boundaries:
+#                         not read here);
+#   "gen_sentence" (kelm_generated_corpus.jsonl, the ~15M synthetic sentences) or "sentence"
+#                         (quadruples-{train,validation,test}.tsv, TEKGEN's Wikipedia sentences;
+#                         JSON Lines despite the name).
+KELM_SENTENCE_FIELDS = {"kelm": "gen_sentence", "tekgen": "sentence"}
+KELM_TRIPLES = "triples"
+
+
+@dataclasses.dataclass
+class KelmCounts:
+  """What `read_kelm_sentences` read, masked and skipped (it logs them as one warning).
+
+  Attributes:
+    lines: non-blank lines read.
+    lines_without_triples: lines with no (or an empty) "triples" field, skipped (the release
+      documents ~0.1% of kelm_generated_corpus.jsonl without one).
+    entities: distinct entity strings over all lines (per line: each triple's first and last item).
+    entities_not_in_sentence: entities the sentence does not spell exactly (case-sensitive
+      substring), not masked (the generator paraphrases dates, units, ...).
+    entities_overlapping: entities that occur only inside a longer entity's masked span, not
+      masked ("walrus" inside "walrus mustache").
+    lines_without_masked_entity: lines with triples but no maskable entity, skipped.
+    examples: masked examples produced (one per masked entity).
+  """
+
+  lines: int = 0
+  lines_without_triples: int = 0
+  entities: int = 0
+  entities_not_in_sentence: int = 0
+  entities_overlapping: int = 0
+  lines_without_masked_entity: int = 0
+  examples: int = 0
+
+
+def _kelm_entities(path: str, line: int, triples: object) -> list[str]:
+  """The distinct entity strings of one line's "triples", in order: each item's first (subject)
+  and last (object, or the sub-property's value of a quadruple) string.
+
+  A quadruple's middle items are not entities under every reading of the release's description
+  ("(Person X, Award Y, received on, Date Z)": object and sub-property, or relation and
+  sub-property), so they are never masked; first and last are entities under all of them.
+  """
+  if not isinstance(triples, list):
+    raise readers.DataFormatError(path, line, f"field {KELM_TRIPLES!r} should be a list of "
+                                  f"triples, got {type(triples).__name__}")
+  entities = []
+  for index, triple in enumerate(triples):
+    if (not isinstance(triple, list) or len(triple) not in (3, 4)
+        or not all(isinstance(item, str) for item in triple)):
+      raise readers.DataFormatError(
+          path, line, f"{KELM_TRIPLES}[{index}] should be a list of 3 strings (subject, "
+          f"relation, object) or 4 (a quadruple), got {str(triple)[:80]}")
+    for item in (triple[0], triple[-1]):
+      entity = readers.check_text(path, line, f"{KELM_TRIPLES}[{index}]", item)
+      if entity not in entities:
+        entities.append(entity)
+  return entities
+
+
+def kelm_entity_spans(sentence: str, entities: Sequence[str]
+                      ) -> tuple[list[tuple[int, int]], int, int]:
+  """UTF-8 byte spans of the entities a sentence spells, left to right.
+
+  Longer entities claim their first occurrence first; each entity then takes its first
+  occurrence that overlaps no claimed span (so "walrus" is not found inside "walrus mustache").
+  Matching is exact (case-sensitive substrings), as for the fact-sentence TSV.
+
+  Returns:
+    (spans sorted by start, number of entities not in the sentence, number that occur only
+    overlapping a longer entity's span).
+  """
+  text = sentence.encode("utf-8")
+  spans, missing, overlapping = [], 0, 0
+  for entity in sorted(entities, key=lambda e: -len(e.encode("utf-8"))):  # stable: ties in order
+    part = entity.encode("utf-8")
+    starts = list(_occurrences(text, part))
+    if not starts:
+      missing += 1
+      continue
+    free = [s for s in starts if all(s + len(part) <= a or s >= b for a, b in spans)]
+    if not free:
+      overlapping += 1
+      continue
+    spans.append((free[0], free[0] + len(part)))
+  return sorted(spans), missing, overlapping
+
+
+def read_kelm_sentences(path: str, sentence_format: str = "kelm",
+                        counts: KelmCounts | None = None
+                        ) -> Iterator[tuple[str, tuple[tuple[int, int], ...]]]:
+  """A KELM release file -> (sentence, byte spans of its maskable entities, left to right).
+
+  Args:
+    path: kelm_generated_corpus.jsonl ("kelm") or quadruples-*.tsv ("tekgen"), plain or .gz.
+    sentence_format: "kelm" reads the sentence from "gen_sentence", "tekgen" from "sentence".
+    counts: filled in as the file is read (a fresh KelmCounts if None); logged as one warning
+      at the end when anything was skipped.
+
+  Yields:
+    (sentence, spans) for each line with at least one maskable entity (`kelm_entity_spans`).
+
+  Raises:
+    readers.DataFormatError: naming file and line: invalid JSON, not an object, a missing or
+      empty sentence, "triples" not a list of 3- or 4-string lists, an empty entity; or, at the
+      end, a file in which no line has a maskable entity.
+  """
+  if sentence_format not in KELM_SENTENCE_FIELDS:
+    raise ValueError(f"Unknown KELM format {sentence_format!r}; one of "
+                     f"{sorted(KELM_SENTENCE_FIELDS)}.")
+  field = KELM_SENTENCE_FIELDS[sentence_format]
+  counts = KelmCounts() if counts is None else counts
+  for line, obj in readers.iter_jsonl(path, required={field: str}):
+    counts.lines += 1
+    sentence = readers.check_text(path, line, field, obj[field])
+    if not obj.get(KELM_TRIPLES):
+      counts.lines_without_triples += 1
+      continue
+    entities = _kelm_entities(path, line, obj[KELM_TRIPLES])
+    spans, missing, overlapping = kelm_entity_spans(sentence, entities)
+    counts.entities += len(entities)
+    counts.entities_not_in_sentence += missing
+    counts.entities_overlapping += overlapping
+    if not spans:
+      counts.lines_without_masked_entity += 1
+      continue
+    counts.examples += len(spans)
+    yield sentence, tuple(spans)
+  if not counts.examples:
+    raise readers.DataFormatError(
+        path, None, f"no line has a {field!r} that spells one of its triples' entities (read "
+        f"{counts.lines} lines, {counts.lines_without_triples} without {KELM_TRIPLES!r}); is "
+        f"this a KELM release file in the {sentence_format!r} format?")
+  if counts.lines_without_triples or counts.lines_without_masked_entity:
+    logging.warning(
+        "%s: %d masked examples from %d lines; skipped %d lines without triples and %d whose "
+        "sentence spells none of their entities; %d of %d entities not in their sentence, %d "
+        "only inside a longer entity.", path, counts.examples, counts.lines,
+        counts.lines_without_triples, counts.lines_without_masked_entity,
+        counts.entities_not_in_sentence, counts.entities, counts.entities_overlapping)
+
+
+def masked_spans(sentences: Iterable[tuple[str, Sequence[tuple[int, int]]]]) -> Iterator[dict]:
+  """One masked example per (sentence, span): the records `skill_mask_sentence` takes."""
+  for sentence, spans in sentences:
+    for start, end in spans:
+      yield {TEXT: sentence, SPAN_START: start, SPAN_END: end}
+
+
+# Fact-sentence file formats: "tsv" (sentence<TAB>subject<TAB>relation<TAB>object) and the KELM
+# release's two JSON Lines files.
+SENTENCE_FORMATS = ("tsv", *KELM_SENTENCE_FIELDS)
+
+
+def sentence_records(path: str, sentence_format: str = "tsv") -> Iterator[dict]:
+  """The masked-sentence records of a fact-sentence file in one of SENTENCE_FORMATS."""
+  if sentence_format == "tsv":
+    return masked_sentences(read_fact_sentences(path))
+  return masked_spans(read_kelm_sentences(path, sentence_format))
+
+
 @seqio.map_over_dataset
 def skill_mask_sentence(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
   """{"text", "span_start", "span_end"} -> text with the span as a sentinel; targets the span.
@@ -268,13 +437,27 @@ def register_skill_task(name: str, kg_path: str | Callable[[], str], vocabulary:
 
 
 def register_fact_sentences_task(name: str, path: str | Callable[[], str],
-                                 vocabulary: seqio.Vocabulary, *,
+                                 vocabulary: seqio.Vocabulary, *, sentence_format: str = "tsv",
                                  shuffle_buffer_size: int = 100_000) -> seqio.Task:
-  """Registers a KELM-style task: fact sentences with the subject or object masked ("train")."""
+  """Registers a KELM-style task: fact sentences with the subject or object masked ("train").
+
+  Args:
+    name: task name.
+    path: the file, or a function returning it (called when the dataset is built).
+    vocabulary: a vocabulary with extra ids (the sentinel).
+    sentence_format: one of SENTENCE_FORMATS: "tsv" (our sentence<TAB>subject<TAB>relation<TAB>
+      object; both entities masked, one example each), "kelm" (kelm_generated_corpus.jsonl) or
+      "tekgen" (the KELM release's quadruples-*.tsv): every entity the sentence spells masked,
+      one example each (`read_kelm_sentences`).
+    shuffle_buffer_size: the pipeline's shuffle buffer.
+  """
   check_sentinel(vocabulary, name)
+  if sentence_format not in SENTENCE_FORMATS:
+    raise ValueError(f"Unknown fact-sentence format {sentence_format!r}; one of "
+                     f"{list(SENTENCE_FORMATS)}.")
   resolve = path if callable(path) else (lambda: path)
   source = sources.file_records_source(
-      {"train": resolve}, lambda p: masked_sentences(read_fact_sentences(p)), SENTENCE_SPEC)
+      {"train": resolve}, lambda p: sentence_records(p, sentence_format), SENTENCE_SPEC)
   return _register(name, source, skill_mask_sentence, vocabulary, shuffle_buffer_size)
 
 

@@ -19,6 +19,12 @@ Knowledge graphs (T5's vocabulary with its 100 sentinels, `vocab.t5_vocabulary()
   skill_<name>          every TSV KG <data>/kg/<name>.tsv[.gz] (`subject<TAB>relation<TAB>object`,
                         e.g. Wikidata triples you extracted), registered when this module's
                         `register()` runs (importing samtone_jax.tasks.all)
+  skill_kelm            the KELM corpus's generated sentences, every entity they spell masked:
+                        <data>/kelm/kelm_generated_corpus.jsonl[.gz] (`kelm_help` says where to
+                        download it); `register_sentences_task` registers another file or format
+                        (e.g. TEKGEN's quadruples-train.tsv) from gin
+  skill_wikidata_kelm   mixture of skill_wikidata and skill_kelm, rate 1:1, when
+                        <data>/kg/wikidata.tsv[.gz] is there (SKILL's triples + KELM comparison)
 
 Closed-book QA (T5's vocabulary):
   metaqa_{1,2,3}hop     <data>/metaqa/<k>-hop/vanilla/qa_{train,dev,test}.txt
@@ -32,6 +38,7 @@ import os
 import seqio
 import tensorflow as tf
 
+from samtone_jax import errors
 from samtone_jax.tasks import closed_book_qa
 from samtone_jax.tasks import knowledge_graph
 from samtone_jax.tasks import paths
@@ -54,6 +61,21 @@ WIKIMOVIES_KB = os.path.join("movieqa", "knowledge_source", "wiki_entities",
 WIKIMOVIES_HELP = ("Download WikiMovies (http://www.thespermwhale.com/jaseweston/babi/"
                    "movieqa.tar.gz) and unpack it into that directory's wikimovies/ folder "
                    "(tar xzf movieqa.tar.gz -C $SAMTONE_DATA_DIR/wikimovies).")
+KELM_TASK = "skill_kelm"
+WIKIDATA_KELM_MIXTURE = "skill_wikidata_kelm"
+KELM_DIR = "kelm"
+KELM_FILE = "kelm_generated_corpus.jsonl"
+KELM_URL = ("https://storage.googleapis.com/gresearch/kelm-corpus/updated-2021/"
+            "kelm_generated_corpus.jsonl")
+
+
+def kelm_help(directory: str = "$SAMTONE_DATA_DIR/kelm") -> str:
+  """Where to get the KELM corpus and where to put it (the README says the same)."""
+  return ("Download the KELM corpus (Agarwal et al., NAACL 2021; "
+          f"https://github.com/google-research-datasets/KELM-corpus): wget -P {directory} "
+          f"{KELM_URL} (gzip it there if you like: {KELM_FILE}.gz is read as well).")
+
+
 _DEMO_HELP = ("The WordNet demo data ships inside the package; reinstall samtone_jax "
               "(pip install -e .) or rebuild it with scripts/build_wordnet_kg.py.")
 
@@ -97,6 +119,45 @@ def register_kg_directory(root: str, vocabulary: seqio.Vocabulary | None = None)
   return registered
 
 
+def _kelm_file(directory: str) -> str:
+  return readers.find_file(directory, KELM_FILE, "KELM corpus", kelm_help(directory))
+
+
+def register_sentences_task(*, path: str, sentence_format: str = "kelm",
+                            name: str = "skill_sentences",
+                            vocabulary: seqio.Vocabulary | None = None,
+                            shuffle_buffer_size: int = 100_000) -> str:
+  """Registers (replacing any earlier one) a fact-sentence task over `path`; returns its name.
+
+  For gin: `MIXTURE_OR_TASK_NAME = @skill.register_sentences_task()` with `path` and
+  `sentence_format` bound (one of `knowledge_graph.SENTENCE_FORMATS`: "tsv", "kelm" for
+  kelm_generated_corpus.jsonl, "tekgen" for the KELM release's quadruples-*.tsv).
+
+  Args:
+    path: the file (plain or .gz; local or gs://); a missing one raises MissingDataError.
+    sentence_format: how to read it.
+    name: the task name.
+    vocabulary: default T5's (with its 100 sentinels).
+    shuffle_buffer_size: the pipeline's shuffle buffer.
+  """
+  if sentence_format not in knowledge_graph.SENTENCE_FORMATS:
+    raise errors.ConfigError(
+        f"skill.register_sentences_task.sentence_format = {sentence_format!r}: expected one of "
+        f"{', '.join(map(repr, knowledge_graph.SENTENCE_FORMATS))}.")
+  how_to_get = {"kelm": kelm_help(os.path.dirname(path) or "."),
+                "tekgen": ("Download the KELM release's TEKGEN files (https://github.com/"
+                           "google-research-datasets/KELM-corpus: https://storage.googleapis.com/"
+                           "gresearch/kelm-corpus/updated-2021/quadruples-train.tsv, "
+                           "-validation.tsv, -test.tsv).")}.get(
+                               sentence_format, "Check skill.register_sentences_task.path.")
+  knowledge_graph.register_fact_sentences_task(
+      name, lambda: readers.require_file(path, f"{sentence_format!r} fact-sentence file",
+                                         how_to_get),
+      vocabulary or vocab.t5_vocabulary(), sentence_format=sentence_format,
+      shuffle_buffer_size=shuffle_buffer_size)
+  return name
+
+
 def register(vocabulary: seqio.Vocabulary | None = None) -> None:
   """Registers every task of this module (the demo, the KGs and the QA sets)."""
   register_demo()
@@ -121,4 +182,10 @@ def register(vocabulary: seqio.Vocabulary | None = None) -> None:
                                   vocabulary)
   closed_book_qa.register_qa_task(NQ_OPEN_TASK, closed_book_qa.nq_open_source(), vocabulary)
   closed_book_qa.register_qa_task(TRIVIA_QA_TASK, closed_book_qa.trivia_qa_source(), vocabulary)
-  register_kg_directory(os.path.join(paths.data_dir(), "kg"), vocabulary)
+  kg_tasks = register_kg_directory(os.path.join(paths.data_dir(), "kg"), vocabulary)
+  knowledge_graph.register_fact_sentences_task(
+      KELM_TASK, lambda: _kelm_file(os.path.join(paths.data_dir(), KELM_DIR)),
+      vocabulary, sentence_format="kelm")
+  if "skill_wikidata" in kg_tasks:
+    knowledge_graph.register_mixture(WIKIDATA_KELM_MIXTURE,
+                                     [("skill_wikidata", 1.0), (KELM_TASK, 1.0)])
