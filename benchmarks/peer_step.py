@@ -20,7 +20,7 @@ process has cores). Both train with T5's dropout 0.1 on every site, attention we
 
 Both get the same random token ids (no padding), lengths `--lengths` (queries, passages). After a
 warm-up (compile) step each, one step of ours and one of the peer alternate for `--repeats`
-rounds; reported: seconds per step as median [min-max], and peer s / ours s per round as median
+rounds, each side in its own worker process (this script started again), timed inside it; reported: seconds per step as median [min-max], and peer s / ours s per round as median
 [min-max] (> 1: ours is that many times faster).
 
 Time to first step (`--first_step_config`, SamToNe): each measurement is a fresh Python process,
@@ -161,10 +161,9 @@ def worker(kind: str, spec: dict) -> None:
 def alternate_workers(spec: dict, repeats: int) -> dict[str, list[float]]:
   """Seconds per step of ours and the peer, each in its own process, one step at a time.
 
-  Separate processes, because in one process the thread pools of XLA and torch that finished
-  their step keep spinning for a while and slow the other's step (the peer's step was several
-  times slower next to JAX in a first version of this script). Only one process steps at a
-  time; the other waits on its input.
+  Separate processes, so that neither library's thread pools (which spin for a while after their
+  work) nor its allocator can slow the other's step. Only one process steps at a time; the other
+  waits on its input.
   """
   processes = {kind: start_process(kind, "worker", spec, None) for kind in ("ours", "peer")}
   try:
