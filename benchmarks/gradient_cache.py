@@ -19,15 +19,12 @@ reported: examples/s of each and ours / theirs.
 import argparse
 import os
 import statistics
-import time
 
 import jax
 import numpy as np
 
+import peers  # pylint: disable=g-import-not-at-top  (benchmarks/peers.py)
 from samtone_jax import losses
-from samtone_jax import optimizers
-from samtone_jax import partitioning
-from samtone_jax import train_step as ts
 from train_step import model_config_of  # pylint: disable=g-import-not-at-top  (benchmarks/train_step.py)
 
 TEMPERATURE = 0.05
@@ -35,87 +32,23 @@ TEMPERATURE = 0.05
 
 def jax_step(config, batch: dict[str, np.ndarray], chunk: int):
   """A closure running one step of the real train step (state carried between calls)."""
-  mesh = partitioning.create_mesh(1, 1, devices=jax.devices()[:1])
-  spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  built = ts.build(config, losses.LossConfig(temperature=TEMPERATURE, same_tower_negatives=False),
-                   optimizers.OptimizerConfig(name="adamw", warmup_steps=10), mesh, spec,
-                   ts.ChunkConfig(embedding_chunk_size=chunk))
-  state = [built.init_state(jax.random.PRNGKey(0))]
-  arrays = ts.as_global_batch(batch, built.batch_shardings)
-  key = jax.random.PRNGKey(1)
-
-  def step():
-    state[0], metrics = built.train_step(state[0], arrays, key)
-    jax.block_until_ready((state[0], metrics))
-
-  return step
+  return peers.jax_train_step(
+      config, batch, losses.LossConfig(temperature=TEMPERATURE, same_tower_negatives=False), chunk)
 
 
 def sentence_transformers_step(config, batch: dict[str, np.ndarray], chunk: int):
   """One step of sentence-transformers' CachedMultipleNegativesRankingLoss on the same shape."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  from sentence_transformers import SentenceTransformer  # pylint: disable=g-import-not-at-top
   from sentence_transformers import losses as st_losses  # pylint: disable=g-import-not-at-top
-  from sentence_transformers import models as st_models  # pylint: disable=g-import-not-at-top
 
-  enc = config.encoder
-  hf_config = transformers.T5Config(
-      vocab_size=enc.vocab_size, d_model=enc.d_model, d_kv=enc.d_kv, d_ff=enc.d_ff,
-      num_layers=enc.num_layers, num_heads=enc.num_heads, feed_forward_proj=enc.feed_forward_proj,
-      dropout_rate=enc.dropout_rate, relative_attention_num_buckets=enc.relative_attention_num_buckets,
-      relative_attention_max_distance=enc.relative_attention_max_distance)
-
-  class T5Tokens(torch.nn.Module):
-    """input_ids / attention_mask -> token_embeddings, as sentence-transformers' Transformer."""
-
-    def __init__(self):
-      super().__init__()
-      self.encoder = transformers.T5EncoderModel(hf_config)
-
-    def forward(self, features, **_):
-      out = self.encoder(input_ids=features["input_ids"],
-                         attention_mask=features["attention_mask"])
-      features["token_embeddings"] = out.last_hidden_state
-      return features
-
-  model = SentenceTransformer(modules=[
-      T5Tokens(), st_models.Pooling(enc.d_model, pooling_mode="mean"),
-      st_models.Dense(enc.d_model, config.projection_dim, bias=False,
-                      activation_function=torch.nn.Identity()),
-      st_models.Normalize()], device="cpu")
-  model.train()
+  model = peers.sentence_transformer(config.encoder, config.projection_dim)
   loss = st_losses.CachedMultipleNegativesRankingLoss(model, scale=1 / TEMPERATURE,
                                                       mini_batch_size=chunk)
-  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-  def features(tokens):
-    ids = torch.from_numpy(tokens.astype(np.int64))
-    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
-
-  inputs = [features(batch["queries"]), features(batch["passages"])]
-  labels = torch.zeros(batch["queries"].shape[0])
-
-  def step():
-    optimizer.zero_grad()
-    value = loss([dict(f) for f in inputs], labels)
-    value.backward()
-    optimizer.step()
-
-  return step
+  return peers.sentence_transformers_train_step(model, loss, batch)
 
 
 def alternate(steps: dict, repeats: int) -> dict[str, float]:
   """Median seconds per step of each, run alternately after one warm-up (compile) step each."""
-  for step in steps.values():
-    step()
-  times = {name: [] for name in steps}
-  for _ in range(repeats):
-    for name, step in steps.items():
-      start = time.perf_counter()
-      step()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return {name: statistics.median(t) for name, t in peers.alternate(steps, repeats).items()}
 
 
 def main():

@@ -82,6 +82,32 @@ def setup_from_flags() -> None:
   gin_config.configure_data_from_gin()
 
 
+def setup_demo_from_flags(binding_flag: str | None = "--binding") -> None:
+  """`setup_from_flags` for the demos, which parse their own experiments for every run.
+
+  A demo trains several runs in one process through `gin_config.run_from_gin`, which starts each
+  from a cleared gin config, so --gin_file and --gin.NAME=VALUE would be dropped silently: they
+  are refused. Everything else is every command's set-up: multi-host start-up, the persistent
+  compilation cache (a demo's second seed or stage reads the first's programs from it, and a
+  second `make demo` compiles nothing), --tfds_data_dir and the log verbosity.
+
+  Args:
+    binding_flag: the demo's own flag for extra gin bindings, named in the error; None: it has
+      none.
+
+  Raises:
+    errors.ConfigError: --gin_file or --gin bindings were given (`run` reports it, exit 1).
+  """
+  if GIN_FILES.value or GIN_BINDINGS.value:
+    given = [*(f"--gin_file={f}" for f in GIN_FILES.value),
+             *(f"--gin.{b.replace(' = ', '=', 1)}" for b in GIN_BINDINGS.value)]
+    hint = (f"pass gin bindings with {binding_flag}='NAME = VALUE' (applied to every run)"
+            if binding_flag else "it takes no gin flags")
+    raise errors.ConfigError(
+        f"The demo trains its own experiments; {hint}, not {' '.join(given)}.")
+  setup_from_flags()
+
+
 def run_configured_entry_point(run_gin: str, module_name: str, function_name: str) -> None:
   """`python -m samtone_jax.evaluate` / `.encode`: parse `run_gin` first, then call the function.
 

@@ -33,10 +33,10 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 
 from samtone_jax import bm25
+from samtone_jax import cli
 from samtone_jax import gin_config
 from samtone_jax import io_utils
 
@@ -277,8 +277,7 @@ def run_demo(output_dir: str, train_steps: int | None = None, *, seeds: int = 1,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.setup_demo_from_flags()
   if SEEDS.value < 1:
     raise app.UsageError(f"--seeds={SEEDS.value}; expected at least 1.")
   output_dir = OUTPUT_DIR.value or os.path.join(
@@ -301,4 +300,4 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if "JAX_PLATFORMS" not in os.environ:
     print("Note: JAX_PLATFORMS is unset; `make demo` sets JAX_PLATFORMS=cpu.", file=sys.stderr)
-  app.run(main)
+  cli.run(main)

@@ -27,8 +27,8 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from samtone_jax import cli
 from samtone_jax import gin_config
 from samtone_jax import io_utils
 
@@ -151,8 +151,7 @@ def run_demo(output_dir: str, stage1_dir: str | None = None, stage1_steps: int |
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.setup_demo_from_flags(binding_flag=None)
   output_dir = OUTPUT_DIR.value or os.path.join(
       "demo_runs", "mining-" + datetime.datetime.now(datetime.timezone.utc).strftime(
           "%Y%m%d-%H%M%S"))
@@ -164,4 +163,4 @@ if __name__ == "__main__":
   if "JAX_PLATFORMS" not in os.environ:
     print("Note: JAX_PLATFORMS is unset; `make demo-mining` sets JAX_PLATFORMS=cpu.",
           file=sys.stderr)
-  app.run(main)
+  cli.run(main)

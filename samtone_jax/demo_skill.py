@@ -36,6 +36,7 @@ INFUSE_LEARNING_RATE = flags.DEFINE_float("infuse_learning_rate", skill_demo.INF
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.setup_demo_from_flags()
   output_dir = OUTPUT_DIR.value or os.path.join(
       "demo_runs", "skill_" + datetime.datetime.now(datetime.timezone.utc).strftime(
           "%Y%m%d_%H%M%S"))
