@@ -125,16 +125,39 @@ def run_configured_entry_point(run_gin: str, module_name: str, function_name: st
 HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
 
 
-def usage(doc: str) -> str:
+# The gin flags a demo refuses (`setup_demo_from_flags`): its --help does not offer them.
+DEMO_HIDDEN_FLAGS = ("gin_file", "gin_bindings")
+
+
+def _without_flags(section: str, hidden: Sequence[str]) -> str:
+  """absl's help text of one module without the entries of the `hidden` flags.
+
+  An entry is its "  --name: ..." (or "  --[no]name: ...") line and the deeper-indented lines
+  under it.
+  """
+  kept, skipping = [], False
+  for line in section.splitlines():
+    if line.startswith("  --"):
+      name = line[4:].split(":", 1)[0].removeprefix("[no]")
+      skipping = name in hidden
+    elif not line.startswith("    "):
+      skipping = False
+    if not skipping:
+      kept.append(line)
+  return "\n".join(kept)
+
+
+def usage(doc: str, hidden_flags: Sequence[str] = ()) -> str:
   """`doc` (the entry module's docstring) and the help of every samtone_jax flag.
 
   absl's own --help prints the docstring and flags of `__main__`; under a console script that is
   the generated wrapper, which has neither, so the usage would be only "Try --helpfull".
+  `hidden_flags` are left out (flags the command refuses).
   """
   by_module = flags.FLAGS.flags_by_module_dict()
   # Flags of a module run with `python -m` are registered under sys.argv[0].
   ours = sorted(m for m in by_module if m.startswith("samtone_jax") or m == sys.argv[0])
-  sections = [flags.FLAGS.module_help(m).strip() for m in ours]
+  sections = [_without_flags(flags.FLAGS.module_help(m).strip(), hidden_flags) for m in ours]
   return (doc.strip() + "\n\nflags:\n\n" + "\n\n".join(s for s in sections if s) +
           "\n\n(--helpfull also lists absl's and JAX's own flags.)\n")
 
@@ -181,11 +204,12 @@ def report_user_errors(main_fn: Callable[[Sequence[str]], None]
   return wrapped
 
 
-def run(main_fn: Callable[[Sequence[str]], None]) -> None:
+def run(main_fn: Callable[[Sequence[str]], None], hidden_flags: Sequence[str] = ()) -> None:
   """`app.run` with `--gin.NAME=VALUE` rewritten first, user errors reported as one message, and
-  --help printing the entry's real usage (the docstring of `main_fn`'s module and our flags)."""
+  --help printing the entry's real usage (the docstring of `main_fn`'s module and our flags,
+  without `hidden_flags`: the demos pass `DEMO_HIDDEN_FLAGS`, the gin flags they refuse)."""
   if any(arg in HELP_ARGS for arg in sys.argv[1:]):
-    print(usage(sys.modules[main_fn.__module__].__doc__ or ""), end="")
+    print(usage(sys.modules[main_fn.__module__].__doc__ or "", hidden_flags), end="")
     sys.exit(0)
   app.run(report_user_errors(main_fn), flags_parser=_parse_flags)
 

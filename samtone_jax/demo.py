@@ -300,4 +300,4 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if "JAX_PLATFORMS" not in os.environ:
     print("Note: JAX_PLATFORMS is unset; `make demo` sets JAX_PLATFORMS=cpu.", file=sys.stderr)
-  cli.run(main)
+  cli.run(main, hidden_flags=cli.DEMO_HIDDEN_FLAGS)

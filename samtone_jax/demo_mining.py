@@ -163,4 +163,4 @@ if __name__ == "__main__":
   if "JAX_PLATFORMS" not in os.environ:
     print("Note: JAX_PLATFORMS is unset; `make demo-mining` sets JAX_PLATFORMS=cpu.",
           file=sys.stderr)
-  cli.run(main)
+  cli.run(main, hidden_flags=cli.DEMO_HIDDEN_FLAGS)

@@ -48,7 +48,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def console_main() -> None:
-  cli.run(main)
+  cli.run(main, hidden_flags=cli.DEMO_HIDDEN_FLAGS)
 
 
 if __name__ == "__main__":
