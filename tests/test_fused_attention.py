@@ -162,3 +162,27 @@ def test_one_hot_embedding_encoder_equals_take_encoder():
   one_hot_encoder = t5.T5Encoder(_config(one_hot_embedding=True))
   np.testing.assert_allclose(one_hot_encoder.apply(params, tokens), encoder.apply(params, tokens),
                              rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_dropout_drops_at_its_rate_independently_per_row_and_keeps_the_mean(rate):
+  """t5.dropout against the binomial law: its 16-bit draw drops round(rate * 2**16) / 2**16."""
+  rows, shape = 4, (64, 1024)
+  x = jnp.full((rows, *shape), 2.0, jnp.float32)
+  keys = t5.fold_in_rows(jax.random.key(7), jnp.arange(rows))
+  out = np.asarray(jax.jit(lambda x, k: t5.dropout(x, rate, k, site=1))(x, keys))
+  p_drop = round(rate * 2**16) / 2**16
+  assert abs(p_drop - rate) <= 2**-17
+  dropped = out == 0
+  n = dropped[0].size
+  for row in range(rows):  # each row's fraction within 5 binomial standard deviations
+    assert abs(dropped[row].mean() - p_drop) < 5 * np.sqrt(p_drop * (1 - p_drop) / n)
+  # Kept values are x / P(keep) exactly: the expectation of every value is x.
+  np.testing.assert_allclose(out[~dropped], 2.0 / (1 - p_drop), rtol=1e-7)
+  # Rows (examples) and sites draw different masks; the same key and site draw the same one.
+  assert (dropped[0] != dropped[1]).mean() > 0.1
+  other_site = np.asarray(jax.jit(lambda x, k: t5.dropout(x, rate, k, site=2))(x, keys)) == 0
+  assert (dropped != other_site).mean() > 0.1
+  # A row's mask does not depend on the rest of the batch (what gradient caching relies on).
+  alone = np.asarray(jax.jit(lambda x, k: t5.dropout(x, rate, k, site=1))(x[2:3], keys[2:3]))
+  np.testing.assert_array_equal(alone[0], out[2])
