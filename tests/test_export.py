@@ -151,6 +151,25 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
                         **common)
   assert os.listdir(occupied) == ["keep.txt"]
 
+  # An encoder-decoder (SKILL) task: inputs/targets, no dual encoder to export.
+  with pytest.raises(exporting.ExportError, match="'demo_wordnet_qa' has the features .*'inputs'"
+                     ".*not a dual encoder's queries/passages"):
+    export_entry.export(checkpoint_path=str(tmp_path / "run"), model=config,
+                        task="demo_wordnet_qa", feature_lengths=LENGTHS,
+                        export_dir=str(tmp_path / "o"))
+  # sentence-transformers 5 / transformers 4 lack the module layout the writer uses: refused
+  # before the checkpoint is read (this one does not exist).
+  import sentence_transformers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  for module, old_version, name in ((sentence_transformers, "5.1.0", "sentence-transformers >= 6"),
+                                    (transformers, "4.57.1", "transformers >= 5")):
+    with monkeypatch.context() as patch:
+      patch.setattr(module, "__version__", old_version)
+      with pytest.raises(exporting.ExportError, match=f"{name} \\(installed: {old_version}"):
+        export_entry.export(checkpoint_path=str(tmp_path / "missing"),
+                            export_dir=str(tmp_path / "o"), **common)
+  assert not (tmp_path / "o").exists()
+
   # A vocabulary that no exported tokenizer can express.
   with pytest.raises(exporting.ExportError, match="task 'bytes' uses a ByteVocabulary"):
     exporting.sentencepiece_model_of(seqio.ByteVocabulary(), "bytes")
@@ -171,19 +190,30 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ["occupied", "run", "t5x_run"]
 
 
-def test_command_exits_1_with_message(tmp_path):
-  """The command line: a non-empty EXPORT_DIR is refused with exit status 1 and the binding."""
+@pytest.mark.parametrize("case,experiment,message", [
+    ("occupied", "demo_samtone", "Export failed: EXPORT_DIR="),
+    ("missing_checkpoint", "demo_samtone", "Error: No samtone_jax or t5x checkpoint under"),
+    ("encoder_decoder", "skill_wordnet_demo", "Export failed: MIXTURE_OR_TASK_NAME="),
+])
+def test_command_exits_1_with_message(tmp_path, case, experiment, message):
+  """The command line: a non-empty EXPORT_DIR (message names EXPORT_OVERWRITE=True), a checkpoint
+  that does not exist, or an encoder-decoder experiment: exit status 1, one message without a
+  traceback, and nothing written."""
   occupied = tmp_path / "occupied"
   occupied.mkdir()
   (occupied / "keep.txt").write_text("mine")
+  export_dir = occupied if case == "occupied" else tmp_path / "export"
   result = subprocess.run(
-      [sys.executable, "-m", "samtone_jax.export", "--gin_file=experiments/demo_samtone.gin",
-       f'--gin.CHECKPOINT_PATH="{tmp_path / "run"}"', f'--gin.EXPORT_DIR="{occupied}"'],
+      [sys.executable, "-m", "samtone_jax.export", f"--gin_file=experiments/{experiment}.gin",
+       f'--gin.CHECKPOINT_PATH="{tmp_path / "run"}"', f'--gin.EXPORT_DIR="{export_dir}"'],
       capture_output=True, text=True, cwd=tmp_path, timeout=300,
       env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"))
-  assert result.returncode == 1
-  assert "Export failed" in result.stderr and "EXPORT_OVERWRITE=True" in result.stderr
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+  if case == "occupied":
+    assert "EXPORT_OVERWRITE=True" in result.stderr
   assert os.listdir(occupied) == ["keep.txt"]
+  assert sorted(os.listdir(tmp_path)) == ["occupied"]  # no export, no staging directory
 
 
 def test_saved_model_strings_to_embeddings(tmp_path, tower_sharing="ade_spl"):
