@@ -216,13 +216,18 @@ def test_command_exits_1_with_message(tmp_path, case, experiment, message):
   assert sorted(os.listdir(tmp_path)) == ["occupied"]  # no export, no staging directory
 
 
-def test_saved_model_strings_to_embeddings(tmp_path, tower_sharing="ade_spl"):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_saved_model_strings_to_embeddings(tmp_path, dtype, tower_sharing="ade_spl"):
   """`tf.saved_model.load(dir).signatures[...]` on strings equals our embeddings (1e-4), per
-  tower (ADE-SPL: the towers differ; SDE is the same code with one tower)."""
+  tower (ADE-SPL: the towers differ; SDE is the same code with one tower). A model trained with
+  bfloat16 activations (the TPU experiments) is exported computing in float32, like our float32
+  encoder with its parameters, and its card says so."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import  (the tokenizer op)
+  import dataclasses  # pylint: disable=g-import-not-at-top
   config = _config(tower_sharing)
   params = _random_params(config, seed=3)
+  config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, dtype=dtype))
   _write_run(tmp_path / "run", params, {})
   export_dir = tmp_path / "saved_model"
   export_entry.export(checkpoint_path=str(tmp_path / "run"), model=config,
@@ -233,8 +238,13 @@ def test_saved_model_strings_to_embeddings(tmp_path, tower_sharing="ade_spl"):
   for name, side, length in (("encode_queries", "query", LENGTHS["queries"]),
                              ("encode_documents", "document", LENGTHS["passages"])):
     got = loaded.signatures[name](tf.constant(TEXTS))["embeddings"].numpy()
-    np.testing.assert_allclose(got, _ours(config, params, TEXTS, side, length), atol=1e-4, rtol=0)
-  assert "encode_queries" in (export_dir / "README.md").read_text()
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, _ours(_config(tower_sharing), params, TEXTS, side, length),
+                               atol=1e-4, rtol=0)
+  card = (export_dir / "README.md").read_text()
+  assert "encode_queries" in card
+  assert ("activations were bfloat16 in samtone_jax; the export computes in float32" in card) == (
+      dtype == "bfloat16")
 
 
 def _bits(tree) -> list[tuple[str, np.ndarray]]:
