@@ -150,6 +150,17 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
     export_entry.export(checkpoint_path=str(tmp_path / "run"), export_dir=str(occupied),
                         **common)
   assert os.listdir(occupied) == ["keep.txt"]
+  # A remote EXPORT_DIR (exporters write local files) or a file: refused before anything is read.
+  with pytest.raises(exporting.ExportError, match="exports are written to local disk.*gsutil"):
+    export_entry.export(checkpoint_path=str(tmp_path / "run"), export_dir="gs://bucket/export",
+                        **common)
+  (occupied / "keep.txt").rename(tmp_path / "a_file")
+  try:
+    with pytest.raises(exporting.ExportError, match="a_file' is a file, not a directory"):
+      export_entry.export(checkpoint_path=str(tmp_path / "run"),
+                          export_dir=str(tmp_path / "a_file"), **common)
+  finally:
+    (tmp_path / "a_file").rename(occupied / "keep.txt")
 
   # An encoder-decoder (SKILL) task: inputs/targets, no dual encoder to export.
   with pytest.raises(exporting.ExportError, match="'demo_wordnet_qa' has the features .*'inputs'"
