@@ -14,7 +14,7 @@ INITIAL_CHECKPOINT_PATH: a sentence-transformers GTR directory or a Hugging Face
 
   sentence_transformers  `SentenceTransformer(EXPORT_DIR)` loads it (ADE variants: a `Router`;
                          `encode_query` / `encode_document` pick the tower). Needs torch,
-                         transformers and sentence-transformers.
+                         transformers >= 5 and sentence-transformers >= 6 (to load it too).
   saved_model            `tf.saved_model.load(EXPORT_DIR).signatures["encode_queries"]` /
                          `["encode_documents"]`: strings in, embeddings out.
   t5x                    EXPORT_DIR/checkpoint_0: a t5x checkpoint (parameters only, step 0) that
