@@ -6,6 +6,7 @@ document embeddings of our encoder to 1e-4 on the demo vocabulary, and `hf_impor
 back to the same parameters. Bad input is refused before anything is written.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -235,7 +236,6 @@ def test_saved_model_strings_to_embeddings(tmp_path, dtype, tower_sharing="ade_s
   encoder with its parameters, and its card says so."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import  (the tokenizer op)
-  import dataclasses  # pylint: disable=g-import-not-at-top
   config = _config(tower_sharing)
   params = _random_params(config, seed=3)
   config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, dtype=dtype))
