@@ -206,7 +206,7 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
     ("occupied", "demo_samtone", "Export failed: EXPORT_DIR="),
     ("missing_checkpoint", "demo_samtone", "Error: No samtone_jax or t5x checkpoint under"),
     ("encoder_decoder", "skill_wordnet_demo", "Export failed: MIXTURE_OR_TASK_NAME="),
-])
+], ids=["occupied", "missing_checkpoint", "encoder_decoder"])
 def test_command_exits_1_with_message(tmp_path, case, experiment, message):
   """The command line: a non-empty EXPORT_DIR (message names EXPORT_OVERWRITE=True), a checkpoint
   that does not exist, or an encoder-decoder experiment: exit status 1, one message without a
