@@ -14,7 +14,7 @@ INITIAL_CHECKPOINT_PATH: a sentence-transformers GTR directory or a Hugging Face
 
   sentence_transformers  `SentenceTransformer(EXPORT_DIR)` loads it (ADE variants: a `Router`;
                          `encode_query` / `encode_document` pick the tower). Needs torch,
-                         transformers and sentence-transformers.
+                         transformers >= 5 and sentence-transformers >= 6 (to load it too).
   saved_model            `tf.saved_model.load(EXPORT_DIR).signatures["encode_queries"]` /
                          `["encode_documents"]`: strings in, embeddings out.
   t5x                    EXPORT_DIR/checkpoint_0: a t5x checkpoint (parameters only, step 0) that
@@ -68,10 +68,19 @@ def export(*, checkpoint_path: str, model: model_config_lib.DualEncoderConfig, e
     raise exporting.ExportError(
         f"EXPORT_FORMAT={export_format!r}; expected one of {exporting.FORMATS}.")
   exporting.staging.check_export_dir(export_dir, overwrite)  # Before the slow work.
+  if export_format == "sentence_transformers":  # A missing or too old torch stack fails here.
+    from samtone_jax.exporting import sentence_transformers_dir  # pylint: disable=g-import-not-at-top
+    sentence_transformers_dir.import_torch_stack()
   sentencepiece_model = None  # A t5x checkpoint holds no tokenizer.
   if export_format != "t5x":
     importlib.import_module(tasks_module)
-    vocabulary = seqio.get_mixture_or_task(task).output_features["queries"].vocabulary
+    output_features = seqio.get_mixture_or_task(task).output_features
+    if "queries" not in output_features:  # e.g. a SKILL encoder-decoder's inputs/targets
+      raise exporting.ExportError(
+          f"MIXTURE_OR_TASK_NAME={task!r} has the features {sorted(output_features)}, not a dual "
+          "encoder's queries/passages: samtone-export writes dual encoders only (an "
+          "encoder-decoder run has no export format); pass a dual-encoder experiment's gin files.")
+    vocabulary = output_features["queries"].vocabulary
     sentencepiece_model = exporting.sentencepiece_model_of(vocabulary, task)
   loaded = runner.load_model(checkpoint_path, model, mesh_shape)
   path = exporting.export_model(

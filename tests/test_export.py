@@ -6,6 +6,7 @@ document embeddings of our encoder to 1e-4 on the demo vocabulary, and `hf_impor
 back to the same parameters. Bad input is refused before anything is written.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -150,6 +151,36 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
     export_entry.export(checkpoint_path=str(tmp_path / "run"), export_dir=str(occupied),
                         **common)
   assert os.listdir(occupied) == ["keep.txt"]
+  # A remote EXPORT_DIR (exporters write local files) or a file: refused before anything is read.
+  with pytest.raises(exporting.ExportError, match="exports are written to local disk.*gsutil"):
+    export_entry.export(checkpoint_path=str(tmp_path / "run"), export_dir="gs://bucket/export",
+                        **common)
+  (occupied / "keep.txt").rename(tmp_path / "a_file")
+  try:
+    with pytest.raises(exporting.ExportError, match="a_file' is a file, not a directory"):
+      export_entry.export(checkpoint_path=str(tmp_path / "run"),
+                          export_dir=str(tmp_path / "a_file"), **common)
+  finally:
+    (tmp_path / "a_file").rename(occupied / "keep.txt")
+
+  # An encoder-decoder (SKILL) task: inputs/targets, no dual encoder to export.
+  with pytest.raises(exporting.ExportError, match="'demo_wordnet_qa' has the features .*'inputs'"
+                     ".*not a dual encoder's queries/passages"):
+    export_entry.export(checkpoint_path=str(tmp_path / "run"), model=config,
+                        task="demo_wordnet_qa", feature_lengths=LENGTHS,
+                        export_dir=str(tmp_path / "o"))
+  # sentence-transformers 5 / transformers 4 lack the module layout the writer uses: refused
+  # before the checkpoint is read (this one does not exist).
+  import sentence_transformers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  for module, old_version, name in ((sentence_transformers, "5.1.0", "sentence-transformers >= 6"),
+                                    (transformers, "4.57.1", "transformers >= 5")):
+    with monkeypatch.context() as patch:
+      patch.setattr(module, "__version__", old_version)
+      with pytest.raises(exporting.ExportError, match=f"{name} \\(installed: {old_version}"):
+        export_entry.export(checkpoint_path=str(tmp_path / "missing"),
+                            export_dir=str(tmp_path / "o"), **common)
+  assert not (tmp_path / "o").exists()
 
   # A vocabulary that no exported tokenizer can express.
   with pytest.raises(exporting.ExportError, match="task 'bytes' uses a ByteVocabulary"):
@@ -171,28 +202,43 @@ def test_bad_input_is_refused_and_nothing_written(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path)) == ["occupied", "run", "t5x_run"]
 
 
-def test_command_exits_1_with_message(tmp_path):
-  """The command line: a non-empty EXPORT_DIR is refused with exit status 1 and the binding."""
+@pytest.mark.parametrize("case,experiment,message", [
+    ("occupied", "demo_samtone", "Export failed: EXPORT_DIR="),
+    ("missing_checkpoint", "demo_samtone", "Error: No samtone_jax or t5x checkpoint under"),
+    ("encoder_decoder", "skill_wordnet_demo", "Export failed: MIXTURE_OR_TASK_NAME="),
+], ids=["occupied", "missing_checkpoint", "encoder_decoder"])
+def test_command_exits_1_with_message(tmp_path, case, experiment, message):
+  """The command line: a non-empty EXPORT_DIR (message names EXPORT_OVERWRITE=True), a checkpoint
+  that does not exist, or an encoder-decoder experiment: exit status 1, one message without a
+  traceback, and nothing written."""
   occupied = tmp_path / "occupied"
   occupied.mkdir()
   (occupied / "keep.txt").write_text("mine")
+  export_dir = occupied if case == "occupied" else tmp_path / "export"
   result = subprocess.run(
-      [sys.executable, "-m", "samtone_jax.export", "--gin_file=experiments/demo_samtone.gin",
-       f'--gin.CHECKPOINT_PATH="{tmp_path / "run"}"', f'--gin.EXPORT_DIR="{occupied}"'],
+      [sys.executable, "-m", "samtone_jax.export", f"--gin_file=experiments/{experiment}.gin",
+       f'--gin.CHECKPOINT_PATH="{tmp_path / "run"}"', f'--gin.EXPORT_DIR="{export_dir}"'],
       capture_output=True, text=True, cwd=tmp_path, timeout=300,
       env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"))
-  assert result.returncode == 1
-  assert "Export failed" in result.stderr and "EXPORT_OVERWRITE=True" in result.stderr
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+  if case == "occupied":
+    assert "EXPORT_OVERWRITE=True" in result.stderr
   assert os.listdir(occupied) == ["keep.txt"]
+  assert sorted(os.listdir(tmp_path)) == ["occupied"]  # no export, no staging directory
 
 
-def test_saved_model_strings_to_embeddings(tmp_path, tower_sharing="ade_spl"):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_saved_model_strings_to_embeddings(tmp_path, dtype, tower_sharing="ade_spl"):
   """`tf.saved_model.load(dir).signatures[...]` on strings equals our embeddings (1e-4), per
-  tower (ADE-SPL: the towers differ; SDE is the same code with one tower)."""
+  tower (ADE-SPL: the towers differ; SDE is the same code with one tower). A model trained with
+  bfloat16 activations (the TPU experiments) is exported computing in float32, like our float32
+  encoder with its parameters, and its card says so."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_text  # pylint: disable=g-import-not-at-top,unused-import  (the tokenizer op)
   config = _config(tower_sharing)
   params = _random_params(config, seed=3)
+  config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, dtype=dtype))
   _write_run(tmp_path / "run", params, {})
   export_dir = tmp_path / "saved_model"
   export_entry.export(checkpoint_path=str(tmp_path / "run"), model=config,
@@ -203,8 +249,13 @@ def test_saved_model_strings_to_embeddings(tmp_path, tower_sharing="ade_spl"):
   for name, side, length in (("encode_queries", "query", LENGTHS["queries"]),
                              ("encode_documents", "document", LENGTHS["passages"])):
     got = loaded.signatures[name](tf.constant(TEXTS))["embeddings"].numpy()
-    np.testing.assert_allclose(got, _ours(config, params, TEXTS, side, length), atol=1e-4, rtol=0)
-  assert "encode_queries" in (export_dir / "README.md").read_text()
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, _ours(_config(tower_sharing), params, TEXTS, side, length),
+                               atol=1e-4, rtol=0)
+  card = (export_dir / "README.md").read_text()
+  assert "encode_queries" in card
+  assert ("activations were bfloat16 in samtone_jax; the export computes in float32" in card) == (
+      dtype == "bfloat16")
 
 
 def _bits(tree) -> list[tuple[str, np.ndarray]]:

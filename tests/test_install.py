@@ -7,6 +7,7 @@ editable finder's `.pth` hook), and `samtone-train --gin_file=experiments/demo_s
 steps from a directory outside the checkout.
 """
 
+import configparser
 import os
 import pathlib
 import shutil
@@ -74,10 +75,15 @@ def test_wheel_ships_gin_and_trains_outside_checkout(tmp_path):
   assert where[0] == str(venv_site / "samtone_jax" / "gin_config.py")
   assert where[1] == str(venv_site / "samtone_jax" / "gin")
 
-  # Every console script's --help prints its entry module's docstring and our flags, not only
-  # "Try --helpfull".
-  scripts = {"samtone-train": "main", "samtone-evaluate": "evaluate", "samtone-encode": "encode",
-             "samtone-export": "export"}
+  # Every console script the wheel declares (its entry_points.txt) --help prints its entry
+  # module's docstring and our flags, not only "Try --helpfull".
+  entry_points = configparser.ConfigParser()
+  with zipfile.ZipFile(wheel) as zf:
+    (entry_file,) = [n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    entry_points.read_string(zf.read(entry_file).decode())
+  scripts = {name: target.removeprefix("samtone_jax.").removesuffix(":console_main")
+             for name, target in entry_points["console_scripts"].items()}
+  assert len(scripts) >= 9 and scripts["samtone-train"] == "main", scripts
   for script, module in scripts.items():
     help_text = subprocess.run([str(venv / "bin" / script), "--help"], check=True,
                                capture_output=True, text=True, env=env, cwd=work).stdout

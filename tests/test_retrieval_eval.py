@@ -231,3 +231,30 @@ def test_bad_eval_set_is_rejected(tiny_model):
   bad = eval_sets.EvalSet("bad", {"q1": "x"}, {"d": "y"}, {"q2": {"d": 1}}, vocabulary, 4, 4)
   with pytest.raises(ValueError, match="qrels queries have no text"):
     retrieval.evaluate_eval_set(bad, query_fn, document_fn)
+
+
+@pytest.mark.parametrize("bindings,expected", [
+    ((), None),  # None: each set's protocol decides (BEIR's rule on BEIR sets)
+    (("EVAL_IGNORE_IDENTICAL_IDS = False",), False),
+    (("EVAL_IGNORE_IDENTICAL_IDS = True",), True),
+])
+def test_eval_ignore_identical_ids_binding_reaches_evaluate_and_the_trainer(bindings, expected):
+  """The gin binding that overrides BEIR's identical-id rule is what `samtone-evaluate`
+  (gin/runs/eval.gin) and the trainer's in-training eval (runs/pretrain.gin, trainer.LoopConfig)
+  are given, on a BEIR experiment."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from samtone_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from samtone_jax import gin_config  # pylint: disable=g-import-not-at-top
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+  common = ['EVAL_TASKS = ["beir_scifact_test"]', *bindings]
+  try:
+    gin.clear_config()
+    gin_config.parse_gin(["runs/eval.gin", "experiments/beir_samtone.gin"],
+                         ['CHECKPOINT_PATH = "/nowhere"', *common])
+    assert gin_config.configured_arguments(evaluate.evaluate)["ignore_identical_ids"] is expected
+    gin.clear_config()
+    gin_config.parse_gin(["experiments/beir_samtone.gin"], common)
+    loop = gin.get_configurable(trainer.LoopConfig)()
+    assert loop.eval_ignore_identical_ids is expected
+  finally:
+    gin.clear_config()

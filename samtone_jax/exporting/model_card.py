@@ -90,9 +90,10 @@ def render(record: CheckpointRecord, config: DualEncoderConfig, *, export_format
       f"feed_forward_proj={enc.feed_forward_proj}, vocab_size={enc.vocab_size}",
       f"- pooling: {config.pooling}; projection: Dense {enc.d_model} -> "
       f"{config.projection_dim} without bias; L2-normalised: {config.normalize}",
+      # A t5x checkpoint computes nothing itself: the t5x run's gin files set its dtype.
       *([f"- activations were {enc.dtype} in samtone_jax; the export computes in float32, so its "
          "embeddings differ from the training-time ones by that rounding"]
-        if enc.dtype != "float32" else []),
+        if enc.dtype != "float32" and export_format != "t5x" else []),
       *([f"- texts are cut to {max_seq_lengths['queries']} tokens (queries) and "
          f"{max_seq_lengths['passages']} tokens (documents), EOS included, as in training"]
         if export_format != "t5x" else []),

@@ -13,8 +13,10 @@ appends EOS after truncation, so `SentenceTransformer(dir).encode(texts)` reprod
 Known difference: HF tokenizers read the literal strings "<pad>", "</s>" and "<unk>" in a text as
 those special tokens; SentencePiece reads them as characters.
 
-Needs torch, transformers and sentence-transformers (>= 5, for `Router`); they are imported here
-only, so the rest of samtone_jax runs without them.
+Needs torch, transformers >= 5 and sentence-transformers >= 6 (`Router`, and the module paths
+`sentence_transformers.base.modules` / `.sentence_transformer.modules` that 6.0 introduced; the
+export's modules.json names those classes, so loading it needs sentence-transformers >= 6 too). They
+are imported here only, so the rest of samtone_jax runs without them.
 """
 
 import importlib
@@ -26,23 +28,37 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from samtone_jax.exporting import staging
 from samtone_jax.models import dual_encoder
 from samtone_jax.models import hf_export
 from samtone_jax.models.config import DualEncoderConfig, T5Config
 
 _POOLING = {"mean": "mean", "first": "cls"}
+# The oldest major versions whose module layout this writer uses (see the module docstring).
+MIN_VERSIONS = {"sentence_transformers": 6, "transformers": 5}
 
 
-def _import_torch_stack():
+def import_torch_stack():
+  """(sentence_transformers, torch, transformers), or an ExportError saying what to install.
+
+  `export` calls it before loading the checkpoint, so a missing or too old package fails fast.
+  """
+  install = "install them, e.g. pip install 'samtone_jax[export]'"
   try:
     import sentence_transformers  # pylint: disable=g-import-not-at-top
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
-        "EXPORT_FORMAT='sentence_transformers' needs torch, transformers and "
-        f"sentence-transformers ({e}); install them, e.g. pip install 'samtone_jax[export]'."
-    ) from e
+    raise staging.ExportError(
+        "EXPORT_FORMAT='sentence_transformers' needs torch, transformers >= 5 and "
+        f"sentence-transformers >= 6 ({e}); {install}.") from e
+  for module in (sentence_transformers, transformers):
+    version = getattr(module, "__version__", "0")
+    if int(version.split(".")[0]) < MIN_VERSIONS[module.__name__]:
+      raise staging.ExportError(
+          f"EXPORT_FORMAT='sentence_transformers' needs {module.__name__.replace('_', '-')} >= "
+          f"{MIN_VERSIONS[module.__name__]} (installed: {version}; the writer uses its module "
+          f"layout); {install}.")
   return sentence_transformers, torch, transformers
 
 
@@ -53,7 +69,7 @@ def hf_tokenizer(sentencepiece_model: bytes) -> Any:
     sentencepiece_model: the serialized SentencePiece model the model was trained with (e.g.
       `seqio.SentencePieceVocabulary.sp_model`), T5's id convention (pad 0, eos 1, unk 2).
   """
-  _import_torch_stack()
+  import_torch_stack()
   from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
   from tokenizers import processors  # pylint: disable=g-import-not-at-top
   from transformers.tokenization_utils_tokenizers import TokenizersBackend  # pylint: disable=g-import-not-at-top
@@ -106,7 +122,7 @@ def write(directory: pathlib.Path, config: DualEncoderConfig, params: dict[str, 
     max_seq_lengths: {"queries": Lq, "passages": Lp}; SDE (one Transformer module) uses
       max(Lq, Lp) for both.
   """
-  sentence_transformers, torch, _ = _import_torch_stack()
+  sentence_transformers, torch, _ = import_torch_stack()
   modules = importlib.import_module("sentence_transformers.base.modules")
   pooling_lib = importlib.import_module("sentence_transformers.sentence_transformer.modules")
   tokenizer = hf_tokenizer(sentencepiece_model)
@@ -152,7 +168,8 @@ document_embeddings = model.encode_document(["ls lists directory contents"])
 scores = model.similarity(query_embeddings, document_embeddings)
 ```
 
-ADE exports hold a `Router`: `encode_query` runs the query tower, `encode_document` (and plain
+Loading needs sentence-transformers >= 6 and transformers >= 5 (the module and tokenizer classes
+that modules.json and tokenizer_config.json name). ADE exports hold a `Router`: `encode_query` runs the query tower, `encode_document` (and plain
 `encode`) the document tower. The tokenizer encodes like the training SentencePiece model, except
 that the literal strings "<pad>", "</s>" and "<unk>" become those special tokens.
 """
