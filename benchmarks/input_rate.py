@@ -5,10 +5,15 @@ Synthetic MS MARCO-format triples (benchmarks/input_pipeline.py's generator: que
 passages ~56 words, one hard negative) are registered as "msmarco_passage_train" with the demo
 vocabulary, then cached with `cache.cache_task` (the library of `samtone-cache-tasks`).
 
-Resume: records read and seconds to the first batch when resuming at step `--early_step` and at
-`--late_step`: uncached, by `start_step` (the pipeline skips raw rows; records read counted at the
-Python source), and cached, by restoring the tf.data iterator state saved at that step (records
-counted by `record_counter`). Printed ratio: late / early (1.0 = constant time).
+Resume: records read, seconds and peak memory to the first batches when resuming at step
+`--early_step` and at `--late_step`: uncached, by `start_step` (the pipeline skips raw rows; records
+read counted at the Python source), and cached, by restoring the tf.data iterator state saved at
+that step (records counted by `record_counter`). Each resume runs in a fresh process (as after a
+preemption), which reports its seconds from building the pipeline to the end of its first
+`--after_batches` batches and its peak RSS (VmHWM). Printed ratio: late / early (1.0 = constant
+time). With `--shuffle_buffer_size 100000` (the MS MARCO task's buffer, runs/pretrain.gin's
+default) the cached state holds the full buffer from the first batch on (tf.data fills it before
+it yields), so its size and restore time are those of any later step.
 
 Input rate: examples/s of 1 process (pinned to 1 core) vs 2 processes at once (host 0 and host 1
 of 2, each pinned to its own core), each reading `--rate_batches` batches after a warm-up; the
@@ -20,6 +25,8 @@ that does not depend on the neighbours. The same for the uncached path, where ev
 and parses every row in Python (expected well below 2).
 
   PYTHONPATH=. python benchmarks/input_rate.py [--examples 20000] [--batch_size 64]
+  PYTHONPATH=. python benchmarks/input_rate.py --examples 120000 --shuffle_buffer_size 100000 \
+      --late_step 3000 --skip_rate        # resume only, with the pretrain shuffle buffer
 """
 
 import argparse
@@ -73,33 +80,51 @@ def _state_bytes(prefix: str) -> int:
   return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
 
 
-def resume_cost(args, step: int, cached: bool) -> tuple[int, float, int]:
-  """(records read, seconds, state bytes) from building the pipeline at `step` to the end of its
-  first `args.after_batches` batches."""
+def _peak_rss_bytes() -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def resume_worker(args) -> None:
+  """A fresh process resuming at `args.step` (cached: from the state at `args.prefix`); prints
+  {"records", "seconds", "peak_bytes"} as JSON."""
   counts = collections.Counter()
-  if cached:
-    it = _iterator(args, counter=lambda: counts.update(["read"]))
-    for _ in range(step):
-      next(it)
-    prefix = it.save(os.path.join(args.work_dir, f"input_state_{step}", "state"))
-    it.close()
-    counts.clear()
-    start = time.perf_counter()
-    it = _iterator(args, counter=lambda: counts.update(["read"]))
-    it.restore(prefix)
-    for _ in range(args.after_batches):
-      next(it)
-    seconds = time.perf_counter() - start
-    it.close()
-    return counts["read"], seconds, _state_bytes(prefix)
-  RAW_ROWS.clear()
   start = time.perf_counter()
-  it = _iterator(args, cached=False, start_step=step)
+  if args.cached:
+    it = _iterator(args, counter=lambda: counts.update(["read"]))
+    it.restore(args.prefix)
+  else:
+    it = _iterator(args, cached=False, start_step=args.step)
   for _ in range(args.after_batches):
     next(it)
   seconds = time.perf_counter() - start
   it.close()
-  return RAW_ROWS["read"], seconds, 0
+  records = counts["read"] if args.cached else RAW_ROWS["read"]
+  print(json.dumps({"records": records, "seconds": seconds, "peak_bytes": _peak_rss_bytes()}))
+
+
+def resume_cost(args, step: int, cached: bool) -> tuple[int, float, int, int]:
+  """(records read, seconds, state bytes, peak RSS bytes) of a fresh process resuming at `step`,
+  from building the pipeline to the end of its first `args.after_batches` batches."""
+  command = [sys.executable, __file__, "--resume_worker", f"--step={step}",
+             f"--cache_dir={args.cache_dir}", f"--data_dir={args.data_dir}",
+             f"--batch_size={args.batch_size}", f"--after_batches={args.after_batches}",
+             f"--shuffle_buffer_size={args.shuffle_buffer_size}"]
+  state_bytes = 0
+  if cached:
+    it = _iterator(args, counter=lambda: None)  # the resumed pipeline's graph: counter included
+    for _ in range(step):
+      next(it)
+    prefix = it.save(os.path.join(args.work_dir, f"input_state_{step}", "state"))
+    it.close()
+    state_bytes = _state_bytes(prefix)
+    command += ["--cached", f"--prefix={prefix}"]
+  out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+  result = json.loads(out.strip().splitlines()[-1])
+  return result["records"], result["seconds"], state_bytes, result["peak_bytes"]
 
 
 def worker(args) -> None:
@@ -158,17 +183,21 @@ def main() -> None:
   parser.add_argument("--trials", type=int, default=3)
   parser.add_argument("--work_dir", default=None)
   parser.add_argument("--skip_uncached_rate", action="store_true")
+  parser.add_argument("--skip_rate", action="store_true", help="measure the resume only")
   # worker mode (internal)
   parser.add_argument("--worker", default=None)
   parser.add_argument("--core", type=int, default=0)
   parser.add_argument("--cached", action="store_true")
   parser.add_argument("--cache_dir", default=None)
   parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--resume_worker", action="store_true")
+  parser.add_argument("--step", type=int, default=0)
+  parser.add_argument("--prefix", default=None)
   args = parser.parse_args()
 
-  if args.worker:
+  if args.worker or args.resume_worker:
     register(args.data_dir)
-    worker(args)
+    (worker if args.worker else resume_worker)(args)
     return
 
   args.work_dir = args.work_dir or tempfile.mkdtemp(prefix="input_rate_")
@@ -184,17 +213,19 @@ def main() -> None:
         f"{time.perf_counter() - start:.1f} s ({args.work_dir})", flush=True)
 
   print(f"\nresume at step s (batch {args.batch_size}, shuffle buffer "
-        f"{args.shuffle_buffer_size}): records read and seconds from building the pipeline to "
-        f"the end of its first {args.after_batches} batches")
+        f"{args.shuffle_buffer_size}): records read, seconds and peak RSS of a fresh process from "
+        f"building the pipeline to the end of its first {args.after_batches} batches")
   for cached in (False, True):
     results = {s: resume_cost(args, s, cached) for s in (args.early_step, args.late_step)}
-    (r_early, t_early, b_early), (r_late, t_late, b_late) = (results[args.early_step],
-                                                             results[args.late_step])
+    (r_early, t_early, b_early, m_early), (r_late, t_late, b_late, m_late) = (
+        results[args.early_step], results[args.late_step])
     state = f"; input state {b_early / 2**20:.1f} / {b_late / 2**20:.1f} MiB" if cached else ""
     print(f"  {'cached  ' if cached else 'uncached'}: s={args.early_step}: {r_early} records, "
-          f"{t_early:.2f} s; s={args.late_step}: {r_late} records, {t_late:.2f} s; "
-          f"late/early: records {r_late / max(r_early, 1):.2f}x, time {t_late / t_early:.2f}x"
-          f"{state}", flush=True)
+          f"{t_early:.2f} s, peak {m_early / 2**30:.2f} GiB; s={args.late_step}: {r_late} "
+          f"records, {t_late:.2f} s, peak {m_late / 2**30:.2f} GiB; late/early: records "
+          f"{r_late / max(r_early, 1):.2f}x, time {t_late / t_early:.2f}x{state}", flush=True)
+  if args.skip_rate:
+    return
 
   print(f"\ninput rate, examples/s (1 core per process, {args.rate_batches} batches each after "
         f"{args.warmup_batches}; median of {args.trials} alternating trials)")

@@ -348,6 +348,62 @@ def test_command_writes_verifies_and_exits_non_zero_on_a_bad_cache(tmp_path):
   assert f"{shard}: has a damaged record" in result.stderr, result.stderr[-2000:]
 
 
+def _damage_cache(task_dir, kind):
+  """Damages a copy of a 2-shard cache as the issue lists; returns (file, expected message)."""
+  info_path = seqio.get_cached_info_path(task_dir, "train")
+  with open(info_path) as f:
+    info = json.load(f)
+  if kind == "another_task":  # a cache copied in under the wrong task's name
+    info["samtone"]["task"] = "msmarco_passage_train"
+    expected = f"{info_path}: is a cache of task 'msmarco_passage_train', not 'demo_manpages'"
+  elif kind == "another_vocabulary":  # tokenised with another SentencePiece model
+    info["samtone"]["vocabularies"]["passages"]["sha256"] = "0" * 64
+    expected = f"{info_path}: feature 'passages' was tokenised with vocabulary"
+  elif kind == "missing_shard":
+    shard = cache.shard_path(task_dir, "train", 1, 2)
+    os.remove(shard)
+    return shard, f"{shard}: is missing: {info_path} lists 2 shards"
+  else:  # a truncated shard: its last record cut short
+    shard = cache.shard_path(task_dir, "train", 0, 2)
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+      f.truncate(size - 7)
+    return shard, f"{shard}: has {size - 7} bytes, {size} when it was written"
+  with open(info_path, "w") as f:
+    json.dump(info, f)
+  return info_path, expected
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+  """A 2-shard cache of the demo task (registered as the training command registers it)."""
+  from samtone_jax.tasks import all as _  # pylint: disable=g-import-not-at-top,unused-import
+  root = str(tmp_path_factory.mktemp("demo_cache"))
+  cache.cache_task("demo_manpages", root, num_shards=2)
+  return root
+
+
+@pytest.mark.parametrize("kind", ["another_task", "another_vocabulary", "missing_shard",
+                                  "truncated_shard"])
+def test_training_command_names_a_wrong_or_damaged_cache_and_exits_1(demo_cache, tmp_path, kind):
+  """`samtone_jax.main` with USE_CACHED_TASKS on each bad cache of the issue: one message naming
+  the file, status 1, no traceback, and nothing written to MODEL_DIR (checked before compiling)."""
+  root = str(tmp_path / "cache")
+  shutil.copytree(demo_cache, root)
+  path, expected = _damage_cache(cache.task_cache_dir(root, "demo_manpages"), kind)
+  model_dir = tmp_path / "run"
+  done = subprocess.run(
+      [sys.executable, "-m", "samtone_jax.main", "--gin_file=experiments/demo_samtone.gin",
+       f"--gin.MODEL_DIR='{model_dir}'", "--gin.USE_CACHED_TASKS=True",
+       f"--gin.TASK_CACHE_DIRS=['{root}']", "--gin.TRAIN_STEPS=2", "--gin.EVAL_TASKS=[]"],
+      capture_output=True, text=True, cwd=REPO, timeout=300, check=False,
+      env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2"))
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert expected in done.stderr, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
+  assert not model_dir.exists()  # no lock, no config.gin, no checkpoint
+
+
 # --- two processes (jax.distributed): each saves its own input state; resume is exact -----------
 
 TWO_PROCESS_TASKS_MODULE = '''

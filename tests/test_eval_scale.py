@@ -299,3 +299,42 @@ def test_collection_offset_index_reads_what_read_id_texts_reads(tmp_path):
   path.write_bytes(b"1\tone\n2\ttwo\n1\tagain\n")
   with pytest.raises(msmarco.readers.DataFormatError, match="collection.tsv, line 3: duplicate pid 1"):
     msmarco.Collection(str(path))
+
+
+def test_corpus_texts_are_read_per_evaluation_and_freed_after_it(tmp_path):
+  """Not cached for the life of the process (the issue found BEIR's lru_cache keeping train and
+  test copies): each read of a set parses its files into new objects, and once an evaluation
+  returns no object holding the corpus texts is alive. A held set is found by the same search,
+  so the check is not vacuous."""
+  import gc  # pylint: disable=g-import-not-at-top
+  from samtone_jax.tasks import beir  # pylint: disable=g-import-not-at-top
+  from samtone_jax.tasks import eval_sets  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "beir_freed"
+  (root / "qrels").mkdir(parents=True)
+  with open(root / "corpus.jsonl", "w") as f:
+    for i in range(12):
+      f.write(json.dumps({"_id": f"freed-d{i}", "title": "", "text": " ".join(WORDS[i:i + 4])})
+              + "\n")
+  with open(root / "queries.jsonl", "w") as f:
+    f.write("".join(json.dumps({"_id": f"freed-q{i}", "text": WORDS[i]}) + "\n" for i in range(3)))
+  with open(root / "qrels" / "test.tsv", "w") as f:
+    f.write("query-id\tcorpus-id\tscore\n" + "".join(f"freed-q{i}\tfreed-d{i}\t1\n"
+                                                      for i in range(3)))
+  name = beir.register_beir_dataset("freed", str(root), vocabulary=seqio.ByteVocabulary())[0]
+
+  def alive():
+    gc.collect()
+    return [o for o in gc.get_objects()
+            if isinstance(o, (beir.BeirData, eval_sets.EvalSet)) and "freed-d0" in o.corpus]
+
+  first, second = eval_sets.get_eval_set(name), eval_sets.get_eval_set(name)
+  assert first.corpus == second.corpus and first.corpus is not second.corpus  # parsed twice
+  assert len(alive()) == 2
+  del first, second
+  assert not alive()
+
+  # Token ids mod 7 as a 4-d embedding: any deterministic encoder shows the lifetime.
+  encode = lambda tokens: (np.asarray(tokens)[:, :4] % 7).astype(np.float32)
+  results = retrieval.evaluate_eval_sets([name], encode, encode, k=5)
+  assert set(results) == {f"{name}/ndcg@10", f"{name}/recall@100"}
+  assert not alive()
