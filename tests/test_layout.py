@@ -173,3 +173,27 @@ def test_macro_reader_on_a_known_file(tmp_path):
 def test_run_files_define_the_macros_they_use(run_file):
   defined, used = _macros(GIN / "runs" / run_file)
   assert used <= defined, f"runs/{run_file} uses undefined macros {sorted(used - defined)}"
+
+
+def test_demo_experiments_differ_in_the_loss_alone():
+  """demo_in_batch.gin is demo_samtone.gin with losses/in_batch.gin: every argument of the run is
+  the same but the loss, which is LossConfig's defaults (SamToNe) without same-tower negatives."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from samtone_jax import gin_config  # pylint: disable=g-import-not-at-top
+  from samtone_jax import losses  # pylint: disable=g-import-not-at-top
+  from samtone_jax import trainer  # pylint: disable=g-import-not-at-top
+
+  def arguments(experiment):
+    gin.clear_config()
+    try:
+      gin_config.parse_gin([f"experiments/{experiment}.gin"], ['MODEL_DIR = "/tmp/unused"'])
+      return dict(gin_config.configured_arguments(trainer.train))
+    finally:
+      gin.clear_config()
+
+  in_batch, samtone = arguments("demo_in_batch"), arguments("demo_samtone")
+  assert in_batch.pop("loss") == losses.LossConfig(same_tower_negatives=False)
+  assert samtone.pop("loss") == losses.LossConfig()
+  assert in_batch == samtone
+  assert samtone["data"].mixture_or_task_name == "demo_manpages"  # the demo, not defaults
+  assert samtone["loop"].train_steps == 300 and samtone["loop"].eval_sets == ["demo_manpages_test"]
