@@ -197,3 +197,13 @@ def test_demo_experiments_differ_in_the_loss_alone():
   assert in_batch == samtone
   assert samtone["data"].mixture_or_task_name == "demo_manpages"  # the demo, not defaults
   assert samtone["loop"].train_steps == 300 and samtone["loop"].eval_sets == ["demo_manpages_test"]
+
+
+def test_readme_layout_names_every_module():
+  """README's Layout section names every module and subpackage of samtone_jax (so a new one is
+  described where users look)."""
+  readme = (REPO / "README.md").read_text()
+  layout = readme[readme.index("\n## Layout\n"):readme.index("\n## References\n")]
+  names = {m.split(".")[1] for m in MODULES if m.count(".") >= 1}
+  missing = sorted(n for n in names if n != "__init__" and not re.search(rf"\b{n}\b", layout))
+  assert not missing, f"README's Layout section does not name {missing}"
