@@ -186,23 +186,42 @@ def call_configured(fn: Callable[..., object], **kwargs) -> object:
   return configured(**kwargs)
 
 
+def _unset_macro(value: Any) -> str | None:
+  """The macro `value` names (`%X`, or a chain `%X` -> `%Y` -> ...), if its value is still
+  `%gin.REQUIRED`; else None. Nothing is evaluated (an `@f()` reference would call `f`)."""
+  name, seen = None, set()
+  while isinstance(value, gin.config.ConfigurableReference):
+    text = str(value)  # gin's config syntax: "%NAME" for a macro, "@f()" for a configurable
+    if text == "%gin.REQUIRED":
+      return name
+    if not text.startswith("%") or text in seen:
+      return None
+    seen.add(text)
+    name = text[1:]
+    try:
+      value = gin.query_parameter(text)
+    except ValueError:  # not a macro (a gin constant) or never defined: gin reports the latter
+      return None
+  return None
+
+
 def check_required_macros(fn: Callable[..., Any], given: Collection[str] = ()) -> None:
   """Refuses to call `fn` with an argument bound to a macro that is still `%gin.REQUIRED`.
 
   A run file declares the macros it needs (`CHECKPOINT_PATH = %gin.REQUIRED`); gin hands such an
   unset macro to the function as its REQUIRED sentinel object, which would fail later with an
-  unrelated TypeError. Arguments in `given` (passed by the caller) are not checked.
+  unrelated TypeError. Only `fn`'s own arguments are checked, from the unevaluated bindings;
+  arguments in `given` (passed by the caller) are not.
 
   Raises:
     errors.ConfigError: naming each unset macro and the argument it feeds.
   """
   try:
-    resolved = gin.get_bindings(fn)
-    unresolved = gin.get_bindings(fn, resolve_references=False)
+    bindings = gin.get_bindings(fn, resolve_references=False)
   except ValueError:  # no gin file imports fn's module
     return
-  missing = [(name, str(unresolved[name]).lstrip("%")) for name, value in resolved.items()
-             if value is gin.REQUIRED and name not in given]
+  missing = [(name, macro) for name, value in bindings.items()
+             if name not in given and (macro := _unset_macro(value)) is not None]
   if missing:
     where = ", ".join(f"{macro} (for {fn.__module__.split('.')[-1]}.{fn.__name__}.{name})"
                       for name, macro in missing)

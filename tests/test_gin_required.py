@@ -2,6 +2,7 @@
 from deep inside the command (gin hands the unset macro to the function as a sentinel object)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -62,3 +63,28 @@ def test_command_without_checkpoint_path_exits_1_naming_the_macro():
   assert last.startswith("Error in the gin configuration: required macro CHECKPOINT_PATH "
                          "(for evaluate.evaluate.checkpoint_path) is not set"), last
   assert "Traceback" not in result.stderr
+
+
+def test_a_chain_of_macros_names_the_unset_one():
+  from samtone_jax import encode  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    gin_config.parse_gin(["runs/encode.gin"], [
+        'CHECKPOINT_PATH = "/tmp/run"', 'ENCODE_SET = "demo_manpages_test"',
+        'ENCODE_OUTPUT_DIR = "/tmp/out"', "EVAL_FEATURE_LENGTHS = %TASK_FEATURE_LENGTHS",
+        "TASK_FEATURE_LENGTHS = %gin.REQUIRED"])
+    with pytest.raises(errors.ConfigError, match=re.escape(
+        "required macro TASK_FEATURE_LENGTHS (for encode.encode.feature_lengths) is not set")):
+      gin_config.check_required_macros(encode.encode)
+  finally:
+    gin.clear_config()
+
+
+def test_references_are_not_evaluated_by_the_check():
+  # runs/predict.gin alone binds model = @seq2seq_model.EncoderDecoderModel() with no config:
+  # evaluating it would raise a TypeError. The check reads the bindings without calling anything
+  # and names the experiment's macro that is missing.
+  from samtone_jax import predict  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match=re.escape(
+      "required macro TASK_FEATURE_LENGTHS (for predict.predict.feature_lengths) is not set")):
+    _call(["runs/predict.gin"], ['CHECKPOINT_PATH = "/tmp/run"'], predict.predict)
