@@ -1,7 +1,7 @@
 """Gin at the boundary: parse the project's gin files, then call a library function with them.
 
 The one owner of "gin files + bindings -> a call": every command (`samtone_jax.main` and the
-other entry modules, through `main.setup_from_flags`), the demos, `launch/aot_compile.py`,
+other entry modules, through `cli.setup_from_flags`), the demos, `launch/aot_compile.py`,
 benchmarks and tests use it; library code never reads gin.
 
   run_from_gin(files, bindings)            parse from a clean config, call `trainer.train`
@@ -13,7 +13,7 @@ Gin files are found in the current directory, then in the search paths, then in 
 `gin/` (GIN_DIR), so `experiments/X.gin` and `gin/experiments/X.gin` both work from anywhere.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 import difflib
 import inspect
 import logging as std_logging
@@ -182,7 +182,54 @@ def call_configured(fn: Callable[..., object], **kwargs) -> object:
     configured = gin.get_configurable(fn)
   except ValueError as e:
     raise errors.ConfigError(f"Error in the gin configuration: {e}") from e
+  check_required_macros(fn, given=kwargs)
   return configured(**kwargs)
+
+
+def _unset_macro(value: Any) -> str | None:
+  """The macro `value` names (`%X`, or a chain `%X` -> `%Y` -> ...), if its value is still
+  `%gin.REQUIRED`; else None. Nothing is evaluated (an `@f()` reference would call `f`)."""
+  name, seen = None, set()
+  while isinstance(value, gin.config.ConfigurableReference):
+    text = str(value)  # gin's config syntax: "%NAME" for a macro, "@f()" for a configurable
+    if text == "%gin.REQUIRED":
+      return name
+    if not text.startswith("%") or text in seen:
+      return None
+    seen.add(text)
+    name = text[1:]
+    try:
+      value = gin.query_parameter(text)
+    except ValueError:  # not a macro (a gin constant) or never defined: gin reports the latter
+      return None
+  return None
+
+
+def check_required_macros(fn: Callable[..., Any], given: Collection[str] = ()) -> None:
+  """Refuses to call `fn` with an argument bound to a macro that is still `%gin.REQUIRED`.
+
+  A run file declares the macros it needs (`CHECKPOINT_PATH = %gin.REQUIRED`); gin hands such an
+  unset macro to the function as its REQUIRED sentinel object, which would fail later with an
+  unrelated TypeError. Only `fn`'s own arguments are checked, from the unevaluated bindings;
+  arguments in `given` (passed by the caller) are not.
+
+  Raises:
+    errors.ConfigError: naming each unset macro and the argument it feeds.
+  """
+  try:
+    bindings = gin.get_bindings(fn, resolve_references=False)
+  except ValueError:  # no gin file imports fn's module
+    return
+  missing = [(name, macro) for name, value in bindings.items()
+             if name not in given and (macro := _unset_macro(value)) is not None]
+  if missing:
+    where = ", ".join(f"{macro} (for {fn.__module__.split('.')[-1]}.{fn.__name__}.{name})"
+                      for name, macro in missing)
+    example = missing[0][1]
+    raise errors.ConfigError(
+        f"Error in the gin configuration: required macro{'s' if len(missing) > 1 else ''} "
+        f"{where} {'are' if len(missing) > 1 else 'is'} not set: bind it, e.g. "
+        f"--gin.{example}=..., or pass the experiment's --gin_file that defines it.")
 
 
 def configured_arguments(fn: Callable[..., Any], required: Sequence[str] = ()) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The pure training step of the encoder-decoder (SKILL), built like the dual encoder's.
 
 `train_step.build` hands an `EncoderDecoderModel` here (its one model-kind dispatch); the result
-is the same `train_step.Built` (same `TrainState`, same `partitioning.InMesh`, same optimizer-state sharding
-rule), so the trainer, checkpoints, resume, SIGTERM and the AOT compile need no second path.
+is the same `train_step.Built`, assembled by the same `train_step.assemble` (optimizer, state
+shardings, jitted init and donated step), so the trainer, checkpoints, resume, SIGTERM and the AOT
+compile need no second path.
 
 The optimised tree is `{"model": <EncoderDecoder params>, "loss": {}}` (no loss parameters), so a
 checkpoint has the dual encoder's layout. Gradient caching and loss row chunking are contrastive-
@@ -14,15 +15,13 @@ import functools
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 import optax
 
 from samtone_jax import optimizers
 from samtone_jax import partitioning
 from samtone_jax import train_step as train_step_lib
 from samtone_jax.models import seq2seq_model
-from samtone_jax.models import t5
 
 Array = jax.Array
 
@@ -76,40 +75,17 @@ def build(model: seq2seq_model.EncoderDecoderModel,
     A `train_step.Built` whose `model` is `model` (the trainer's evaluation dispatches on it).
   """
   abstract_model_params = abstract_model_params_of(model, mesh)
-  replicated = NamedSharding(mesh, P())
   abstract_params = {"model": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                            abstract_model_params),
                      "loss": {}}
   param_shardings = {"model": jax.tree.map(lambda a: a.sharding, abstract_model_params),
                      "loss": {}}
   trainable = {"model": model.trainable_mask(abstract_params["model"]), "loss": {}}
-  tx, schedule = optimizers.make_optimizer(optimizer_config, trainable,
-                                           stacked=t5.stacked_mask(abstract_params))
-  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = train_step_lib._opt_state_shardings(  # pylint: disable=protected-access
-      tx, abstract_opt_state, abstract_params, param_shardings, mesh)
-  state_shardings = train_step_lib.TrainState(step=replicated, params=param_shardings,
-                                              opt_state=opt_shardings)
-  abstract_state = train_step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32),
-                                             params=abstract_params, opt_state=abstract_opt_state)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-      state_shardings)
 
-  def init_state(rng):
-    params = {"model": nn.meta.unbox(model.init_variables(rng))["params"], "loss": {}}
-    return train_step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                     opt_state=tx.init(params))
+  def init_params(rng):
+    return {"model": nn.meta.unbox(model.init_variables(rng))["params"], "loss": {}}
 
-  step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                              trainable=trainable)
-  batch_shardings = {k: partitioning.data_sharding(mesh, len(v.shape)) for k, v in batch.items()}
-  jitted_init = partitioning.InMesh(
-      jax.jit(init_state, in_shardings=replicated, out_shardings=state_shardings), mesh)
-  jitted_step = partitioning.InMesh(
-      jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, replicated),
-              out_shardings=(state_shardings, replicated), donate_argnums=(0,)), mesh)
-  return train_step_lib.Built(
-      model=model, tx=tx, schedule=schedule, trainable=trainable, abstract_state=abstract_state,
-      state_shardings=state_shardings, batch_shardings=batch_shardings, rng_sharding=replicated,
-      init_state=jitted_init, train_step=jitted_step)
+  return train_step_lib.assemble(
+      model, optimizer_config, mesh, batch, abstract_params=abstract_params,
+      param_shardings=param_shardings, trainable=trainable, init_params=init_params,
+      step=functools.partial(train_step, model=model))

@@ -463,6 +463,40 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.
 
   trainable = {"model": dual_encoder.trainable_mask(model_config, abstract_model_params),
                "loss": jax.tree.map(lambda _: True, loss_params)}
+
+  def init_params(rng):
+    variables = nn.meta.unbox(init_variables(rng))
+    return {"model": variables["params"],
+            "loss": ({"log_temperature": jnp.log(jnp.float32(loss_config.temperature))}
+                     if loss_config.learn_temperature else {})}
+
+  return assemble(model, optimizer_config, mesh, batch, abstract_params=abstract_params,
+                  param_shardings=param_shardings, trainable=trainable, init_params=init_params,
+                  step=functools.partial(train_step, model=model, loss_config=loss_config,
+                                         mesh=mesh, chunks=chunks))
+
+
+def assemble(model: Any, optimizer_config: optimizers.OptimizerConfig, mesh: Mesh,
+             batch: dict[str, jax.ShapeDtypeStruct], *, abstract_params: PyTree,
+             param_shardings: PyTree, trainable: PyTree, init_params: Any, step: Any) -> Built:
+  """The part of `build` both model kinds share (`seq2seq_step.build` calls it too): the optimizer,
+  the sharded train-state layout and the jitted, sharded, donated init and step.
+
+  Args:
+    model: what `Built.model` holds (the trainer's evaluation dispatches on it).
+    optimizer_config: the optimizer and schedule.
+    mesh: a (data, model) mesh, real devices or an AOT topology.
+    batch: the global batch layout.
+    abstract_params: {"model": ..., "loss": ...} of jax.ShapeDtypeStruct (no shardings).
+    param_shardings: the same tree of NamedSharding.
+    trainable: the same tree of bools (False: frozen, no update and no optimizer state).
+    init_params: rng -> the params tree, created inside the jitted initialiser.
+    step: `step(state, batch, rng, *, tx, schedule, trainable) -> (state, metrics)`, pure.
+
+  Returns:
+    A `Built`; nothing is created until `init_state` is called.
+  """
+  replicated = partitioning.replicated(mesh)
   tx, schedule = optimizers.make_optimizer(optimizer_config, trainable,
                                            stacked=t5.stacked_mask(abstract_params))
   abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
@@ -476,14 +510,10 @@ def build(model_config: model_config_lib.DualEncoderConfig, loss_config: losses.
       state_shardings)
 
   def init_state(rng):
-    variables = nn.meta.unbox(init_variables(rng))
-    params = {"model": variables["params"],
-              "loss": ({"log_temperature": jnp.log(jnp.float32(loss_config.temperature))}
-                       if loss_config.learn_temperature else {})}
+    params = init_params(rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
-  step_fn = functools.partial(train_step, model=model, loss_config=loss_config, tx=tx,
-                              schedule=schedule, trainable=trainable, mesh=mesh, chunks=chunks)
+  step_fn = functools.partial(step, tx=tx, schedule=schedule, trainable=trainable)
   batch_shardings = {k: partitioning.data_sharding(mesh, len(v.shape)) for k, v in batch.items()}
   jitted_init = partitioning.InMesh(
       jax.jit(init_state, in_shardings=replicated, out_shardings=state_shardings), mesh)
