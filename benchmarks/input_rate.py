@@ -45,6 +45,7 @@ import seqio  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 import input_pipeline  # pylint: disable=g-import-not-at-top  (benchmarks/, the data generator)
+import scale  # pylint: disable=g-import-not-at-top  (benchmarks/scale.py: peak_rss_bytes)
 from samtone_jax.tasks import cache  # pylint: disable=g-import-not-at-top
 from samtone_jax.tasks import msmarco  # pylint: disable=g-import-not-at-top
 from samtone_jax.tasks import pipeline  # pylint: disable=g-import-not-at-top
@@ -80,14 +81,6 @@ def _state_bytes(prefix: str) -> int:
   return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory))
 
 
-def _peak_rss_bytes() -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024
-  raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def resume_worker(args) -> None:
   """A fresh process resuming at `args.step` (cached: from the state at `args.prefix`); prints
   {"records", "seconds", "peak_bytes"} as JSON."""
@@ -103,7 +96,7 @@ def resume_worker(args) -> None:
   seconds = time.perf_counter() - start
   it.close()
   records = counts["read"] if args.cached else RAW_ROWS["read"]
-  print(json.dumps({"records": records, "seconds": seconds, "peak_bytes": _peak_rss_bytes()}))
+  print(json.dumps({"records": records, "seconds": seconds, "peak_bytes": scale.peak_rss_bytes()}))
 
 
 def resume_cost(args, step: int, cached: bool) -> tuple[int, float, int, int]:

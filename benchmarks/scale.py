@@ -87,7 +87,7 @@ def write_msmarco(directory: str, num_passages: int, num_triples: int, seed: int
                     for q, p in enumerate(rng.integers(num_passages, size=NUM_DEV_QUERIES))))
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
   with open("/proc/self/status") as f:
     for line in f:
       if line.startswith("VmHWM:"):
@@ -154,7 +154,7 @@ def measure(args) -> dict:
     extra["mrr@10"] = results[f"{msmarco.DEV_EVAL_SET}/mrr@10"]
   seconds = time.perf_counter() - start
   return dict(stage=args.stage, passages=args.passages, triples=args.triples,
-              seconds=round(seconds, 1), peak_gib=round(_peak_rss_bytes() / GIB, 3),
+              seconds=round(seconds, 1), peak_gib=round(peak_rss_bytes() / GIB, 3),
               baseline_gib=round(baseline / GIB, 3), **extra)
 
 
