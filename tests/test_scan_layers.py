@@ -63,8 +63,9 @@ def test_scanned_encoder_equals_unrolled_values_and_gradients(remat, policy):
   def loss(module, p):
     return jnp.sum(jnp.sin(module.apply({"params": p}, tokens)))
 
-  want_grads = t5.stack_layers(jax.grad(lambda p: loss(unrolled, p))(params))
-  got_grads = jax.grad(lambda p: loss(scanned, p))(stacked)
+  # Jitted: op by op (one compile per primitive) the gradients took most of the test's time.
+  want_grads = t5.stack_layers(jax.jit(jax.grad(lambda p: loss(unrolled, p)))(params))
+  got_grads = jax.jit(jax.grad(lambda p: loss(scanned, p)))(stacked)
   jax.tree.map(_assert_close_to_scale, got_grads, want_grads)
 
 

@@ -87,7 +87,8 @@ def test_sharded_step_equals_hand_computation_and_one_device_step():
                                    bidirectional=True, query_ids=batch["query_ids"],
                                    document_ids=batch["passage_ids"])
 
-  (loss, ref_metrics), grads = jax.value_and_grad(reference_loss, has_aux=True)(params0)
+  # Jitted: op by op, the reference took 21 s of the test's 54 (one compile per primitive).
+  (loss, ref_metrics), grads = jax.jit(jax.value_and_grad(reference_loss, has_aux=True))(params0)
   np.testing.assert_allclose(float(metrics["loss_sum"]) / BATCH, float(loss), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["query_top1_correct"]),
                              float(ref_metrics["query_top1_correct"]))
