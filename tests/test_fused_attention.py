@@ -59,17 +59,17 @@ def test_fused_attention_equals_einsum_and_formula_in_values_and_gradients():
   params = nn.meta.unbox(fused.init(jax.random.key(0), x, position_bias, mask_bias, None))[
       "params"]
 
-  def apply_fused(params, x):
+  def apply_fused(params, x, position_bias):
     # Dropout keys given (a training pass), but attention dropout 0: the fused path.
     return fused.apply({"params": params}, x, position_bias, mask_bias, keys)
 
-  def apply_einsum(params, x):
+  def apply_einsum(params, x, position_bias):
     return einsum.apply({"params": params}, x, position_bias, mask_bias, keys)
 
-  def apply_reference(params, x):
+  def apply_reference(params, x, position_bias):
     return _reference_attention(params, x, position_bias, key_mask)
 
-  outputs = {name: f(params, x) for name, f in
+  outputs = {name: f(params, x, position_bias) for name, f in
              [("fused", apply_fused), ("einsum", apply_einsum), ("reference", apply_reference)]}
   np.testing.assert_allclose(outputs["fused"], outputs["einsum"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(outputs["fused"], outputs["reference"], rtol=1e-5, atol=1e-5)
@@ -77,8 +77,10 @@ def test_fused_attention_equals_einsum_and_formula_in_values_and_gradients():
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=outputs["fused"].shape),
                           jnp.float32)
   def loss(f):
-    return lambda params, x: jnp.sum(f(params, x) * cotangent)
-  grads = {name: jax.grad(loss(f), argnums=(0, 1))(params, x) for name, f in
+    return lambda *args: jnp.sum(f(*args) * cotangent)
+  # Also the position bias's gradient: the model sums it over the batch as ones @ [b, h*l*l] on
+  # CPU (t5.broadcast_over_batch), the reference by broadcasting.
+  grads = {name: jax.grad(loss(f), argnums=(0, 1, 2))(params, x, position_bias) for name, f in
            [("fused", apply_fused), ("einsum", apply_einsum), ("reference", apply_reference)]}
   for other in ("einsum", "reference"):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
@@ -94,11 +96,13 @@ def test_fused_path_is_taken_exactly_when_no_attention_mask_is_drawn():
     return str(jax.make_jaxpr(lambda p: module.apply(p, x, position_bias, mask_bias, keys))(
         params))
 
-  # bernoulli draws appear only where the attention weights are masked.
-  assert "random_bits" not in jaxpr(_config(dropout_rate=0.1, attention_dropout_rate=0.0), keys)
-  assert "random_bits" not in jaxpr(_config(dropout_rate=0.1), None)  # deterministic
-  assert "random_bits" in jaxpr(_config(dropout_rate=0.1), keys)  # None: = dropout_rate
-  assert "random_bits" in jaxpr(_config(dropout_rate=0.0, attention_dropout_rate=0.1), keys)
+  # Random draws (threefry keys: the hash itself, t5._word_rows) appear only where the
+  # attention weights are masked.
+  draws = "threefry2x32"
+  assert draws not in jaxpr(_config(dropout_rate=0.1, attention_dropout_rate=0.0), keys)
+  assert draws not in jaxpr(_config(dropout_rate=0.1), None)  # deterministic
+  assert draws in jaxpr(_config(dropout_rate=0.1), keys)  # None: = dropout_rate
+  assert draws in jaxpr(_config(dropout_rate=0.0, attention_dropout_rate=0.1), keys)
 
 
 def test_attention_dropout_rate_switches_only_the_attention_mask():
@@ -186,3 +190,41 @@ def test_dropout_drops_at_its_rate_independently_per_row_and_keeps_the_mean(rate
   # A row's mask does not depend on the rest of the batch (what gradient caching relies on).
   alone = np.asarray(jax.jit(lambda x, k: t5.dropout(x, rate, k, site=1))(x[2:3], keys[2:3]))
   np.testing.assert_array_equal(alone[0], out[2])
+
+
+def test_position_bias_gradient_is_the_batch_sum():
+  """t5.broadcast_over_batch: values of jnp.broadcast_to, gradient = the float64 batch sum."""
+  rng = np.random.default_rng(5)
+  bias = jnp.asarray(rng.normal(size=(1, 3, 5, 6)), jnp.float32)
+  cotangent = rng.normal(size=(9, 3, 5, 6)).astype(np.float32)
+  value, vjp = jax.vjp(jax.jit(lambda b: t5.broadcast_over_batch(b, 9)), bias)
+  np.testing.assert_array_equal(value, np.broadcast_to(bias, (9, 3, 5, 6)))
+  (grad,) = vjp(jnp.asarray(cotangent))
+  assert grad.shape == bias.shape and grad.dtype == jnp.float32
+  np.testing.assert_allclose(grad, cotangent.astype(np.float64).sum(0, keepdims=True),
+                             rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl, shape", [("threefry2x32", (64, 1024)), ("threefry2x32", (5, 7)),
+                                         ("rbg", (3, 11))])
+def test_dropout_mask_is_the_documented_draw_of_the_keys_bits(impl, shape):
+  """Value i of an example's mask, from `jax.random.bits(key, (2q,), uint32)` (q = ceil(n / 4))
+  as two rows of q words: blocks of q values from row 0's high 16 bits, row 1's high, row 0's low,
+  row 1's low; dropped when below round(rate * 2**16)."""
+  rate, rows, site = 0.3, 3, 2
+  x = jnp.ones((rows, *shape), jnp.float32)
+  keys = t5.fold_in_rows(jax.random.key(11, impl=impl), jnp.arange(rows))
+  dropped = np.asarray(jax.jit(lambda x, k: t5.dropout(x, rate, k, site=site))(x, keys)) == 0
+  n = int(np.prod(shape))
+  q = -(-n // 4)
+  threshold = round(rate * 2**16)
+  # Drawn for the batch's keys at once (rbg's bits for a batch of keys differ from one key's).
+  site_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, site)
+  with jax.threefry_partitionable(False):
+    all_words = np.asarray(jax.vmap(lambda k: jax.random.bits(k, (2 * q,), jnp.uint32))(
+        site_keys))
+  for row in range(rows):
+    words = all_words[row].reshape(2, q)
+    values = np.concatenate([words[0] >> 16, words[1] >> 16, words[0] & 0xFFFF,
+                             words[1] & 0xFFFF])[:n]
+    np.testing.assert_array_equal(dropped[row].reshape(-1), values < threshold)

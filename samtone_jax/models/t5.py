@@ -34,11 +34,13 @@ whole heads.
 """
 
 from collections.abc import Callable, Mapping
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.extend.random
 import jax.numpy as jnp
 import numpy as np
 
@@ -101,6 +103,14 @@ def relative_position_bucket(relative_position: np.ndarray, num_buckets: int,
 # a quarter of the hashing (tiny T5, batch 256: the CPU train step 1.22 -> 0.93 s,
 # benchmarks/README.md). Partitioning does not need the other mode here: every example has its
 # own key, and its mask is one row's draw.
+# An example's mask is drawn as `jax.random.bits(key, (2 * q,), uint32)` (q = ceil(values / 4)),
+# taken as two rows of q words; each word gives two values, and the mask is four contiguous blocks
+# of q values: the high 16 bits of row 0, of row 1, then the low 16 bits of row 0, of row 1. With
+# threefry keys the two rows are the two outputs of the hash, used where they are computed
+# (`_word_rows`). Both choices are about XLA:CPU's memory traffic: `jax.random.bits` with uint16
+# interleaves the halves of each word (a [.., 2, n/2] -> [.., n/2, 2] transpose that XLA fused
+# into every consumer of the mask, forward and backward), and concatenating the hash's outputs,
+# then the halves, materialised three copies of the bits (tiny T5, batch 256: ~15% of the step).
 _DROPOUT_BITS = 16
 
 
@@ -127,11 +137,41 @@ def dropout(x: Array, rate: float, keys: Array | None, site: int) -> Array:
   if threshold == 0:  # rounds to no dropout
     return x
   site_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, site)
-  with jax.threefry_partitionable(False):
-    bits = jax.vmap(lambda key: jax.random.bits(key, x.shape[1:], jnp.uint16))(site_keys)
-  keep = bits >= jnp.uint16(threshold)
+  size = math.prod(x.shape[1:])
+  quarter = -(-size // 4)
+  row_0, row_1 = jax.vmap(lambda key: _word_rows(key, quarter))(site_keys)  # [b, q] each
+  # Block j of the mask: row j % 2, high 16 bits for j < 2, low 16 bits after (see above).
+  block = np.arange(4)[None, :, None]
+  words = jnp.where(block % 2 == 0, row_0[:, None, :], row_1[:, None, :])  # [b, 4, q]
+  values = jnp.where(block < 2, words >> 16, words & jnp.uint32(0xFFFF))
+  keep = (values >= jnp.uint32(threshold)).reshape(x.shape[0], 4 * quarter)
+  keep = keep[:, :size].reshape(x.shape)
   kept_scale = jnp.asarray(scale / (scale - threshold), x.dtype)
   return jax.lax.select(keep, x * kept_scale, jnp.zeros_like(x))
+
+
+def _word_rows(key: Array, count: int) -> tuple[Array, Array]:
+  """One key's `jax.random.bits(key, (2 * count,), uint32)` (threefry's original mode) as 2 rows.
+
+  Args:
+    key: a [] typed key of any implementation, or a raw [2] uint32 key (the configured default
+      implementation's).
+    count: words per row.
+
+  Returns:
+    (bits[:count], bits[count:]), uint32 [count] each. For threefry keys these are the hash's
+    two outputs for the counter pairs (i, count + i), which is how threefry's original mode
+    draws the 2 * count words; calling the hash directly keeps XLA from concatenating them.
+  """
+  typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  impl = str(jax.random.key_impl(key)) if typed else jax.config.jax_default_prng_impl
+  if impl != "threefry2x32":
+    bits = jax.random.bits(key, (2 * count,), jnp.uint32)
+    return bits[:count], bits[count:]
+  key_words = jax.random.key_data(key) if typed else key
+  counter = jax.lax.iota(jnp.uint32, count)
+  return tuple(jax.extend.random.threefry2x32_p.bind(key_words[0], key_words[1], counter,
+                                                     counter + jnp.uint32(count)))
 
 
 def fold_in_rows(key: Array, rows: Array) -> Array:
@@ -235,6 +275,45 @@ class RelativePositionBias(nn.Module):
     return values[None]
 
 
+def _sum_over_batch(cotangent: Array) -> Array:
+  """[b, ...] -> [1, ...] float32 sum over the batch; on CPU as a vector-matrix product.
+
+  XLA:CPU reduces over a leading dimension slowly: the relative position bias's gradient, the
+  [b, h, l, l] logits' cotangent summed over b, took 212 ms of a 1.1 s tiny train step (batch
+  256, length 128) as a reduce and 10 ms as ones[b] @ [b, h*l*l]. Other platforms keep the reduce.
+  """
+  batch = cotangent.shape[0]
+  flat = cotangent.reshape(batch, -1)
+
+  def by_product(flat):
+    return jnp.dot(jnp.ones((batch,), flat.dtype), flat, precision=jax.lax.Precision.HIGHEST,
+                   preferred_element_type=jnp.float32)
+
+  def by_reduce(flat):
+    return jnp.sum(flat, axis=0, dtype=jnp.float32)
+
+  total = jax.lax.platform_dependent(flat, cpu=by_product, default=by_reduce)
+  return total.reshape(1, *cotangent.shape[1:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def broadcast_over_batch(bias: Array, batch: int) -> Array:
+  """[1, ...] -> [batch, ...] (`jnp.broadcast_to`); the gradient is `_sum_over_batch`."""
+  return jnp.broadcast_to(bias, (batch, *bias.shape[1:]))
+
+
+def _broadcast_over_batch_fwd(bias, batch):
+  return broadcast_over_batch(bias, batch), jnp.zeros((), bias.dtype)
+
+
+def _broadcast_over_batch_bwd(batch, dtype_carrier, cotangent):
+  del batch
+  return (_sum_over_batch(cotangent).astype(dtype_carrier.dtype),)
+
+
+broadcast_over_batch.defvjp(_broadcast_over_batch_fwd, _broadcast_over_batch_bwd)
+
+
 class SelfAttention(nn.Module):
   """T5 multi-head attention: no biases, no logit scaling, float32 softmax.
 
@@ -290,7 +369,13 @@ class SelfAttention(nn.Module):
       return nn.with_logical_constraint(y, ("batch", "length", "heads", "kv"))
 
     query = project("query", query_init)
-    bias = mask_bias if position_bias is None else position_bias + mask_bias
+    if position_bias is None:
+      bias = mask_bias
+    elif self.decode:
+      bias = position_bias + mask_bias
+    else:
+      # The same [1, h, l, s] bias for every example; its gradient is a sum over the batch.
+      bias = broadcast_over_batch(position_bias, b) + mask_bias
     if self.decode:
       key, value, bias = self._decode_keys_values(project, init, x, inputs_kv, bias)
     else:
