@@ -27,7 +27,7 @@ kept on the host instead (`host_top_k`):
 
   for each chunk and query block:
     jit: scores = queries @ rows.T [qb, c] (the same dot, shapes and precision as above) and the
-         maxima of groups of `g` columns [qb, c / g] (padding rows masked)         (dispatched async)
+         maxima of groups of `g` columns [qb, c / g]                               (dispatched async)
     numpy, while the next chunk's product runs: an element can enter a query's running top k only
          if it beats the current k-th score (strictly: earlier rows win ties) and is >= the k-th
          largest group maximum of the chunk (k elements are at least that large); only groups
@@ -127,25 +127,60 @@ def _as_chunks(corpus, rows_per_chunk: int) -> Iterable[np.ndarray | jax.Array]:
       yield shard[start:start + rows_per_chunk]
 
 
-def _padded_chunks(corpus, rows_per_chunk: int, dim: int):
-  """Yields (rows [rows_per_chunk, d], n, offset): the corpus's chunks, the last one zero-padded.
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """An uninitialised array whose data starts on a 64-byte boundary (CPU `device_put` aliases
+  such arrays instead of copying them)."""
+  size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  raw = np.empty(size + 64, np.uint8)
+  start = -raw.ctypes.data % 64
+  return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def _padded_chunks(corpus, chunk_size: int, num_devices: int, dim: int, *, granule: int = 1,
+                   staging: bool = False):
+  """Yields (rows [width, d], n, offset): the corpus's chunks, zero-padded to a compiled width.
+
+  A chunk is chunk_size * num_devices rows; a shorter one (the last, or a shard's tail) is padded
+  to num_devices * the next power of two >= its rows per device (at least `granule`, at most
+  chunk_size): at most log2(chunk_size) compiled widths, and under half of a chunk's product spent
+  on padding (padding to the full chunk wasted 15% of the product at 100k rows and chunk 16384).
 
   rows are numpy or jax, float32 or bfloat16 (a bfloat16 corpus stays bfloat16: half the transfer,
   widened exactly on the device); n is the count of real rows, offset the position of the first.
+  With `staging` (one CPU device), numpy rows that a CPU `device_put` would copy (unaligned,
+  another dtype, or padded) are copied into one of two reused 64-byte-aligned buffers instead, and
+  aligned rows (memmaps of `.npy` files) are passed as they are: `device_put` then aliases them
+  rather than copying each chunk into fresh memory. Two buffers suffice because the caller has
+  finished with chunk i - 2 when it asks for chunk i.
   """
+  buffers = {}  # (width, dtype) -> two staging buffers, used alternately.
   offset = 0
-  for rows in _as_chunks(corpus, rows_per_chunk):
+  for index, rows in enumerate(_as_chunks(corpus, chunk_size * num_devices)):
     if rows.shape[1] != dim:
       raise ValueError(f"Corpus rows have dimension {rows.shape[1]}; queries have {dim}.")
     n = rows.shape[0]
     if offset + n >= 2**31:
       raise ValueError("Corpora of 2**31 rows or more are not supported (int32 row ids).")
-    # No host copy of float32 or bfloat16 rows (memmaps included); device_put makes the only one.
-    xp = jnp if isinstance(rows, jax.Array) else np
-    row_dtype = rows.dtype if rows.dtype == jnp.bfloat16 else np.float32
-    rows = xp.asarray(rows, dtype=row_dtype)
-    if n < rows_per_chunk:  # Pad the last chunk so that one compiled step serves every chunk.
-      rows = xp.concatenate([rows, xp.zeros((rows_per_chunk - n, dim), row_dtype)])
+    per_device = -(-n // num_devices)
+    width = num_devices * min(chunk_size, max(granule, 1 << (per_device - 1).bit_length()))
+    # No host copy of float32 or bfloat16 rows (memmaps included) unless they need padding or
+    # staging; device_put makes the only one.
+    row_dtype = rows.dtype if rows.dtype == jnp.bfloat16 else np.dtype(np.float32)
+    if staging and not isinstance(rows, jax.Array):
+      if (n < width or rows.dtype != row_dtype or not rows.flags.c_contiguous
+          or rows.ctypes.data % 64):
+        key = (width, row_dtype)
+        if key not in buffers:
+          buffers[key] = [_aligned_empty((width, dim), row_dtype) for _ in range(2)]
+        buffer = buffers[key][index % 2]
+        buffer[:n] = rows
+        buffer[n:] = 0
+        rows = buffer
+    else:
+      xp = jnp if isinstance(rows, jax.Array) else np
+      rows = xp.asarray(rows, dtype=row_dtype)
+      if n < width:
+        rows = xp.concatenate([rows, xp.zeros((width - n, dim), row_dtype)])
     yield rows, n, offset
     offset += n
 
@@ -158,21 +193,20 @@ def _group_size(chunk_size: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _scores_and_group_maxima(group_size: int):
-  """Jitted (queries [qb, d], rows [c, d], num_valid) -> (scores [qb, c], maxima [qb, c / g]).
+  """Jitted (queries [qb, d], rows [c, d]) -> (scores [qb, c], maxima [qb, c / g]).
 
   scores are the XLA path's products (same dot, precision and shapes, so the same bits); maxima
-  are per-row maxima of groups of `group_size` consecutive columns, -inf over padding rows
-  (columns >= num_valid). Only the maxima pass is extra: one read of the scores, fused.
+  are per-row maxima of groups of `group_size` consecutive columns, padding rows included (the
+  host masks them: masking here wrote a second [qb, c] array and cost ~15% of a chunk's product).
   """
 
   @jax.jit
-  def scores_and_maxima(queries, rows, num_valid):
+  def scores_and_maxima(queries, rows):
     rows = rows.astype(jnp.float32)
     scores = jnp.dot(queries, rows.T, precision=lax.Precision.HIGHEST,
                      preferred_element_type=jnp.float32)
     num_queries, num_columns = scores.shape
-    masked = jnp.where(jnp.arange(num_columns)[None, :] < num_valid, scores, -jnp.inf)
-    maxima = masked.reshape(num_queries, num_columns // group_size, group_size).max(axis=2)
+    maxima = scores.reshape(num_queries, num_columns // group_size, group_size).max(axis=2)
     return scores, maxima
 
   return scores_and_maxima
@@ -216,13 +250,21 @@ def _merge_chunk(top_keys: np.ndarray, scores: np.ndarray, maxima: np.ndarray, o
     top_keys: uint64 [qb, k] running best `_sort_keys` keys, ascending (= score descending,
       equal scores by lower position), padded with `_PADDING_KEY` while fewer than k.
     scores: float32 [qb, c] this chunk's scores (read only where needed).
-    maxima: float32 [qb, c / g] maxima of groups of g consecutive columns (-inf over padding).
+    maxima: float32 [qb, c / g] maxima of groups of g consecutive columns, padding included.
     offset: corpus position of column 0; it exceeds every position in top_keys.
     num_valid: columns < num_valid are real rows; the rest is padding and never enters.
   """
   num_queries, k = top_keys.shape
   num_groups = maxima.shape[1]
   group_size = scores.shape[1] // num_groups
+  if num_valid < scores.shape[1]:
+    # A padded chunk: groups of padding only get -inf, and the group that straddles num_valid
+    # the maximum of its real columns.
+    maxima = maxima.copy()
+    whole = num_valid // group_size
+    maxima[:, whole:] = -np.inf
+    if num_valid % group_size:
+      maxima[:, whole] = scores[:, whole * group_size:num_valid].max(axis=1)
   # A chunk element can enter only if it beats the k-th score so far: strictly, since every
   # running entry has a lower position and wins a tie (-inf while fewer than k).
   threshold = _decode_keys(top_keys[:, -1])[0]
@@ -242,23 +284,25 @@ def _merge_chunk(top_keys: np.ndarray, scores: np.ndarray, maxima: np.ndarray, o
   keep = values > threshold[rows, None]
   if floor is not None:
     keep &= values >= floor[rows, None]
-  columns = (flat_groups % num_groups)[:, None] * group_size + np.arange(group_size)  # [m, g]
   if num_valid < scores.shape[1]:
-    keep &= columns < num_valid
-  hits = np.flatnonzero(keep)  # Into [m * g].
+    keep &= (flat_groups % num_groups)[:, None] * group_size + np.arange(group_size) < num_valid
+  hits = np.flatnonzero(keep)  # Into [m * g], row-major: candidates by query, then position.
   if hits.size == 0:
     return
-  candidate_rows = rows[hits // group_size]  # Ascending (flatnonzero is row-major).
+  hit_groups = hits // group_size
+  candidate_rows = rows[hit_groups]
+  columns = (flat_groups[hit_groups] - candidate_rows * num_groups) * group_size
+  columns += hits % group_size
   # -0.0 + 0.0 = +0.0: a zero score ties with +0.0 by position, and is returned as +0.0.
-  candidate_keys = _sort_keys(values.reshape(-1)[hits] + np.float32(0),
-                              columns.reshape(-1)[hits] + offset)
+  candidate_keys = _sort_keys(values.reshape(-1)[hits] + np.float32(0), columns + offset)
   # One row of [running k | this query's candidates | padding] per query with candidates.
   counts = np.bincount(candidate_rows, minlength=num_queries)
   touched = np.flatnonzero(counts)
+  dense_rows = (np.cumsum(counts > 0) - 1)[candidate_rows]
   slots = np.arange(hits.size) - (np.cumsum(counts) - counts)[candidate_rows]
   merged = np.full((touched.size, k + int(counts.max())), _PADDING_KEY, np.uint64)
   merged[:, :k] = top_keys[touched]
-  merged[np.searchsorted(touched, candidate_rows), k + slots] = candidate_keys
+  merged[dense_rows, k + slots] = candidate_keys
   merged.sort(axis=1)  # Keys are unique (positions are), so any sort gives the one order.
   top_keys[touched] = merged[:, :k]
 
@@ -289,7 +333,7 @@ def _host_top_k_search(padded_queries: np.ndarray, block: int, chunks, device, k
     rows = jax.device_put(rows, device)
     for index, queries in enumerate(query_blocks):
       # At most one product in flight beyond the one being merged (bounded memory for streams).
-      result = step(queries, rows, np.int32(n))
+      result = step(queries, rows)
       if pending is not None:
         merge(pending)
       pending = (result, index * block, offset, n)
@@ -342,9 +386,10 @@ def exact_search(queries, corpus, k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
   padded_queries[:num_queries] = queries
 
   if host_top_k:
-    scores, ids = _host_top_k_search(
-        padded_queries, block, _padded_chunks(corpus, chunk_size, dim), mesh.devices.flat[0], k,
-        _group_size(chunk_size))
+    group_size = _group_size(chunk_size)
+    chunks = _padded_chunks(corpus, chunk_size, 1, dim, granule=group_size, staging=True)
+    scores, ids = _host_top_k_search(padded_queries, block, chunks, mesh.devices.flat[0], k,
+                                     group_size)
     return scores[:num_queries], ids[:num_queries]
 
   step, finish = _search_functions(mesh, k)
@@ -358,9 +403,8 @@ def exact_search(queries, corpus, k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
   row_sharding = NamedSharding(mesh, P(axes, None))
   id_sharding = NamedSharding(mesh, P(axes))
 
-  rows_per_chunk = chunk_size * num_devices
-  for rows, n, offset in _padded_chunks(corpus, rows_per_chunk, dim):
-    row_ids = np.full(rows_per_chunk, -1, np.int32)
+  for rows, n, offset in _padded_chunks(corpus, chunk_size, num_devices, dim):
+    row_ids = np.full(rows.shape[0], -1, np.int32)
     row_ids[:n] = np.arange(offset, offset + n, dtype=np.int32)
     rows = jax.device_put(rows, row_sharding)  # overlaps the previous step
     # At most this chunk and the running step in flight: without the wait, dispatch runs ahead
