@@ -136,14 +136,14 @@ def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
   return raw[start:start + size].view(dtype).reshape(shape)
 
 
-def _padded_chunks(corpus, chunk_size: int, num_devices: int, dim: int, *, granule: int = 1,
-                   staging: bool = False):
-  """Yields (rows [width, d], n, offset): the corpus's chunks, zero-padded to a compiled width.
+def _padded_chunks(corpus, chunk_size: int, num_devices: int, dim: int, *, staging: bool = False):
+  """Yields (rows [chunk_size * num_devices, d], n, offset): the corpus's chunks, zero-padded.
 
-  A chunk is chunk_size * num_devices rows; a shorter one (the last, or a shard's tail) is padded
-  to num_devices * the next power of two >= its rows per device (at least `granule`, at most
-  chunk_size): at most log2(chunk_size) compiled widths, and under half of a chunk's product spent
-  on padding (padding to the full chunk wasted 15% of the product at 100k rows and chunk 16384).
+  Every chunk has the same shape, the last one (or a shard's tail) padded: one compiled step,
+  and a score that does not depend on where its row falls. The CPU dot's bits do depend on the
+  product's width (a 1,696- or 100-column product rounds some columns differently from the same
+  columns of a 16,384-column one), so padding to a smaller width would make a search over part of
+  a corpus (`merge_top_k`) differ from one over all of it.
 
   rows are numpy or jax, float32 or bfloat16 (a bfloat16 corpus stays bfloat16: half the transfer,
   widened exactly on the device); n is the count of real rows, offset the position of the first.
@@ -153,26 +153,24 @@ def _padded_chunks(corpus, chunk_size: int, num_devices: int, dim: int, *, granu
   rather than copying each chunk into fresh memory. Two buffers suffice because the caller has
   finished with chunk i - 2 when it asks for chunk i.
   """
-  buffers = {}  # (width, dtype) -> two staging buffers, used alternately.
+  buffers = {}  # dtype -> two staging buffers, used alternately.
   offset = 0
-  for index, rows in enumerate(_as_chunks(corpus, chunk_size * num_devices)):
+  width = chunk_size * num_devices
+  for index, rows in enumerate(_as_chunks(corpus, width)):
     if rows.shape[1] != dim:
       raise ValueError(f"Corpus rows have dimension {rows.shape[1]}; queries have {dim}.")
     n = rows.shape[0]
     if offset + n >= 2**31:
       raise ValueError("Corpora of 2**31 rows or more are not supported (int32 row ids).")
-    per_device = -(-n // num_devices)
-    width = num_devices * min(chunk_size, max(granule, 1 << (per_device - 1).bit_length()))
     # No host copy of float32 or bfloat16 rows (memmaps included) unless they need padding or
     # staging; device_put makes the only one.
     row_dtype = rows.dtype if rows.dtype == jnp.bfloat16 else np.dtype(np.float32)
     if staging and not isinstance(rows, jax.Array):
       if (n < width or rows.dtype != row_dtype or not rows.flags.c_contiguous
           or rows.ctypes.data % 64):
-        key = (width, row_dtype)
-        if key not in buffers:
-          buffers[key] = [_aligned_empty((width, dim), row_dtype) for _ in range(2)]
-        buffer = buffers[key][index % 2]
+        if row_dtype not in buffers:
+          buffers[row_dtype] = [_aligned_empty((width, dim), row_dtype) for _ in range(2)]
+        buffer = buffers[row_dtype][index % 2]
         buffer[:n] = rows
         buffer[n:] = 0
         rows = buffer
@@ -387,7 +385,7 @@ def exact_search(queries, corpus, k: int, *, chunk_size: int = DEFAULT_CHUNK_SIZ
 
   if host_top_k:
     group_size = _group_size(chunk_size)
-    chunks = _padded_chunks(corpus, chunk_size, 1, dim, granule=group_size, staging=True)
+    chunks = _padded_chunks(corpus, chunk_size, 1, dim, staging=True)
     scores, ids = _host_top_k_search(padded_queries, block, chunks, mesh.devices.flat[0], k,
                                      group_size)
     return scores[:num_queries], ids[:num_queries]
