@@ -195,7 +195,7 @@ def _scores_and_group_maxima(group_size: int):
 
   scores are the XLA path's products (same dot, precision and shapes, so the same bits); maxima
   are per-row maxima of groups of `group_size` consecutive columns, padding rows included (the
-  host masks them: masking here wrote a second [qb, c] array and cost ~15% of a chunk's product).
+  host masks them: masking here wrote a second [qb, c] array, ~20% of a chunk's CPU time).
   """
 
   @jax.jit
