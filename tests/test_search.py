@@ -138,6 +138,16 @@ def test_host_top_k_ties_equal_numpy_and_xla(num_queries, num_docs, k, chunk_siz
   assert_same_as_reference_and_xla(host, xla, numpy_search(queries, corpus, k))
 
 
+def test_host_top_k_merges_row_slices_on_threads():
+  # 600 queries in one block: their rows are merged in slices of >= 128 on up to
+  # min(cores, 8, 4) threads (2 on a 2-core machine); ties across chunks as above.
+  rng = np.random.default_rng(12)
+  queries = rng.integers(-1, 2, size=(600, 3)).astype(np.float32)
+  corpus = rng.integers(-1, 2, size=(70, 3)).astype(np.float32)
+  host, xla = both_paths(queries, lambda: corpus, 25, chunk_size=16)
+  assert_same_as_reference_and_xla(host, xla, numpy_search(queries, corpus, 25))
+
+
 def test_host_top_k_negative_zero_ties_positive_zero():
   # Rows of -0.0 give -0.0 products; they must tie with +0.0 scores (by position), come out as
   # +0.0, and never beat or trail a zero score of a lower position.

@@ -44,7 +44,9 @@ candidates of all processes are merged by the same (score desc, position asc) or
 """
 
 from collections.abc import Iterable
+import concurrent.futures
 import functools
+import os
 
 import jax
 from jax import lax
@@ -56,6 +58,7 @@ from samtone_jax import partitioning
 
 DEFAULT_CHUNK_SIZE = 16384
 DEFAULT_QUERY_BLOCK_SIZE = 1024
+_MAX_MERGE_THREADS = 8  # Host top-k: threads merging one block's rows (at least 128 rows each).
 
 
 def _default_mesh() -> Mesh:
@@ -320,23 +323,32 @@ def _host_top_k_search(padded_queries: np.ndarray, block: int, chunks, device, k
   query_blocks = [jax.device_put(padded_queries[start:start + block], device)
                   for start in range(0, num_padded, block)]
   step = _scores_and_group_maxima(group_size)
+  # Queries are independent, so slices of a block's rows merge on separate threads (numpy releases
+  # the GIL in its array loops): on 2 cores a merge alone ran 1.3-1.5x faster with 2 threads, and on
+  # many cores, where the product of a chunk is short, it keeps the merge from becoming the step.
+  num_threads = max(1, min(os.cpu_count() or 1, _MAX_MERGE_THREADS, block // 128))
+  bounds = np.linspace(0, block, num_threads + 1).astype(int)
 
-  def merge(pending):
+  def merge(pool, pending):
     (scores, maxima), start, offset, n = pending
-    # A view of the block's rows, merged in place; np.asarray of a CPU result does not copy.
-    _merge_chunk(top_keys[start:start + block], np.asarray(scores), np.asarray(maxima), offset, n)
+    # np.asarray of a CPU result does not copy; each slice of top_keys is a view, merged in place.
+    scores, maxima = np.asarray(scores), np.asarray(maxima)
+    list(pool.map(lambda lo, hi: _merge_chunk(top_keys[start + lo:start + hi], scores[lo:hi],
+                                              maxima[lo:hi], offset, n),
+                  bounds[:-1], bounds[1:]))
 
   pending = None
-  for rows, n, offset in chunks:
-    rows = jax.device_put(rows, device)
-    for index, queries in enumerate(query_blocks):
-      # At most one product in flight beyond the one being merged (bounded memory for streams).
-      result = step(queries, rows)
-      if pending is not None:
-        merge(pending)
-      pending = (result, index * block, offset, n)
-  if pending is not None:
-    merge(pending)
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    for rows, n, offset in chunks:
+      rows = jax.device_put(rows, device)
+      for index, queries in enumerate(query_blocks):
+        # At most one product in flight beyond the one being merged (bounded memory for streams).
+        result = step(queries, rows)
+        if pending is not None:
+          merge(pool, pending)
+        pending = (result, index * block, offset, n)
+    if pending is not None:
+      merge(pool, pending)
   return _decode_keys(top_keys)
 
 
