@@ -19,13 +19,18 @@ hits them alike. The table reports, per chunk size:
     max |score diff|: float32 summation-order noise between the two matmul kernels.
 Lists can only differ where two documents' scores are within that noise of each other.
 
+"ours" is `exact_search` as a CPU process runs it by default: one device, the product in XLA and the
+running top-k on the host (`host_top_k`). `--xla_top_k` also times the same search with XLA's
+`lax.top_k` on the device (`host_top_k=False`, the path before the host top-k, and the one GPU/TPU
+and multi-device meshes take) in the same rounds, and prints one more line comparing it.
+
 The corpus is generated once at the largest size; smaller sizes are views of it (one copy of the
 embeddings; faiss holds its own copy of the current size in its index).
 
 Usage:
   JAX_PLATFORMS=cpu python benchmarks/search.py [--num_docs 100000] [--dim 768]
       [--num_queries 1000] [--k 100] [--chunk_sizes 4096,16384] [--repeats 5]
-      [--baseline /tmp/search_rev.py]
+      [--baseline /tmp/search_rev.py] [--xla_top_k]
 """
 
 import argparse
@@ -119,6 +124,9 @@ def main():
                       help="path of another copy of samtone_jax/evaluation/search.py (e.g. `git show "
                       "REV:samtone_jax/evaluation/search.py > /tmp/search_rev.py`), timed in the "
                       "same rounds; one more line per chunk size compares it with ours")
+  parser.add_argument("--xla_top_k", action="store_true",
+                      help="also time exact_search(host_top_k=False), XLA's top_k on the device, "
+                      "in the same rounds; one more line per chunk size compares it with ours")
   args = parser.parse_args()
   sizes = [int(s) for s in args.num_docs.split(",")]
   chunk_sizes = [int(s) for s in args.chunk_sizes.split(",")]
@@ -148,8 +156,14 @@ def main():
       ours_search = lambda: search.exact_search(queries, docs, args.k, chunk_size=chunk)
       xla_matmul, blas_matmul = matmul_only_functions(queries, docs, chunk)
       functions = [ours_search, faiss_search, xla_matmul, blas_matmul]
+      extra = {}  # name -> column of `times`
       if baseline is not None:
+        extra[f"baseline {args.baseline}"] = len(functions)
         functions.append(lambda: baseline.exact_search(queries, docs, args.k, chunk_size=chunk))
+      if args.xla_top_k:
+        extra["XLA top_k (host_top_k=False)"] = len(functions)
+        functions.append(lambda: search.exact_search(queries, docs, args.k, chunk_size=chunk,
+                                                     host_top_k=False))
       for fn in functions:
         fn()  # Warm-up: compiles ours and the XLA dot for this chunk size.
       times, cpu_times, results = alternating_times(functions, args.repeats)
@@ -162,11 +176,11 @@ def main():
             f"{spread(times[:, 1] / times[:, 0])} | {spread(times[:, 2])} | {spread(times[:, 3])} | "
             f"{top_k_share:.2f} | {cores[0]:.2f} / {cores[1]:.2f} | {same:.3f} | {diff:.1e} |",
             flush=True)
-      if baseline is not None:
-        same_as_ours = all(np.array_equal(a, b) for a, b in zip(results[4], results[0]))
-        print(f"  baseline {args.baseline}: {spread(times[:, 4])} s; baseline s / ours s per "
-              f"round {spread(times[:, 4] / times[:, 0])}; faiss s / baseline s per round "
-              f"{spread(times[:, 1] / times[:, 4])}; same ids and scores as ours: {same_as_ours}",
+      for name, i in extra.items():
+        same_as_ours = all(np.array_equal(a, b) for a, b in zip(results[i], results[0]))
+        print(f"  {name}: {spread(times[:, i])} s; its s / ours s per round "
+              f"{spread(times[:, i] / times[:, 0])}; faiss s / its s per round "
+              f"{spread(times[:, 1] / times[:, i])}; same ids and scores as ours: {same_as_ours}",
               flush=True)
     del index
 

@@ -3,7 +3,8 @@
 Modules (imported individually, so that metrics and search do not pull in TensorFlow/seqio):
   metrics    evaluate_run, evaluate_run_per_query, paired_t_test, paired_bootstrap_test,
              compare_runs: MRR@k, nDCG@k, Recall@k, P@k, MAP with trec_eval's semantics.
-  search     exact_search: chunked, sharded inner-product top-k; merge_top_k of several parts.
+  search     exact_search: chunked, sharded inner-product top-k (on one CPU device the top-k runs
+             in numpy beside the XLA product); merge_top_k of several parts.
   encoding   tokenize, encode_texts, encode_to_shards, load_embedding_shards,
              iter_embedding_shards, process_rows, embedding_dtype, dual_encoder_encode_fns.
   retrieval  evaluate_eval_set, evaluate_eval_sets: the MS MARCO, MultiReQA and BEIR protocols,
