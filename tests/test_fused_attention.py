@@ -4,6 +4,8 @@
   the einsum path and an independent formula, in values and gradients, with padding.
 * `attention_dropout_rate` switches only the attention-weight mask; None follows dropout_rate.
 * The one-hot matmul lookup equals `jnp.take`, in values and in the table's gradient.
+* The CPU forms of the step (dense layers as 2-D products, the position-bias gradient as a
+  product with ones, dropout masks in 16-bit blocks) equal their formulas.
 """
 
 import flax.linen as nn
@@ -228,3 +230,19 @@ def test_dropout_mask_is_the_documented_draw_of_the_keys_bits(impl, shape):
     values = np.concatenate([words[0] >> 16, words[1] >> 16, words[0] & 0xFFFF,
                              words[1] & 0xFFFF])[:n]
     np.testing.assert_array_equal(dropped[row].reshape(-1), values < threshold)
+
+
+def test_dense_as_a_2d_product_equals_the_formula_in_values_and_gradients():
+  """t5._matmul (on CPU one [b * l, d] x [d, f] product) == float64 numpy, values and both
+  gradients."""
+  rng = np.random.default_rng(8)
+  x = rng.normal(size=(3, 5, 4)).astype(np.float32)
+  kernel = rng.normal(size=(4, 6)).astype(np.float32)
+  cotangent = rng.normal(size=(3, 5, 6)).astype(np.float32)
+  value, vjp = jax.vjp(jax.jit(t5._matmul), jnp.asarray(x), jnp.asarray(kernel))  # pylint: disable=protected-access
+  x64, kernel64, cotangent64 = (a.astype(np.float64) for a in (x, kernel, cotangent))
+  np.testing.assert_allclose(value, x64 @ kernel64, rtol=1e-5, atol=1e-5)
+  grad_x, grad_kernel = vjp(jnp.asarray(cotangent))
+  np.testing.assert_allclose(grad_x, cotangent64 @ kernel64.T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_kernel, np.einsum("bld,blf->df", x64, cotangent64), rtol=1e-5,
+                             atol=1e-5)
