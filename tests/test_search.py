@@ -192,3 +192,13 @@ def test_host_top_k_random_floats_same_bits_as_xla():
 def test_host_top_k_needs_one_device(mesh8):
   with pytest.raises(ValueError, match="one-device mesh"):
     search.exact_search(np.zeros((2, 3)), np.zeros((5, 3)), 2, mesh=mesh8, host_top_k=True)
+
+
+def test_host_top_k_refuses_nan_embeddings():
+  """A NaN in the corpus has no place in a ranking: the host path names the query and rows."""
+  rng = np.random.default_rng(4)
+  queries = rng.normal(size=(5, 8)).astype(np.float32)
+  corpus = rng.normal(size=(40, 8)).astype(np.float32)
+  corpus[33, 2] = np.nan
+  with pytest.raises(ValueError, match=r"NaN score for query 0 against corpus rows 32\.\.39"):
+    search.exact_search(queries, corpus, k=3, chunk_size=16, host_top_k=True)

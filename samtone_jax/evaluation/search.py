@@ -334,6 +334,11 @@ def _host_top_k_search(padded_queries: np.ndarray, block: int, chunks, device, k
     (scores, maxima), start, offset, n = pending
     # np.asarray of a CPU result does not copy; each slice of top_keys is a view, merged in place.
     scores, maxima = np.asarray(scores), np.asarray(maxima)
+    if np.isnan(maxima).any():  # a NaN product poisons its group's maximum: one cheap check
+      query = start + int(np.flatnonzero(np.isnan(maxima).any(axis=1))[0])
+      raise ValueError(f"NaN score for query {query} against corpus rows {offset}.."
+                       f"{offset + n - 1}: the query or corpus embeddings contain NaN (a diverged "
+                       "model or a damaged embedding file); no ranking is defined.")
     list(pool.map(lambda lo, hi: _merge_chunk(top_keys[start + lo:start + hi], scores[lo:hi],
                                               maxima[lo:hi], offset, n),
                   bounds[:-1], bounds[1:]))
